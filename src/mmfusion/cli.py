@@ -1,0 +1,215 @@
+"""`mmfusion <command>`: train, eval, info, data synth. Errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CheckpointError, ConfigError, DataError, MMFusionError
+
+EXIT_CONFIG = 2
+EXIT_ERROR = 1
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML recipe (see configs/); defaults are used when omitted")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.steps=200 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfusion", description="Build, train and evaluate multimodal models. `mmfusion COMMAND --help` for more."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe", description="Train a model from a YAML recipe, "
+                       "then evaluate it on the test split. Multi-process: --nproc N (torchrun, DDP).")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun; default 1)")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a worker dies (with --nproc)")
+
+    p = sub.add_parser("eval", help="evaluate a run directory or a saved model", description="Evaluate a trained "
+                       "model: retrieval recall@K (scene-matched), zero-shot colour/shape accuracy; writes "
+                       "metrics.json and PNG plots.")
+    p.add_argument("path", help="a run directory (runs/NAME) or a save_pretrained model folder")
+    _add_config_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default test)")
+    p.add_argument("--out", help="where to write metrics.json and plots (default: the run directory)")
+
+    p = sub.add_parser("info", help="environment, or what a run / model folder holds",
+                       description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
+                       "model's configuration, parameter count and checkpoints.")
+    p.add_argument("path", nargs="?", help="a run directory or a model folder")
+
+    p = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = dsub.add_parser("synth", help="write the embedded synthetic world to disk",
+                        description="Render N samples of the synthetic world (image, caption, audio, video, VQA, "
+                        "scene record) as a JSONL manifest with media files, or as WebDataset shards.")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n", type=int, required=True, help="number of samples")
+    s.add_argument("--split", default="train", choices=["train", "val", "test"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--format", default="jsonl", choices=["jsonl", "webdataset"])
+    s.add_argument("--modalities", default="image,text,audio,video,vqa",
+                   help="comma-separated subset of image,text,audio,video,vqa")
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before any work, also in the launcher
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(args)
+    from . import run as run_mod
+
+    result = run_mod.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    from .train import distributed as dist_utils
+
+    if dist_utils.rank() != 0:
+        return 0
+    if not args.no_eval:
+        _evaluate_run(Path(result["run_dir"]), cfg, "test", Path(result["run_dir"]))
+    print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+def _launch_torchrun(args) -> int:
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}", "-m", "mmfusion.cli", *argv,
+    ]
+    return subprocess.call(cmd)
+
+
+def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
+    from .eval.report import evaluate_contrastive, format_table, plot_loss, plot_retrieval_grid
+    from .models.contrastive import ContrastiveModel
+    from .run import load_split
+
+    model_dir = model_dir_or_run / "model" if (model_dir_or_run / "model").is_dir() else model_dir_or_run
+    model = ContrastiveModel.from_pretrained(model_dir)
+    if cfg.model.image.image_size != model.image_size:
+        cfg = cfg.model_copy(update={"model": model.config})
+    dataset = load_split(cfg, split)
+    metrics, emb = evaluate_contrastive(model, dataset, cfg.eval.recall_at, cfg.eval.batch_size)
+    metrics = {"split": split, **metrics}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots = [
+        plot_loss(model_dir_or_run / "metrics.jsonl", out / "plots" / "loss.png"),
+        plot_retrieval_grid(emb, dataset, out / "plots" / "retrieval_grid.png", cfg.eval.grid_queries),
+    ]
+    print(format_table(metrics))
+    print(f"metrics: {out / 'metrics.json'}")
+    for p in plots:
+        if p:
+            print(f"plot: {p}")
+    return metrics
+
+
+def cmd_eval(args) -> int:
+    from .config import load_config
+
+    path = Path(args.path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: expected a run directory or a model folder")
+    snapshot = path / "config.yaml"
+    cfg = load_config(args.config or (snapshot if snapshot.is_file() else None), args.overrides)
+    _evaluate_run(path, cfg, args.split, Path(args.out) if args.out else path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__
+    from .train.precision import cpu_has_native_bf16, resolve_precision
+
+    if args.path is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"mmfusion {__version__}")
+        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}")
+        print(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+        print(f"train.precision=auto resolves to {resolve_precision('auto', device)} on {device}")
+        return 0
+    path = Path(args.path)
+    model_dir = path / "model" if (path / "model").is_dir() else path
+    if (model_dir / "config.json").is_file():
+        from .models.contrastive import ContrastiveModel
+
+        model = ContrastiveModel.from_pretrained(model_dir)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"model folder {model_dir}: {n / 1e6:.2f}M parameters, vocabulary {model.tokenizer.vocab_size}")
+        print(json.dumps(model.config.model_dump(mode="json"), indent=2))
+    from .train.checkpoint import list_checkpoints, verify
+
+    for ck in list_checkpoints(path / "checkpoints"):
+        problem = verify(ck)
+        print(f"checkpoint {ck.name}: {'ok' if problem is None else 'DAMAGED: ' + problem}")
+    if (path / "metrics.json").is_file():
+        print(f"metrics: {(path / 'metrics.json').read_text()}")
+    if not (model_dir / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        raise DataError(f"{path} is neither a run directory nor a model folder")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data.sources import write_jsonl, write_webdataset
+    from .data.synthetic import SyntheticWorld, WorldConfig, make_split
+
+    mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    allowed = {"image", "text", "audio", "video", "vqa"}
+    bad = [m for m in mods if m not in allowed]
+    if bad:
+        raise ConfigError(f"--modalities: unknown {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
+    if args.n < 1:
+        raise ConfigError(f"--n = {args.n}: expected a positive number of samples")
+    world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
+    samples = make_split(world, args.split, args.n, modalities=mods, progress=True)
+    out = Path(args.out)
+    if args.format == "jsonl":
+        path = write_jsonl(samples, out, name=args.split)
+        print(f"wrote {len(samples)} samples: {path}")
+    else:
+        paths = write_webdataset(samples, out, name=args.split)
+        print(f"wrote {len(samples)} samples in {len(paths)} shard(s) under {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"mmfusion: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, CheckpointError, MMFusionError) as e:
+        print(f"mmfusion: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mmfusion: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed run configuration: YAML recipes + `--set key.sub=value` overrides, validated before any work.
+
+Every section is a pydantic model that forbids unknown keys; `load_config` turns validation
+failures into one `ConfigError` line naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """The embedded synthetic world (mmfusion.data.synthetic)."""
+
+    seed: int = 0
+    n_train: int = Field(20000, ge=1)
+    n_val: int = Field(500, ge=1)
+    n_test: int = Field(1000, ge=1)
+    object_count_probs: tuple[float, float, float] = (0.5, 0.3, 0.2)
+
+    @model_validator(mode="after")
+    def _probs(self) -> SyntheticConfig:
+        p = self.object_count_probs
+        if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
+            raise ValueError(f"object_count_probs must be 3 non-negative numbers summing to 1, got {list(p)}")
+        return self
+
+
+class DataConfig(Section):
+    """Where samples come from. `synthetic` needs no files; `jsonl`/`webdataset` read user data."""
+
+    source: Literal["synthetic", "jsonl", "webdataset"] = "synthetic"
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+    on_error: Literal["skip", "fail"] = "skip"
+    num_workers: int = Field(0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _paths(self) -> DataConfig:
+        if self.source != "synthetic" and not self.train:
+            raise ValueError(f"data.source={self.source} needs data.train (a manifest path or shard pattern)")
+        return self
+
+
+class TextConfig(Section):
+    vocab_size: int = Field(1000, ge=16, le=1_000_000)
+    context_length: int = Field(32, ge=4, le=4096)
+    width: int = Field(128, ge=8)
+    depth: int = Field(3, ge=1, le=96)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+
+class ImageConfig(Section):
+    image_size: int = Field(32, ge=8, le=4096)
+    patch_size: int = Field(4, ge=1)
+    width: int = Field(128, ge=8)
+    depth: int = Field(3, ge=1, le=96)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> ImageConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+        return self
+
+
+class ModelConfig(Section):
+    """Two-tower contrastive model (A3, T1)."""
+
+    embed_dim: int = Field(128, ge=2)
+    text: TextConfig = TextConfig()
+    image: ImageConfig = ImageConfig()
+    init_temperature: float = Field(0.07, gt=0, le=1)
+    loss: Literal["infonce", "dual"] = "infonce"
+    intra_weight: float = Field(0.5, ge=0)
+
+
+class TrainConfig(Section):
+    """Modality-agnostic trainer settings."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    accumulation: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, le=10)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    deterministic: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    recall_at: tuple[int, ...] = (1, 5, 10)
+    grid_queries: int = Field(4, ge=0, le=32)
+
+
+class RunConfig(Section):
+    """A whole run: what to train, on what, how, and how to evaluate it."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        parent = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            parent = field.annotation if field is not None else None
+        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        return f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and isinstance(value, dict):
+        # a section-level validator: its message already names the fields and values
+        return f"{key}: {msg}" if err["loc"] else msg
+    return f"{key} = {value!r}: {msg}"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """['train.lr=3e-4', ...] -> [('train.lr', 3e-4), ...] with YAML typing of the value."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults), apply `--set` overrides, validate; raise ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    return config_from_dict(tree, source=str(path) if path else "defaults")
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict into a RunConfig; the first problem becomes one ConfigError line."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _describe(errors[0], RunConfig)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {first}{more}") from None
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's snapshot)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,161 @@
+"""From samples to Batches: collation for image–text models and resumable, rank-sharded step iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ..batch import Batch
+from ..errors import DataError
+from ..modalities.image import preprocess_image
+from ..modalities.text import TextTokenizer
+from .sources import SkippedSample
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over samples already in memory (e.g. a rendered synthetic split)."""
+
+    def __init__(self, samples: Sequence[dict[str, Any]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.samples[i]
+
+
+class ImageTextCollator:
+    """Sample dicts -> Batch with "image" (B, 3, S, S) in [-1, 1] and "text" (B, L) ids.
+
+    Unreadable samples (SkippedSample) and samples lacking image or text are left out and listed in
+    batch.meta["skipped"] as (id, reason).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, image_size: int):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+
+    def __call__(self, samples: list[dict[str, Any] | SkippedSample]) -> Batch:
+        good, skipped = [], []
+        for s in samples:
+            if isinstance(s, SkippedSample):
+                skipped.append((s.id, s.reason))
+            elif s.get("image") is None or not s.get("text"):
+                skipped.append((s.get("id", "?"), "missing_modality"))
+            else:
+                good.append(s)
+        if not good:
+            return Batch({}, {}, {"skipped": skipped})
+        images = torch.stack([preprocess_image(s["image"], self.image_size) for s in good])
+        texts = self.tokenizer.encode([s["text"] for s in good])
+        present = torch.ones(len(good), dtype=torch.bool)
+        meta = {
+            "id": [s.get("id") for s in good],
+            "text": [s["text"] for s in good],
+            "scene_key": [s.get("scene_key") for s in good],
+            "scene": [s.get("scene") for s in good],
+            "skipped": skipped,
+        }
+        return Batch({"image": images, "text": texts}, {"image": present, "text": present.clone()}, meta)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a function of (seed, epoch) only, so resume and any world size agree."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class MapData:
+    """Resumable step iteration over a map-style dataset.
+
+    Each optimizer step takes the next `batch_size` (global) indices of the epoch permutation and splits
+    them into world x accumulation micro-batches; rank r gets micro-batches r, r + world, ... so the
+    global batch is the same whatever the world size. Incomplete final batches are dropped.
+    """
+
+    def __init__(self, dataset: Dataset, collate, batch_size: int, seed: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.collate = collate
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def step_batches(
+        self, epoch: int, start_step: int, rank: int, world: int, accumulation: int
+    ) -> Iterator[list[Batch]]:
+        parts = world * accumulation
+        if self.batch_size % parts:
+            raise DataError(
+                f"train.batch_size {self.batch_size} is not divisible by world size {world} x accumulation "
+                f"{accumulation}"
+            )
+        micro = self.batch_size // parts
+        perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+        index_lists = []
+        for step in range(start_step, self.steps_per_epoch()):
+            chunk = perm[step * self.batch_size : (step + 1) * self.batch_size]
+            for a in range(accumulation):
+                j = a * world + rank
+                index_lists.append(chunk[j * micro : (j + 1) * micro].tolist())
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=index_lists,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        group: list[Batch] = []
+        for b in loader:
+            group.append(b)
+            if len(group) == accumulation:
+                yield group
+                group = []
+
+
+class StreamData:
+    """Step iteration over an IterableDataset (WebDataset shards), one pass per epoch.
+
+    Shards are split over ranks and DataLoader workers by the source; resuming mid-epoch replays the
+    epoch and drops the steps already taken.
+    """
+
+    def __init__(self, dataset: IterableDataset, collate, batch_size: int, num_samples: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.collate = collate
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self.num_workers = num_workers
+
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def step_batches(
+        self, epoch: int, start_step: int, rank: int, world: int, accumulation: int
+    ) -> Iterator[list[Batch]]:
+        micro = self.batch_size // (world * accumulation)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=micro, collate_fn=self.collate, num_workers=self.num_workers)
+        group: list[Batch] = []
+        step = 0
+        for b in loader:
+            group.append(b)
+            if len(group) == accumulation:
+                if step >= start_step:
+                    yield group
+                step += 1
+                group = []
+                if step >= self.steps_per_epoch():
+                    return
+
+
+def iterate_eval(dataset, collate, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
+    """Plain in-order batches for evaluation (map-style or iterable)."""
+    yield from DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, shuffle=False)

@@ -1,0 +1,1 @@
+"""Evaluation tasks: each owns its metric computation and its plots."""

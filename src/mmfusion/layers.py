@@ -1,0 +1,93 @@
+"""Transformer building blocks shared by every encoder (pre-LN, fused QKV, SDPA attention)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient kernels)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        # x: (batch, tokens, width); attn_mask: bool (batch|1, 1, tokens, tokens), True = may attend
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block with GELU."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks; `grad_checkpointing` recomputes each block in backward (T8)."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.grad_checkpointing = False
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+
+def init_transformer_(module: nn.Module, width: int, depth: int) -> None:
+    """CLIP-style initialisation: small normal weights, output projections scaled by depth."""
+    proj_std = (width**-0.5) * ((2 * depth) ** -0.5)
+    attn_std = width**-0.5
+    fc_std = (2 * width) ** -0.5
+    for name, p in module.named_parameters():
+        if p.ndim < 2:
+            continue
+        if name.endswith("attn.qkv.weight"):
+            nn.init.normal_(p, std=attn_std)
+        elif name.endswith("attn.out.weight") or name.endswith("mlp.fc2.weight"):
+            nn.init.normal_(p, std=proj_std)
+        elif name.endswith("mlp.fc1.weight"):
+            nn.init.normal_(p, std=fc_std)

@@ -1,0 +1,1 @@
+"""One file per modality: its preprocessing, tokenizer (if any) and encoders."""

@@ -1,0 +1,141 @@
+"""Image modality: preprocessing (any PIL mode / size / array -> float tensor) and the ViT encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import DataError
+from ..layers import Transformer, init_transformer_
+
+ImageLike = Any  # PIL.Image.Image | np.ndarray (H, W, 3|4|1 or H, W) uint8 | torch.Tensor (3, H, W) float
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Convert a PIL image (any mode: L, RGBA, P, I;16 ...) or an array to an (H, W, 3) uint8 array.
+
+    RGBA / LA / palette-with-transparency images are composited on black so that transparent
+    pixels do not leak arbitrary colour values.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, image)
+        elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(image, dtype=np.float64)
+            peak = arr.max() if arr.size and arr.max() > 0 else 1.0
+            image = Image.fromarray((arr / peak * 255.0).astype(np.uint8))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"image array has shape {arr.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+        arr = (arr[:, :, :3].astype(np.float32) * alpha).round()
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():
+                raise DataError("image array contains NaN or infinite values")
+            scale = 255.0 if arr.max() <= 1.0 else 1.0
+            arr = np.clip(arr * scale, 0, 255).round()
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def preprocess_image(image: ImageLike, size: int) -> torch.Tensor:
+    """One image -> float tensor (3, size, size) in [-1, 1].
+
+    Accepts a PIL image of any mode and size, an (H, W[, C]) uint8/float array, or a float tensor
+    (3, H, W) already in [-1, 1] (only resized). Resizing uses bilinear filtering with antialiasing.
+    """
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise DataError(f"image tensor has shape {tuple(image.shape)}; expected (3, H, W)")
+        t = image.float()
+        if t.shape[1:] != (size, size):
+            t = torch.nn.functional.interpolate(
+                t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+        return t
+    arr = to_rgb_array(image)
+    if arr.shape[:2] != (size, size):
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def preprocess_images(images: Sequence[ImageLike] | torch.Tensor, size: int) -> torch.Tensor:
+    """A batch of images (list of image-likes, or a (B, 3, H, W) tensor) -> (B, 3, size, size) in [-1, 1]."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"image batch has shape {tuple(images.shape)}; expected (B, 3, H, W)")
+        t = images.float()
+        if t.shape[2:] != (size, size):
+            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+        return t
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    return torch.stack([preprocess_image(im, size) for im in images])
+
+
+def to_uint8_image(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of preprocess_image: (3, H, W) in [-1, 1] -> (H, W, 3) uint8 (for plots)."""
+    return ((tensor.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+class ImageEncoder(nn.Module):
+    """Vision Transformer: patch embedding + [CLS] + learned positions, pooled at [CLS] (as CLIP's ViT).
+
+    images (batch, 3, H, W) in [-1, 1] -> (batch, embed_dim) unnormalised embedding.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        embed_dim: int,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.image_size = image_size
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        n_patches = (image_size // patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(n_patches + 1, width) * width**-0.5)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        init_transformer_(self.transformer, width, depth)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images (batch, 3, H, W) -> tokens (batch, 1 + patches, width), [CLS] first."""
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise DataError(
+                f"images are {tuple(images.shape[-2:])}; the encoder expects {self.image_size}x{self.image_size} "
+                "(use preprocess_images)"
+            )
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, patches, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ln_post(self.forward_tokens(images)[:, 0]))

@@ -1,0 +1,121 @@
+"""Text modality: a BPE tokenizer (Hugging Face `tokenizers`) and a causal Transformer encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import nn
+
+from ..errors import DataError
+from ..layers import Transformer, init_transformer_
+
+PAD, UNK, EOT = "[PAD]", "[UNK]", "[EOT]"
+SPECIAL_TOKENS = (PAD, UNK, EOT)  # ids 0, 1, 2
+
+
+class TextTokenizer:
+    """BPE tokenizer trained on captions; encodes a batch to padded ids ending in [EOT].
+
+    Padding is on the right with id 0, so the [EOT] position of row i is `lengths[i] - 1`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.eot_id = tokenizer.token_to_id(EOT)
+        if self.pad_id != 0 or self.eot_id is None:
+            raise DataError("tokenizer must define [PAD] as id 0 and an [EOT] token")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> TextTokenizer:
+        """Train a BPE vocabulary of at most `vocab_size` entries on `texts`."""
+        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), end_of_word_suffix="</w>", show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok, context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, texts: Sequence[str], pad_to: int | None = None) -> torch.Tensor:
+        """Texts -> (batch, length) int64 ids; each row is truncated to fit [EOT] in `context_length`.
+
+        Rows are padded to the longest row in the batch (or to `pad_to`).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text #{i} is {type(t).__name__}; expected str")
+        rows = [e.ids[: self.context_length - 1] + [self.eot_id] for e in self.tokenizer.encode_batch(list(texts))]
+        length = pad_to or max(len(r) for r in rows)
+        out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text, dropping special tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        self.tokenizer.save(str(Path(directory) / "tokenizer.json"))
+
+    @classmethod
+    def load(cls, directory: str | Path, context_length: int) -> TextTokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{path} not found: a saved model needs its tokenizer.json")
+        return cls(Tokenizer.from_file(str(path)), context_length)
+
+
+class TextEncoder(nn.Module):
+    """Causal Transformer over token ids, pooled at the [EOT] token (as CLIP).
+
+    ids (batch, length) int64 -> (batch, embed_dim) unnormalised embedding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        depth: int,
+        heads: int,
+        embed_dim: int,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        init_transformer_(self.transformer, width, depth)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+
+    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (batch, length) -> per-token features (batch, length, width)."""
+        if ids.shape[1] > self.context_length:
+            raise DataError(f"text has {ids.shape[1]} tokens; the encoder's context_length is {self.context_length}")
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        # Causal attention: the [EOT] token sees every real token and no padding (padding is on the right).
+        return self.ln_final(self.transformer(x, is_causal=True))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(ids)
+        eot = (ids != 0).sum(dim=1) - 1  # padding id is 0
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])

@@ -1,0 +1,143 @@
+"""Two-tower image–text model trained with contrastive losses (A3, T1); CLIP-style."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..batch import Batch
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..losses import clip_loss, dual_contrastive_loss
+from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
+from ..modalities.text import TextEncoder, TextTokenizer
+from ..train.distributed import gather_with_grad
+
+MODEL_TYPE = "contrastive"
+
+
+@dataclass
+class ModelOutput:
+    """What a model returns to the trainer: a scalar loss and metrics to log (floats or 0-d tensors)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class ContrastiveModel(nn.Module):
+    """Text tower + image tower projected into one space, with a learnable temperature.
+
+    `encode_text(list[str])` and `encode_image(images)` return L2-normalised (N, embed_dim) embeddings.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: TextTokenizer):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        t, i = config.text, config.image
+        self.text_encoder = TextEncoder(
+            tokenizer.vocab_size, t.context_length, t.width, t.depth, t.heads, config.embed_dim, t.mlp_ratio
+        )
+        self.image_encoder = ImageEncoder(
+            i.image_size, i.patch_size, i.width, i.depth, i.heads, config.embed_dim, i.mlp_ratio
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image.image_size
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    # ---- public verbs ----------------------------------------------------------------------------
+    def embed_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_encoder(ids.to(self.device)), dim=-1)
+
+    def embed_image_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_encoder(images.to(self.device)), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str] | str, batch_size: int = 512) -> torch.Tensor:
+        """Captions -> (N, embed_dim) L2-normalised float32 embeddings (on CPU)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = [
+            self.embed_text_ids(self.tokenizer.encode(texts[s : s + batch_size])).float().cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """PIL images, (H, W, 3) uint8 arrays or a float (B, 3, H, W) tensor in [-1, 1] -> (N, embed_dim).
+
+        The model's own preprocessing converts modes and resizes to its image size.
+        """
+        pixels = preprocess_images(images, self.image_size)
+        out = [
+            self.embed_image_tensor(pixels[s : s + batch_size]).float().cpu()
+            for s in range(0, pixels.shape[0], batch_size)
+        ]
+        return torch.cat(out)
+
+    # ---- training --------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> ModelOutput:
+        """batch["image"] (B, 3, H, W), batch["text"] (B, L) ids -> contrastive loss over the global batch."""
+        img = self.embed_image_tensor(batch["image"])
+        txt = self.embed_text_ids(batch["text"])
+        img, txt = gather_with_grad(img), gather_with_grad(txt)
+        scale = self.scale()
+        img, txt = img.float(), txt.float()  # the loss in fp32 whatever the autocast policy
+        if self.config.loss == "dual":
+            loss = dual_contrastive_loss(txt, img, scale, self.config.intra_weight)
+        else:
+            loss = clip_loss(img, txt, scale)
+        with torch.no_grad():
+            acc = ((img @ txt.t()).argmax(dim=1) == torch.arange(img.shape[0], device=img.device)).float().mean()
+        return ModelOutput(loss, {"temperature": 1.0 / scale.detach(), "batch_i2t_acc": acc})
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors + tokenizer.json into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"model_type": MODEL_TYPE, "model": self.config.model_dump(mode="json")}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        self.tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> ContrastiveModel:
+        """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path} not found: not a saved mmfusion model folder")
+        meta = json.loads(cfg_path.read_text())
+        if meta.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}")
+        config = ModelConfig.model_validate(meta["model"])
+        tokenizer = TextTokenizer.load(directory, config.text.context_length)
+        model = cls(config, tokenizer)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} not found")
+        missing, unexpected = model.load_state_dict(load_file(str(weights), device=str(map_location)), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        return model.to(map_location).eval()

@@ -1,0 +1,1 @@
+"""Modality-agnostic training: precision, checkpoints, distribution, the loop."""

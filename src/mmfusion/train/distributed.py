@@ -1,0 +1,59 @@
+"""Process-group helpers for `torchrun` launches (gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_from_env(device: torch.device, timeout_s: float = 300.0) -> bool:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1).
+
+    Returns True when a group was created. Collectives time out after `timeout_s` instead of hanging.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (local_batch, ...) from every rank in rank order, keeping gradients to each rank's slice.
+
+    Used by contrastive losses so every rank sees the global batch (OpenCLIP's gather_with_grad).
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python float over ranks (for logging)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / dist.get_world_size())
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,298 @@
+"""The training loop. It knows nothing about modalities: a model takes a Batch and returns a ModelOutput.
+
+Owns: optimizer (AdamW) and warm-up + cosine schedule, gradient accumulation (T7) and clipping, the
+precision policy (T6), DDP (S1), checkpoints with exact resume (S5), and logging (tqdm, TensorBoard,
+metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..batch import Batch
+from ..config import TrainConfig
+from . import distributed as dist_utils
+from .checkpoint import require_latest, save_checkpoint
+from .precision import autocast, grad_scaler, resolve_precision
+from .rng import get_rng_state, set_rng_state
+
+
+class TrainData(Protocol):
+    """What the trainer needs from data: a fixed number of optimizer steps per epoch, resumable mid-epoch."""
+
+    def steps_per_epoch(self) -> int: ...
+
+    def step_batches(
+        self, epoch: int, start_step: int, rank: int, world: int, accumulation: int
+    ) -> Iterator[list[Batch]]: ...
+
+
+def _fault_step() -> int:
+    """Step after which to SIGKILL this process (fault-injection tests); -1 = never. Rank-specific when
+    MMFUSION_FAULT_INJECT_RANK is set."""
+    step = int(os.environ.get("MMFUSION_FAULT_INJECT_STEP", "-1"))
+    want_rank = os.environ.get("MMFUSION_FAULT_INJECT_RANK")
+    if want_rank is not None and want_rank != os.environ.get("RANK", "0"):
+        return -1
+    marker = os.environ.get("MMFUSION_FAULT_INJECT_MARKER")  # kill only once across restarts
+    if marker and os.path.exists(marker):
+        return -1
+    return step
+
+
+def _die() -> None:
+    marker = os.environ.get("MMFUSION_FAULT_INJECT_MARKER")
+    if marker:
+        open(marker, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("train.device = 'cuda': no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases, norms, embeddings' positions and scalar parameters are not decayed (as CLIP)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine down to `min_lr_ratio` at `steps`."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Trainer:
+    """Runs `cfg.steps` optimizer steps of `model` on `data`, writing everything into `run_dir`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TrainData,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        log: Callable[[str], None] = print,
+        on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.data = data
+        self.on_eval = on_eval
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        dist_utils.init_from_env(self.device)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.is_main = self.rank == 0
+        self._log = log
+        self.model = model.to(self.device)
+        self.module = model  # the unwrapped model (for saving)
+        if dist_utils.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-6
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.skipped: Counter[str] = Counter()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self._log(message)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": get_rng_state(),
+            "skipped": dict(self.skipped),
+            "precision": self.precision,
+            "world_size": self.world,
+        }
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                self.module.state_dict(),
+                self.optimizer.state_dict(),
+                self._state(),
+                self.cfg.keep_checkpoints,
+            )
+        if dist_utils.is_distributed():
+            torch.distributed.barrier()
+
+    def resume(self) -> None:
+        """Load the newest checkpoint that verifies (falling back past damaged ones)."""
+        ckpt = require_latest(self.ckpt_dir, self.log)
+        model_state, optim_state, state = ckpt.load()
+        self.module.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.step_in_epoch = ckpt.step, state["epoch"], state["step_in_epoch"]
+        self.skipped = Counter(state.get("skipped", {}))
+        self.log(f"resumed from {ckpt.path} (step {self.step}, epoch {self.epoch})")
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def _micro_step(self, batch: Batch, scale: float, sync: bool) -> tuple[float, dict[str, float]]:
+        batch = batch.to(self.device)
+        no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else nullcontext
+        with no_sync():
+            with autocast(self.precision, self.device):
+                out = self.model(batch)
+            self.scaler.scale(out.loss * scale).backward()
+        metrics = {k: float(v) for k, v in out.metrics.items()}
+        return float(out.loss.detach()), metrics
+
+    def _batches(self) -> Iterator[list[Batch]]:
+        while True:
+            for micro in self.data.step_batches(
+                self.epoch, self.step_in_epoch, self.rank, self.world, self.cfg.accumulation
+            ):
+                yield micro
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to `cfg.steps`; returns the last logged metrics."""
+        cfg = self.cfg
+        if self.data.steps_per_epoch() < 1:
+            from ..errors import DataError
+
+            raise DataError(f"the training data is smaller than one batch of {cfg.batch_size} samples")
+        if resume:
+            self.resume()
+        self.model.train()
+        writer = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if resume else None)
+        jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
+        self.log(
+            f"training on {self.device} in {self.precision}, {self.world} process(es), "
+            f"global batch {cfg.batch_size} = {self.world} x {cfg.accumulation} x "
+            f"{cfg.batch_size // (self.world * cfg.accumulation)}"
+        )
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (self.is_main and cfg.progress), dynamic_ncols=True,
+            desc="train",
+        )
+        last: dict[str, float] = {}
+        window_t, window_n = time.perf_counter(), 0
+        batches = self._batches()
+        fault_step = _fault_step()
+        try:
+            while self.step < cfg.steps:
+                micro = next(batches)
+                n_samples = sum(len(b) for b in micro)
+                losses, metrics = [], {}
+                for i, b in enumerate(micro):
+                    for sid, reason in b.meta.get("skipped", []):
+                        self.skipped[reason] += 1
+                    loss, metrics = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
+                    losses.append(loss)
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                    if cfg.grad_clip > 0
+                    else float("nan")
+                )
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                self.step_in_epoch += 1
+                window_n += n_samples * self.world
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - window_t
+                    last = {
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "loss": dist_utils.all_reduce_mean(sum(losses) / len(losses)),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "samples_per_s": window_n / max(elapsed, 1e-9),
+                        **metrics,
+                    }
+                    window_t, window_n = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.0f}")
+                    if self.is_main:
+                        jsonl.write(json.dumps(last) + "\n")
+                        jsonl.flush()
+                        for k, v in last.items():
+                            if k not in ("step", "epoch"):
+                                writer.add_scalar(f"train/{k}", v, self.step)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.on_eval is not None:
+                    self.model.eval()
+                    results = self.on_eval(self.module, self.step)
+                    self.model.train()
+                    if self.is_main:
+                        for k, v in results.items():
+                            writer.add_scalar(f"val/{k}", v, self.step)
+                        jsonl.write(json.dumps({"step": self.step, **{f"val/{k}": v for k, v in results.items()}}) + "\n")
+                if self.step == fault_step:
+                    _die()  # test hook (MMFUSION_FAULT_INJECT_STEP): die like a killed worker, no cleanup
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if jsonl:
+                jsonl.close()
+            if writer:
+                writer.close()
+        self.model.eval()
+        if self.skipped:
+            self.log("skipped samples by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+        if self.is_main:
+            (self.run_dir / "data_errors.json").write_text(json.dumps(dict(self.skipped), indent=2))
+        return last

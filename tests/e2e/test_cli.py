@@ -1,0 +1,95 @@
+"""The `mmfusion` command end to end on a tiny config (subprocesses with hard timeouts)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+def mmfusion(*args, cwd, env=None, timeout=240, check=True):
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmfusion.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmfusion {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    proc = mmfusion("train", "--config", str(TINY), cwd=cwd)
+    return cwd, cwd / "runs" / "tiny", proc
+
+
+def test_help_on_every_command(tmp_path):
+    for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["info", "--help"], ["data", "synth", "--help"]):
+        out = mmfusion(*args, cwd=tmp_path).stdout
+        assert "usage: mmfusion" in out
+
+
+def test_train_writes_a_complete_run_directory(tiny_run):
+    _, run, proc = tiny_run
+    for rel in ("config.yaml", "tokenizer.json", "metrics.jsonl", "metrics.json", "data_errors.json",
+                "model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                "plots/loss.png", "plots/retrieval_grid.png"):
+        assert (run / rel).is_file(), rel
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000009", "step-00000012"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("t2i_recall@1", "t2i_recall@5", "i2t_recall@10", "zero_shot_colour_acc", "zero_shot_shape_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n_pairs"] == 64
+    assert "t2i_recall@5" in proc.stdout and f"run directory: runs{os.sep}tiny" in proc.stdout
+    steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_run):
+    cwd, _, _ = tiny_run
+    proc = mmfusion("train", "--config", str(TINY), cwd=cwd, check=False)
+    assert proc.returncode == 2
+    assert "pass --resume to continue it or --overwrite" in proc.stderr
+
+
+def test_eval_and_info_on_a_model_folder(tiny_run, tmp_path):
+    cwd, run, _ = tiny_run
+    proc = mmfusion("eval", str(run / "model"), "--config", str(TINY), "--out", str(tmp_path / "ev"), cwd=cwd)
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again == json.loads((run / "metrics.json").read_text())
+    assert "zero_shot_colour_acc" in proc.stdout
+    info = mmfusion("info", str(run), cwd=cwd).stdout
+    assert "checkpoint step-00000012: ok" in info and "parameters" in info
+
+
+def test_config_error_is_one_line_exit_2_before_any_work(tmp_path):
+    proc = mmfusion("train", "--config", str(TINY), "--set", "train.lr=fast", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "train.lr = 'fast'" in proc.stderr and "valid number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
+    cwd, run, _ = tiny_run
+    # killed (SIGKILL, no cleanup) right after step 7: checkpoints at 3 and 6 exist, step 7 is lost
+    killed = mmfusion("train", "--config", str(TINY), "--set", "name=killed", "--no-eval", cwd=cwd,
+                      env={"MMFUSION_FAULT_INJECT_STEP": "7"}, check=False)
+    assert killed.returncode in (-9, 137), killed.stderr
+    ckpts = sorted(p.name for p in (cwd / "runs" / "killed" / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert ckpts == ["step-00000003", "step-00000006"]
+    resumed = mmfusion("train", "--config", str(TINY), "--set", "name=killed", "--resume", "--no-eval", cwd=cwd)
+    assert "resumed from" in resumed.stdout and "step 6" in resumed.stdout
+    a = load_file(str(run / "model" / "model.safetensors"))
+    b = load_file(str(cwd / "runs" / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
