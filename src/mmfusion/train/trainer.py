@@ -192,10 +192,9 @@ class Trainer:
 
     def _batches(self) -> Iterator[list[Batch]]:
         while True:
-            for micro in self.data.step_batches(
+            yield from self.data.step_batches(
                 self.epoch, self.step_in_epoch, self.rank, self.world, self.cfg.accumulation
-            ):
-                yield micro
+            )
             self.epoch += 1
             self.step_in_epoch = 0
 
@@ -235,7 +234,7 @@ class Trainer:
                 n_samples = sum(len(b) for b in micro)
                 losses, metrics = [], {}
                 for i, b in enumerate(micro):
-                    for sid, reason in b.meta.get("skipped", []):
+                    for _sid, reason in b.meta.get("skipped", []):
                         self.skipped[reason] += 1
                     loss, metrics = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
                     losses.append(loss)
