@@ -110,6 +110,9 @@ class MapData:
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=False,
+            # a private generator: creating the iterator must not draw from the global RNG, or a resumed
+            # run (which creates it after restoring the RNG) would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         group: list[Batch] = []
         for b in loader:
@@ -142,7 +145,10 @@ class StreamData:
         micro = self.batch_size // (world * accumulation)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        loader = DataLoader(self.dataset, batch_size=micro, collate_fn=self.collate, num_workers=self.num_workers)
+        loader = DataLoader(
+            self.dataset, batch_size=micro, collate_fn=self.collate, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(epoch),
+        )
         group: list[Batch] = []
         step = 0
         for b in loader:
