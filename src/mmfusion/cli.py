@@ -89,7 +89,18 @@ def cmd_train(args) -> int:
 def _launch_torchrun(args) -> int:
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    # forward everything but the launcher's own options (torchrun would mistake --nproc for its own)
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        argv.append(a)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         f"--max-restarts={args.max_restarts}", "-m", "mmfusion.cli", *argv,

@@ -57,6 +57,10 @@ class DataConfig(Section):
 
 
 class TextConfig(Section):
+    # a tokenizer.json to use instead of training one on the training captions (HF `tokenizers` breaks
+    # ties between equally frequent BPE merges differently in every process, so pin one for bitwise
+    # reproducible runs)
+    tokenizer: str | None = None
     vocab_size: int = Field(1000, ge=16, le=1_000_000)
     context_length: int = Field(32, ge=4, le=4096)
     width: int = Field(128, ge=8)

@@ -90,10 +90,18 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     seed_everything(cfg.seed)
     train_set = load_split(cfg, "train", progress=is_main and cfg.train.progress)
     if not resume and is_main:
-        texts = dataset_texts(train_set)
-        if not texts:
-            raise DataError("the training split has no captions to train the tokenizer on")
-        TextTokenizer.train(texts, cfg.model.text.vocab_size, cfg.model.text.context_length).save(out)
+        text_cfg = cfg.model.text
+        if text_cfg.tokenizer:
+            source = Path(text_cfg.tokenizer)
+            source = source / "tokenizer.json" if source.is_dir() else source
+            if not source.is_file():
+                raise ConfigError(f"model.text.tokenizer = {text_cfg.tokenizer!r}: no tokenizer.json there")
+            shutil.copyfile(source, out / "tokenizer.json")
+        else:
+            texts = dataset_texts(train_set)
+            if not texts:
+                raise DataError("the training split has no captions to train the tokenizer on")
+            TextTokenizer.train(texts, text_cfg.vocab_size, text_cfg.context_length).save(out)
         dump_config(cfg, out / "config.yaml")
     dist_utils.barrier()
     # every rank (and a resumed run) reads the one saved tokenizer, so all agree on the vocabulary

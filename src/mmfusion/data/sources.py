@@ -1,418 +1,601 @@
-"""Reading and writing user data (D1): a JSONL manifest of media files, and WebDataset tar shards.
+"""Multimodal sample sources: JSONL manifests and WebDataset shards, for reading and writing.
 
-JSONL manifest — one JSON object per line (blank lines ignored); media paths are relative to the
-manifest's folder:
+A sample is a dict with optional keys "id", "text", "image" ((H, W, 3) uint8), "audio" (float32 mono in
+[-1, 1]) + "audio_sr", "video" ((T, H, W, 3) uint8), "scene", "scene_key", "vqa", "video_text" and "meta".
 
-    {"id": "0001", "image": "images/0001.png", "text": "a red circle",
-     "audio": "audio/0001.wav", "video": "video/0001.npy", "scene": {...}, "vqa": [...]}
+JSONL manifest
+--------------
+One JSON object per line; blank lines are ignored. Media paths are relative to the manifest's folder::
 
-- image: any file Pillow reads (any mode/size; the image modality converts and resizes later)
-- audio: WAV / FLAC / OGG read with soundfile; multi-channel is averaged to mono; the file's sample rate
-  is kept in "audio_sr" (the audio modality resamples)
-- video: an .npy array (T, H, W, 3) uint8 (loaded with allow_pickle=False) or a folder of frame images
-  (sorted by name)
-- text: a string; optional: id (default "<manifest stem>-<line>"), scene (dict), scene_key (str),
-  vqa (list), video_text (str); any other field is kept under sample["meta"].
+    {"id": "cat-1", "image": "img/cat.png", "text": "a cat on a mat", "audio": "wav/cat.flac",
+     "video": "vid/cat.npy", "scene": {...}, "scene_key": "...", "video_text": "...",
+     "vqa": [{"question": "what animal?", "answer": "cat"}], "source": "web"}
 
-WebDataset shards — members share a key: <key>.txt (text), <key>.png|jpg|jpeg|webp (image),
-<key>.wav|flac (audio), <key>.npy (video), <key>.json (id, scene, scene_key, vqa, video_text, meta).
+- ``image``: any file Pillow reads; any mode (grayscale, RGBA, palette, 16-bit) becomes (H, W, 3) uint8,
+  the size is kept (resizing happens in the image modality).
+- ``audio``: WAV / FLAC / OGG; channels are averaged to mono float32, ``audio_sr`` is the file's rate.
+- ``video``: a ``.npy`` file with a (T, H, W, 3) uint8 array, or a folder of frame images (sorted by name).
+- ``text``, ``scene_key``, ``video_text``: strings; ``scene``: an object; ``vqa``: a list of
+  {"question": str, "answer": str}; ``id``: a string (default "<manifest stem>-<line number>").
+- A ``null`` value counts as absent. Any other field is kept in ``sample["meta"]``.
 
-A sample that cannot be read is, with on_error="skip", returned as a SkippedSample(id, reason, detail)
-so callers can count it by reason; with on_error="fail" a DataError names the file/line and field.
-Reasons: bad_json, wrong_field_type, missing_file, corrupt_image, corrupt_audio, corrupt_video,
-missing_modality.
+WebDataset shards
+-----------------
+Plain ``.tar`` files; the members of a sample share a key: ``<key>.txt`` (text), ``<key>.png|jpg|jpeg|webp``
+(image), ``<key>.wav|flac|ogg`` (audio), ``<key>.npy`` (video, as above) and ``<key>.json`` (id, scene,
+scene_key, vqa, video_text, text if there is no .txt; other fields go to meta).
+
+Bad samples
+-----------
+With ``on_error="skip"`` an unreadable sample comes back as ``SkippedSample(id, reason, detail)``, reason one
+of REASONS ("corrupt_shard" / "missing_file" with the shard as id for a tar that cannot be read); with
+``on_error="fail"`` a DataError names the manifest and line (or shard and key), the field and the problem.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
+import os
+import random
+import tarfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
+import soundfile as sf
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, IterableDataset
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.utils import pytorch_worker_info
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..modalities.image import to_rgb_array
 
-MEDIA = ("image", "audio", "video")
-MODALITIES = ("image", "text", "audio", "video")
-KNOWN = {"id", "text", "scene", "scene_key", "vqa", "video_text", *MEDIA}
-IMAGE_EXT = ("png", "jpg", "jpeg", "webp", "bmp")
-AUDIO_EXT = ("wav", "flac", "ogg")
+MODALITIES = ("image", "text", "audio", "video", "vqa")
+REASONS = (
+    "bad_json", "wrong_field_type", "missing_file", "corrupt_image", "corrupt_audio", "corrupt_video",
+    "missing_modality", "corrupt_shard",
+)
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+AUDIO_EXTS = ("wav", "flac", "ogg")
+_FIELDS = ("id", "text", "image", "audio", "video", "scene", "scene_key", "vqa", "video_text")
+_RESERVED = {*_FIELDS, "audio_sr", "meta"}
 
 
 @dataclass(frozen=True)
 class SkippedSample:
-    """A sample that could not be read: its id, a short reason code and a human detail."""
+    """A sample that could not be read: its id, a short reason code (one of REASONS) and a readable detail."""
 
     id: str
     reason: str
-    detail: str = ""
+    detail: str
 
 
-class SampleError(Exception):
-    def __init__(self, reason: str, field: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field, detail
+class _Bad(Exception):
+    """Internal: one sample is unreadable (reason code, field or None, problem)."""
+
+    def __init__(self, reason: str, field: str | None, problem: str):
+        super().__init__(problem)
+        self.reason, self.field, self.problem = reason, field, problem
+
+    def message(self, where: str) -> str:
+        return f"{where}: field '{self.field}': {self.problem}" if self.field else f"{where}: {self.problem}"
 
 
-# ---- decoding ----------------------------------------------------------------------------------------------
-def decode_image(data: bytes | Path) -> np.ndarray:
-    """Bytes or a path -> (H, W, 3) uint8, fully decoded (a truncated file fails here, not later)."""
+def _jtype(v: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _typed(obj: dict, key: str, kind: type) -> Any:
+    v = obj[key]
+    if not isinstance(v, kind):
+        raise _Bad("wrong_field_type", key, f"expected {_jtype(kind())}, got {_jtype(v)}")
+    return v
+
+
+def _vqa(obj: dict) -> list:
+    vqa = _typed(obj, "vqa", list)
+    if not all(isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
+               for q in vqa):
+        raise _Bad("wrong_field_type", "vqa", 'expected a list of {"question": string, "answer": string}')
+    return vqa
+
+
+def _common(obj: dict) -> dict[str, Any]:
+    """The annotation fields (id, scene, scene_key, video_text) and meta of a JSON object, type-checked."""
+    out: dict[str, Any] = {}
+    for key, kind in (("id", str), ("scene", dict), ("scene_key", str), ("video_text", str)):
+        if obj.get(key) is not None:
+            out[key] = _typed(obj, key, kind)
+    meta = {k: v for k, v in obj.items() if k not in _FIELDS}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def _decode_image(src: Any, field: str = "image") -> np.ndarray:
+    """Path or file object -> (H, W, 3) uint8 (fully decoded, EXIF orientation applied)."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        with Image.open(src) as img:
             img.load()
-            return to_rgb_array(img)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # Pillow raises many types for bad files
-        raise SampleError("corrupt_image", "image", f"cannot decode image: {e}") from None
-
-
-def decode_audio(data: bytes | Path) -> tuple[np.ndarray, int]:
-    """Bytes or a path -> (mono float32 waveform, sample rate)."""
-    import soundfile as sf
-
-    try:
-        wav, sr = sf.read(io.BytesIO(data) if isinstance(data, bytes) else str(data), dtype="float32", always_2d=True)
+            return to_rgb_array(ImageOps.exif_transpose(img))
     except Exception as e:
-        if isinstance(data, Path) and not data.exists():
-            raise FileNotFoundError(data) from None
-        raise SampleError("corrupt_audio", "audio", f"cannot decode audio: {e}") from None
-    return wav.mean(axis=1).astype(np.float32), int(sr)
+        raise _Bad("corrupt_image", field, f"cannot decode image: {e}") from e
 
 
-def check_video(arr: Any) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or arr.shape[0] < 1:
-        raise SampleError(
-            "corrupt_video", "video", f"video array has shape {arr.shape} and dtype {arr.dtype}; expected (T, H, W, 3) uint8"
-        )
+def _decode_audio(src: Any, field: str = "audio") -> tuple[np.ndarray, int]:
+    """Path or file object -> (float32 mono samples in [-1, 1], sample rate)."""
+    try:
+        data, sr = sf.read(src, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise _Bad("corrupt_audio", field, f"cannot decode audio: {e}") from e
+    if data.shape[0] == 0 or not np.isfinite(data).all():
+        raise _Bad("corrupt_audio", field, "audio is empty or has NaN/infinite values")
+    return np.clip(data.mean(axis=1, dtype=np.float32), -1.0, 1.0), int(sr)
+
+
+def _check_video(arr: Any, field: str = "video") -> np.ndarray:
+    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3
+            and arr.shape[0] > 0):
+        got = f"shape {arr.shape}, dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise _Bad("corrupt_video", field, f"expected a (T, H, W, 3) uint8 array, got {got}")
     return arr
 
 
-def decode_video(data: bytes | Path) -> np.ndarray:
-    """.npy bytes/path or a folder of frames -> (T, H, W, 3) uint8."""
-    if isinstance(data, Path) and data.is_dir():
-        frames = sorted(p for p in data.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXT)
-        if not frames:
-            raise SampleError("corrupt_video", "video", f"frame folder {data} has no images")
-        decoded = []
-        for f in frames:
-            try:
-                decoded.append(decode_image(f))
-            except SampleError as e:
-                raise SampleError("corrupt_video", "video", f"frame {f.name}: {e.detail}") from None
-        if len({d.shape for d in decoded}) != 1:
-            raise SampleError("corrupt_video", "video", f"frames in {data} differ in size")
-        return np.stack(decoded)
+def _decode_npy(src: Any, field: str = "video") -> np.ndarray:
     try:
-        arr = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
-    except FileNotFoundError:
-        raise
+        arr = np.load(src, allow_pickle=False)
     except Exception as e:
-        raise SampleError("corrupt_video", "video", f"cannot load video array: {e}") from None
-    return check_video(arr)
+        raise _Bad("corrupt_video", field, f"cannot load array: {e}") from e
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+    return _check_video(arr, field)
 
 
-def _check_types(rec: dict[str, Any]) -> None:
-    for key in (*MEDIA, "text", "id", "scene_key", "video_text"):
-        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-            raise SampleError("wrong_field_type", key, f"field '{key}' is {type(rec[key]).__name__}; expected a string")
-    if "scene" in rec and rec["scene"] is not None and not isinstance(rec["scene"], dict):
-        raise SampleError("wrong_field_type", "scene", "field 'scene' must be an object")
-    if "vqa" in rec and rec["vqa"] is not None and not isinstance(rec["vqa"], list):
-        raise SampleError("wrong_field_type", "vqa", "field 'vqa' must be a list")
+def _decode_frames(folder: Path, rel: str, field: str = "video") -> np.ndarray:
+    """A folder of frame images (sorted by name) -> (T, H, W, 3) uint8."""
+    exts = Image.registered_extensions()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and p.name[0] != ".")
+    if not files:
+        raise _Bad("corrupt_video", field, f"folder {rel} has no frame images")
+    frames = []
+    for p in files:
+        try:
+            frames.append(_decode_image(p, field))
+        except _Bad as b:
+            raise _Bad("corrupt_video", field, f"frame {rel}/{p.name}: {b.problem}") from None
+    if len({f.shape for f in frames}) > 1:
+        raise _Bad("corrupt_video", field, f"frames in {rel} differ in size")
+    return np.stack(frames)
 
 
-def _base_sample(rec: dict[str, Any], default_id: str) -> dict[str, Any]:
-    sample: dict[str, Any] = {"id": rec.get("id") or default_id}
-    for key in ("text", "scene", "scene_key", "vqa", "video_text"):
-        if rec.get(key) is not None:
-            sample[key] = rec[key]
-    meta = {k: v for k, v in rec.items() if k not in KNOWN}
-    if meta:
-        sample["meta"] = meta
-    return sample
+def _check_args(modalities: Sequence[str] | None, on_error: str) -> tuple[str, ...] | None:
+    if on_error not in ("skip", "fail"):
+        raise ConfigError(f"on_error={on_error!r}: expected 'skip' or 'fail'")
+    if modalities is None:
+        return None
+    mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    bad = [m for m in mods if m not in MODALITIES]
+    if bad:
+        raise ConfigError(f"unknown modalities {bad}; expected a subset of {list(MODALITIES)}")
+    return mods
 
 
-# ---- JSONL -------------------------------------------------------------------------------------------------
-class JsonlDataset(torch.utils.data.Dataset):
-    """Map-style dataset over a JSONL manifest; media are decoded in __getitem__ (so in DataLoader workers)."""
+class _Reader:
+    on_error: str
 
-    def __init__(self, path: str | Path, modalities: Sequence[str] | None = None, on_error: str = "skip"):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"manifest {self.path} not found")
-        if on_error not in ("skip", "fail"):
-            raise DataError(f"on_error = {on_error!r}; expected 'skip' or 'fail'")
-        self.root = self.path.parent
-        self.modalities = tuple(modalities) if modalities else None
+    def _bad(self, sid: str, bad: _Bad, where: str) -> SkippedSample:
+        msg = bad.message(where)
+        if self.on_error == "fail":
+            raise DataError(msg)
+        return SkippedSample(sid, bad.reason, msg)
+
+
+class JsonlDataset(_Reader, Dataset):
+    """Map-style dataset over a JSONL manifest: item i is a sample dict or a SkippedSample.
+
+    The manifest is parsed at construction (no media decoding); media of the requested modalities
+    (None = all present in the line) are decoded in __getitem__.
+    """
+
+    def __init__(self, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"):
+        self.modalities = _check_args(modalities, on_error)
         self.on_error = on_error
-        self.lines: list[tuple[int, dict[str, Any] | str]] = []  # (line number, record | JSON error)
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
+        self.path, self.name = Path(path), str(path)
+        if not self.path.is_file():
+            raise DataError(f"JSONL manifest {self.name} not found" + (" (it is a folder)" if self.path.is_dir() else ""))
+        self.root = self.path.parent
+        self.entries: list[tuple[int, dict | str]] = []  # (line number, object or JSON error text)
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                except ValueError as e:
+                    obj = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {_jtype(obj)}")
+                except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
                     if on_error == "fail":
-                        raise DataError(f"{self.path} line {no}: not valid JSON ({e})") from None
-                    rec = str(e)
-                self.lines.append((no, rec))
+                        raise DataError(f"{self.name} line {n}: invalid JSON: {e}") from None
+                    obj = f"invalid JSON: {e}"
+                self.entries.append((n, obj))
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.entries)
 
     def ids(self) -> list[str]:
-        return [
-            (rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None)
-            or f"{self.path.stem}-{no}"
-            for no, rec in self.lines
-        ]
+        """The id of every entry (as __getitem__ would give it), without decoding media."""
+        return [o["id"] if isinstance(o, dict) and isinstance(o.get("id"), str) else f"{self.path.stem}-{n}"
+                for n, o in self.entries]
 
-    def texts(self) -> Iterator[str]:
-        """Captions without decoding any media (for tokenizer training)."""
-        for _, rec in self.lines:
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
-                yield rec["text"]
-
-    def _load(self, rec: dict[str, Any], default_id: str) -> dict[str, Any]:
-        _check_types(rec)
-        sample = _base_sample(rec, default_id)
-        wanted = self.modalities or tuple(m for m in MODALITIES if rec.get(m) is not None)
-        for m in wanted:
-            if rec.get(m) is None:
-                raise SampleError("missing_modality", m, f"field '{m}' is absent")
-            if m == "text":
-                continue
-            file = self.root / rec[m]
-            if not file.exists():
-                raise SampleError("missing_file", m, f"file {rec[m]} not found")
-            try:
-                if m == "image":
-                    sample["image"] = decode_image(file)
-                elif m == "audio":
-                    sample["audio"], sample["audio_sr"] = decode_audio(file)
-                else:
-                    sample["video"] = decode_video(file)
-            except FileNotFoundError:
-                raise SampleError("missing_file", m, f"file {rec[m]} not found") from None
-        return sample
+    def texts(self) -> list[str]:
+        """Every caption in the manifest, without decoding media."""
+        return [o["text"] for _, o in self.entries if isinstance(o, dict) and isinstance(o.get("text"), str)]
 
     def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
-        no, rec = self.lines[i]
-        default_id = f"{self.path.stem}-{no}"
-        if isinstance(rec, str):
-            return SkippedSample(default_id, "bad_json", rec)
+        n, obj = self.entries[i]
+        where, sid = f"{self.name} line {n}", f"{self.path.stem}-{n}"
+        if isinstance(obj, str):
+            return self._bad(sid, _Bad("bad_json", None, obj), where)
+        if isinstance(obj.get("id"), str):
+            sid = obj["id"]
         try:
-            return self._load(rec, default_id)
-        except SampleError as e:
-            if self.on_error == "fail":
-                raise DataError(f"{self.path} line {no}: field '{e.field}': {e.detail}") from None
-            sid = rec.get("id") if isinstance(rec.get("id"), str) else default_id
-            return SkippedSample(sid, e.reason, e.detail)
+            return self._read(obj, f"{self.path.stem}-{n}")
+        except _Bad as b:
+            return self._bad(sid, b, where)
 
+    def _file(self, obj: dict, key: str) -> tuple[Path, str]:
+        rel = _typed(obj, key, str)
+        path = self.root / rel
+        if not path.exists():
+            raise _Bad("missing_file", key, f"file {rel} not found")
+        return path, rel
 
-# ---- WebDataset ----------------------------------------------------------------------------------------------
-def expand_urls(path: str) -> list[str]:
-    """A brace pattern ("train-{000000..000009}.tar"), a single tar, or a folder of tars -> shard paths."""
-    import braceexpand
-
-    p = Path(path)
-    if p.is_dir():
-        urls = sorted(str(x) for x in p.glob("*.tar"))
-    elif "{" in path:
-        urls = [u for u in braceexpand.braceexpand(path)]
-    else:
-        urls = sorted(glob.glob(path)) or [path]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if not urls or missing:
-        raise DataError(f"WebDataset shards not found: {missing[0] if missing else path}")
-    return urls
-
-
-class WebDatasetSource(torch.utils.data.IterableDataset):
-    """Iterable over WebDataset tar shards; shards are split over DDP ranks and DataLoader workers."""
-
-    def __init__(
-        self, urls: str | Sequence[str], modalities: Sequence[str] | None = None, on_error: str = "skip",
-        shuffle: int = 0, seed: int = 0,
-    ):
-        self.urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
-        self.modalities = tuple(modalities) if modalities else None
-        self.on_error = on_error
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
-        key = raw["__key__"]
-        meta: dict[str, Any] = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except ValueError as e:
-                raise SampleError("bad_json", "json", f"{key}.json is not valid JSON: {e}") from None
-            if not isinstance(meta, dict):
-                raise SampleError("bad_json", "json", f"{key}.json must hold an object")
-            _check_types(meta)
-        extra = meta.pop("meta", None)
-        sample = _base_sample(meta, key)
-        if isinstance(extra, dict):
-            sample.setdefault("meta", {}).update(extra)
-        if "txt" in raw:
-            try:
-                sample["text"] = raw["txt"].decode("utf-8")
-            except UnicodeDecodeError:
-                raise SampleError("wrong_field_type", "text", f"{key}.txt is not UTF-8") from None
-        image_ext = next((e for e in IMAGE_EXT if e in raw), None)
-        audio_ext = next((e for e in AUDIO_EXT if e in raw), None)
-        found = {"text": "text" in sample, "image": image_ext, "audio": audio_ext, "video": "npy" in raw}
-        wanted = self.modalities or tuple(m for m in MODALITIES if found[m])
-        for m in wanted:
-            if not found[m]:
-                raise SampleError("missing_modality", m, f"{key} has no {m} member")
-        if "image" in wanted:
-            sample["image"] = decode_image(raw[image_ext])
-        if "audio" in wanted:
-            sample["audio"], sample["audio_sr"] = decode_audio(raw[audio_ext])
-        if "video" in wanted:
-            sample["video"] = decode_video(raw["npy"])
+    def _read(self, obj: dict, default_id: str) -> dict[str, Any]:
+        sample = {"id": default_id, **_common(obj)}
+        for m in self.modalities or [m for m in MODALITIES if obj.get(m) is not None]:
+            if obj.get(m) is None:
+                raise _Bad("missing_modality", m, "requested modality is absent")
+            if m == "text":
+                sample["text"] = _typed(obj, "text", str)
+            elif m == "vqa":
+                sample["vqa"] = _vqa(obj)
+            elif m == "image":
+                sample["image"] = _decode_image(self._file(obj, m)[0])
+            elif m == "audio":
+                sample["audio"], sample["audio_sr"] = _decode_audio(self._file(obj, m)[0])
+            else:
+                path, rel = self._file(obj, m)
+                sample["video"] = _decode_frames(path, rel) if path.is_dir() else _decode_npy(path)
         return sample
 
-    def __iter__(self) -> Iterator[dict[str, Any] | SkippedSample]:
-        import webdataset as wds
 
-        pipeline = wds.WebDataset(
-            self.urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        if self.shuffle:
-            pipeline = pipeline.shuffle(self.shuffle, rng=__import__("random").Random(self.seed + self.epoch))
-        for raw in pipeline:
-            try:
-                yield self._decode(raw)
-            except SampleError as e:
-                url = raw.get("__url__", "?")
-                if self.on_error == "fail":
-                    raise DataError(f"{url} sample {raw['__key__']}: field '{e.field}': {e.detail}") from None
-                yield SkippedSample(raw["__key__"], e.reason, e.detail)
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def shard_list(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Expand a brace pattern ("train-{000000..000003}.tar"), a tar, a folder of tars or a list of them.
+
+    Local shards must exist (DataError naming the missing one); remote URLs ("s3://", "pipe:") pass unchecked.
+    """
+    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    out: list[str] = []
+    for item in map(str, items):
+        if _is_remote(item):
+            out += expand_urls(item)
+        elif Path(item).is_dir():
+            tars = sorted(str(p) for p in Path(item).glob("*.tar"))
+            if not tars:
+                raise DataError(f"WebDataset folder {item} has no .tar shards")
+            out += tars
+        else:
+            for url in expand_urls(item):
+                if not Path(url).is_file():
+                    raise DataError(f"WebDataset shard {url} not found" + (f" (from {item})" if url != item else ""))
+                out.append(url)
+    if not out:
+        raise DataError("no WebDataset shards given")
+    return out
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _shard_samples(url: str, select_files=None) -> Iterator[dict]:
+    """Raw samples ({"__key__", "__url__", ext: bytes}) of one shard, grouped by webdataset's tar iterators;
+    the file is closed when the generator ends."""
+    stream = wds.gopen(url, "rb")
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], select_files=select_files))
+    finally:
+        stream.close()
+
+
+def _truncation(path: str) -> str | None:
+    """Why a local .tar looks truncated (Python's tarfile silently stops at a cut header), or None."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 1024, 0))
+        tail = f.read()
+    if size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
+        return f"truncated: {size} bytes and no end-of-archive blocks"
+    return None
+
+
+def _pick(raw: dict, exts: Sequence[str]) -> bytes | None:
+    return next((raw[e] for e in exts if e in raw), None)
+
+
+class WebDatasetSource(_Reader, IterableDataset):
+    """Streams sample dicts (or SkippedSample) from WebDataset tar shards; no __len__ (see count_samples).
+
+    Splitting (rank / world from RANK + WORLD_SIZE or torch.distributed, workers from the DataLoader):
+    whole shards go to ranks when that gives every rank the same number of samples (+-1, from tar headers),
+    otherwise every rank reads all shards and keeps every world-th sample; within a rank, shards go to
+    DataLoader workers (every k-th sample when there are fewer shards than workers). shuffle > 0 permutes
+    the shard order per epoch (the same on every rank) and shuffles samples in a buffer of that size; call
+    set_epoch(e) before each epoch.
+    """
+
+    def __init__(self, urls, modalities: Sequence[str] | None = None, on_error: str = "skip",
+                 shuffle: int = 0, seed: int = 0):
+        self.modalities = _check_args(modalities, on_error)
+        self.on_error, self.shuffle, self.seed, self.epoch = on_error, int(shuffle), int(seed), 0
+        self.urls = shard_list(urls)
+        self._sizes: dict[str, int] | None = None
+        if pytorch_worker_info()[1] > 1:
+            self.shard_sizes()  # once here rather than in every DataLoader worker
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shard_sizes(self) -> dict[str, int] | None:
+        """Samples per shard from tar headers (cached); None when a shard is remote."""
+        if self._sizes is None and not any(map(_is_remote, self.urls)):
+            self._sizes = {url: _count_shard(url) for url in self.urls}
+        return self._sizes
 
     def texts(self) -> Iterator[str]:
-        """Captions only (reads the shards but decodes no media)."""
-        import webdataset as wds
+        """Every caption (.txt member) of every shard, without decoding media."""
+        for url in self.urls:
+            try:
+                for raw in _shard_samples(url, lambda f: f.endswith(".txt")):
+                    if "txt" in raw:
+                        yield raw["txt"].decode("utf-8", errors="replace")
+            except Exception:  # unreadable shards are reported when the samples are read
+                continue
 
-        for raw in wds.WebDataset(self.urls, shardshuffle=False, empty_check=False):
-            if "txt" in raw:
+    def _balanced(self, shards: list[str], world: int) -> bool:
+        """Whether whole shards dealt round-robin to ranks give each the same number of samples (+-1)."""
+        sizes = self.shard_sizes() if len(shards) % world == 0 else None
+        if sizes is None:
+            return False
+        per_rank = [sum(sizes[u] for u in shards[r::world]) for r in range(world)]
+        return max(per_rank) - min(per_rank) <= 1
+
+    def __iter__(self) -> Iterator[dict[str, Any] | SkippedSample]:
+        rank, world, worker, workers = pytorch_worker_info()
+        shards = list(self.urls)
+        if self.shuffle > 0:
+            random.Random(f"shards-{self.seed}-{self.epoch}").shuffle(shards)
+        if world > 1 and not self._balanced(shards, world):
+            items = self._items(shards, world * workers, worker * world + rank)
+        else:
+            shards = shards[rank::world]
+            plan = (shards[worker::workers], 1, 0) if len(shards) >= workers else (shards, workers, worker)
+            items = self._items(*plan)
+        if self.shuffle > 1:
+            items = _buffer_shuffle(items, self.shuffle, random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
+        return items
+
+    def _items(self, shards: list[str], stride: int, offset: int) -> Iterator[dict[str, Any] | SkippedSample]:
+        k = 0
+        for url in shards:
+            for raw in self._raw(url):
+                if k % stride == offset:
+                    yield raw if isinstance(raw, SkippedSample) else self._decode(raw)
+                k += 1
+
+    def _raw(self, url: str) -> Iterator[dict | SkippedSample]:
+        try:
+            yield from _shard_samples(url)
+            problem = _truncation(url) if url.endswith(".tar") and not _is_remote(url) else None
+            bad = _Bad("corrupt_shard", None, problem) if problem else None
+        except Exception as e:
+            reason = "missing_file" if isinstance(e, FileNotFoundError) else "corrupt_shard"
+            detail = f"{type(e).__name__}: {str(e.args[0]).split(' @ ')[0] if e.args else ''}"
+            bad = _Bad(reason, None, f"cannot read shard: {detail}")
+        if bad is not None:
+            yield self._bad(url, bad, url)
+
+    def _decode(self, raw: dict) -> dict[str, Any] | SkippedSample:
+        key = raw["__key__"]
+        where, sid = f"{raw['__url__']} key {key}", key
+        try:
+            obj: dict = {}
+            if "json" in raw:
                 try:
-                    yield raw["txt"].decode("utf-8")
-                except UnicodeDecodeError:
-                    continue
+                    obj = json.loads(raw["json"].decode("utf-8"))
+                except ValueError as e:
+                    raise _Bad("bad_json", "json", f"invalid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise _Bad("bad_json", "json", f"expected a JSON object, got {_jtype(obj)}")
+                sid = obj["id"] if isinstance(obj.get("id"), str) else key
+            return self._read(raw, obj)
+        except _Bad as b:
+            return self._bad(sid, b, where)
+
+    def _read(self, raw: dict, obj: dict) -> dict[str, Any]:
+        sample = {"id": raw["__key__"], **_common(obj)}
+        members = {"image": _pick(raw, IMAGE_EXTS), "audio": _pick(raw, AUDIO_EXTS), "video": raw.get("npy")}
+        present = {m for m, v in members.items() if v is not None}
+        present |= {m for m in ("text", "vqa") if obj.get(m) is not None} | ({"text"} if "txt" in raw else set())
+        for m in self.modalities or [m for m in MODALITIES if m in present]:
+            if m not in present:
+                raise _Bad("missing_modality", m, "requested modality is absent")
+            if m == "text" and "txt" in raw:
+                try:
+                    sample["text"] = raw["txt"].decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _Bad("wrong_field_type", "text", f"not UTF-8 text: {e}") from None
+            elif m == "text":
+                sample["text"] = _typed(obj, "text", str)
+            elif m == "vqa":
+                sample["vqa"] = _vqa(obj)
+            elif m == "image":
+                sample["image"] = _decode_image(io.BytesIO(members["image"]))
+            elif m == "audio":
+                sample["audio"], sample["audio_sr"] = _decode_audio(io.BytesIO(members["audio"]))
+            else:
+                sample["video"] = _decode_npy(io.BytesIO(members["video"]))
+        return sample
 
 
-def count_samples(urls: str | Sequence[str]) -> int:
-    """Number of samples (distinct keys) in the shards."""
-    import tarfile
-
-    total = 0
-    for url in expand_urls(urls) if isinstance(urls, str) else urls:
-        with tarfile.open(url) as tar:
-            total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+def _count_shard(url: str) -> int:
+    """Samples in one local shard (consecutive member keys, as webdataset groups them), from tar headers."""
+    total, prev = 0, None
+    try:
+        with tarfile.open(url, "r:*") as tf:
+            for m in tf:
+                key = base_plus_ext(m.name)[0] if m.isreg() and not m.name.startswith("__") else None
+                if key is not None and key != prev:
+                    total, prev = total + 1, key
+    except (OSError, tarfile.TarError) as e:
+        warnings.warn(f"counting samples: cannot read all of {url}: {e}", stacklevel=3)
     return total
 
 
-# ---- writers --------------------------------------------------------------------------------------------------
-def _encode_png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+def count_samples(urls) -> int:
+    """Number of samples in local shards (a brace pattern, tar, folder or list), from tar headers only.
+
+    An unreadable shard is counted as far as it can be read, with a warning."""
+    return sum(_count_shard(url) for url in shard_list(urls))
 
 
-def _encode_wav(wave: np.ndarray, sr: int) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, wave, sr, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def _encode_npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _json_fields(sample: dict[str, Any]) -> dict[str, Any]:
-    return {k: sample[k] for k in ("id", "scene", "scene_key", "vqa", "video_text", "meta") if k in sample}
+def _annotations(s: dict) -> dict[str, Any]:
+    """The JSON part of a sample: id, scene, scene_key, vqa, video_text, then meta and extra JSON fields."""
+    out = {k: s[k] for k in ("id", "scene", "scene_key", "vqa", "video_text") if s.get(k) is not None}
+    extra = {**{k: v for k, v in s.items() if k not in _RESERVED}, **(s.get("meta") or {})}
+    clash = sorted(set(extra) & _RESERVED)
+    if clash:
+        raise DataError(f"sample {s.get('id', '?')}: meta fields {clash} clash with reserved field names")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"sample {s.get('id', '?')}: extra fields are not JSON-serialisable: {e}") from None
+    return {**out, **extra}
 
 
-def write_jsonl(samples: Iterable[dict[str, Any]], out_dir: str | Path, name: str = "manifest") -> Path:
-    """Write samples as <out_dir>/<name>.jsonl with media under <out_dir>/<name>/ (PNG, WAV PCM16, .npy)."""
+def _audio_of(s: dict) -> tuple[np.ndarray, int]:
+    if not s.get("audio_sr"):
+        raise DataError(f"sample {s.get('id', '?')}: has audio but no audio_sr")
+    return np.clip(np.asarray(s["audio"], dtype=np.float32), -1.0, 1.0), int(s["audio_sr"])
+
+
+def _video_of(s: dict) -> np.ndarray:
+    try:
+        return _check_video(np.asarray(s["video"]))
+    except _Bad as b:
+        raise DataError(f"sample {s.get('id', '?')}: video: {b.problem}") from None
+
+
+def write_jsonl(samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "manifest",
+                image_format: str = "png") -> Path:
+    """Write samples as out_dir/<name>.jsonl with media in out_dir/<name>/ (images as image_format, audio as
+    16-bit PCM WAV at audio_sr, video as .npy); SkippedSample entries are left out. Returns the manifest path."""
     out_dir = Path(out_dir)
-    media = out_dir / name
-    media.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"{name}.jsonl"
-    with open(manifest, "w", encoding="utf-8") as f:
-        for i, s in enumerate(samples):
-            sid = str(s.get("id", f"{name}-{i:07d}"))
-            rec = {**_json_fields(s), "id": sid}
+    (out_dir / name).mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, s in enumerate(x for x in samples if not isinstance(x, SkippedSample)):
+            line, stem = _annotations(s), f"{name}/{i:07d}"
             if s.get("text") is not None:
-                rec["text"] = s["text"]
+                line["text"] = s["text"]
             if s.get("image") is not None:
-                (media / f"{sid}.png").write_bytes(_encode_png(to_rgb_array(s["image"])))
-                rec["image"] = f"{name}/{sid}.png"
+                line["image"] = f"{stem}.{image_format}"
+                Image.fromarray(to_rgb_array(s["image"])).save(out_dir / line["image"])
             if s.get("audio") is not None:
-                (media / f"{sid}.wav").write_bytes(_encode_wav(s["audio"], int(s.get("audio_sr", 16000))))
-                rec["audio"] = f"{name}/{sid}.wav"
+                line["audio"] = f"{stem}.wav"
+                sf.write(out_dir / line["audio"], *_audio_of(s), subtype="PCM_16")
             if s.get("video") is not None:
-                (media / f"{sid}.npy").write_bytes(_encode_npy(np.asarray(s["video"], dtype=np.uint8)))
-                rec["video"] = f"{name}/{sid}.npy"
-            f.write(json.dumps(rec) + "\n")
-    return manifest
+                line["video"] = f"{stem}.npy"
+                np.save(out_dir / line["video"], _video_of(s), allow_pickle=False)
+            f.write(json.dumps(line) + "\n")
+    return path
 
 
-def write_webdataset(
-    samples: Iterable[dict[str, Any]], out_dir: str | Path, name: str = "shard", samples_per_shard: int = 1000
-) -> list[Path]:
-    """Write samples as <out_dir>/<name>-000000.tar, ... (WebDataset layout, see module docstring)."""
-    import webdataset as wds
+def _wds_record(s: dict, key: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"__key__": key, "json": json.dumps(_annotations(s)).encode()}
+    if s.get("text") is not None:
+        rec["txt"] = str(s["text"]).encode("utf-8")
+    if s.get("image") is not None:
+        buf = io.BytesIO()
+        Image.fromarray(to_rgb_array(s["image"])).save(buf, format="PNG")
+        rec["png"] = buf.getvalue()
+    if s.get("audio") is not None:
+        buf = io.BytesIO()
+        sf.write(buf, *_audio_of(s), format="WAV", subtype="PCM_16")
+        rec["wav"] = buf.getvalue()
+    if s.get("video") is not None:
+        buf = io.BytesIO()
+        np.save(buf, _video_of(s), allow_pickle=False)
+        rec["npy"] = buf.getvalue()
+    return rec
 
+
+def write_webdataset(samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "shard",
+                     samples_per_shard: int = 1000) -> list[Path]:
+    """Write samples into out_dir/<name>-000000.tar, ... (samples_per_shard each; keys are running numbers,
+    ids go in the .json member); SkippedSample entries are left out. Returns the shard paths."""
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard = {samples_per_shard}: expected a positive number")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pattern = str(out_dir / f"{name}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        for i, s in enumerate(samples):
-            key = str(s.get("id", f"{name}-{i:07d}")).replace(".", "_")
-            rec: dict[str, Any] = {"__key__": key, "json": json.dumps(_json_fields(s)).encode()}
-            if s.get("text") is not None:
-                rec["txt"] = s["text"].encode("utf-8")
-            if s.get("image") is not None:
-                rec["png"] = _encode_png(to_rgb_array(s["image"]))
-            if s.get("audio") is not None:
-                rec["wav"] = _encode_wav(s["audio"], int(s.get("audio_sr", 16000)))
-            if s.get("video") is not None:
-                rec["npy"] = _encode_npy(np.asarray(s["video"], dtype=np.uint8))
-            sink.write(rec)
-    return sorted(out_dir.glob(f"{name}-*.tar"))
+    paths: list[Path] = []
+    writer = None
+    try:
+        for i, s in enumerate(x for x in samples if not isinstance(x, SkippedSample)):
+            if i % samples_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                paths.append(out_dir / f"{name}-{len(paths):06d}.tar")
+                writer = wds.TarWriter(str(paths[-1]), encoder=False, mtime=0)
+            writer.write(_wds_record(s, f"{i:09d}"))
+    finally:
+        if writer is not None:
+            writer.close()
+    return paths
 
 
-def open_source(kind: str, path: str, modalities: Sequence[str] | None = None, on_error: str = "skip"):
-    """"jsonl" -> JsonlDataset, "webdataset" -> WebDatasetSource; DataError when the path does not exist."""
+def open_source(kind: str, path: str | os.PathLike, modalities: Sequence[str] | None = None,
+                on_error: str = "skip") -> JsonlDataset | WebDatasetSource:
+    """A JsonlDataset ("jsonl": path to the manifest) or a WebDatasetSource ("webdataset": a tar, a brace
+    pattern or a folder of tars)."""
     if kind == "jsonl":
-        return JsonlDataset(path, modalities, on_error)
+        return JsonlDataset(path, modalities=modalities, on_error=on_error)
     if kind == "webdataset":
-        return WebDatasetSource(path, modalities, on_error)
-    raise DataError(f"unknown data source {kind!r}; expected 'jsonl' or 'webdataset'")
+        return WebDatasetSource(path, modalities=modalities, on_error=on_error)
+    raise ConfigError(f"unknown data source kind {kind!r}; expected 'jsonl' or 'webdataset'")
+
+
+__all__ = [
+    "AUDIO_EXTS", "IMAGE_EXTS", "MODALITIES", "REASONS", "JsonlDataset", "SkippedSample", "WebDatasetSource",
+    "count_samples", "open_source", "shard_list", "write_jsonl", "write_webdataset",
+]

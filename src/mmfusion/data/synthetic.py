@@ -3,13 +3,18 @@
 Every sample carries its ground-truth scene, so every task is exactly measurable. A sample is a pure
 function of (seed, split, index): no global RNG, byte-identical across calls and processes. Splits are
 disjoint by scene content: a scene's stable hash decides the only split it may belong to.
+
+Randomness: attempt `a` of sample (seed, split, index) draws its layout from
+``np.random.default_rng([seed, split_id, index, a])``; the accepted attempt's SeedSequence then spawns one
+child stream per modality (image noise, caption template, audio noise, video noise, VQA), so asking for
+more modalities never changes the others.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +34,19 @@ RGB = {
     "white": (245, 245, 245),
     "cyan": (0, 220, 230),
 }
-SIZE_FRACTION = {"small": 0.22, "large": 0.34}  # of the image side
-# audio: colour -> pitch (Hz), size -> loudness; shape -> waveform (see _wave)
+BACKGROUND = (12, 12, 16)
+SIZE_FRACTION = {"small": 0.22, "large": 0.34}  # bounding-box side, as a fraction of the image side
+GAP = 0.02  # minimum free space between objects and to the frame edge (fraction of the side)
+GRID = 64  # positions are multiples of 1/GRID (so a scene record is exact and hashes stably)
+VIDEO_TRAVEL = 0.35  # distance the mover covers over the clip (fraction of the side)
+# audio: colour -> pitch (Hz, 4 semitones apart), size -> loudness (RMS = 0.5 * gain), shape -> waveform
 PITCH = dict(zip(COLOURS, (220.0, 277.2, 349.2, 440.0, 554.4, 698.5, 880.0, 1108.7)))
 LOUDNESS = {"small": 0.3, "large": 0.8}
+WAVEFORMS = {"circle": "sine", "square": "square", "triangle": "triangle", "diamond": "sawtooth", "cross": "pulse"}
 NUMBER_WORDS = ("one", "two", "three")
-SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # hash % 100 buckets
+SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # content_hash % 100 buckets
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+MODALITIES = ("image", "text", "audio", "video", "vqa")  # index + 1 = child stream of the modality
 VQA_ANSWERS = tuple(
     sorted(set(COLOURS) | set(SHAPES) | set(SIZES) | set(NUMBER_WORDS) | {"yes", "no", "nothing"})
 )
@@ -43,7 +54,7 @@ VQA_ANSWERS = tuple(
 
 @dataclass(frozen=True)
 class Obj:
-    """One object: attributes and centre position (x, y in [0, 1], y downwards)."""
+    """One object: attributes and centre position (x, y in [0, 1], y downwards, multiples of 1/64)."""
 
     shape: str
     colour: str
@@ -52,40 +63,53 @@ class Obj:
     y: float
 
     def words(self) -> str:
+        """'small red circle'."""
         return f"{self.size} {self.colour} {self.shape}"
 
 
 @dataclass(frozen=True)
 class Scene:
-    """1–3 objects (listed left to right) and the motion direction of the first-mentioned (moving) object."""
+    """1–3 objects in mention order (objects[0] is the one that moves in the video) and its motion direction."""
 
     objects: tuple[Obj, ...]
     motion: str = "right"
-    mover: int = 0  # index into objects of the object that moves in the video
+
+    def left_to_right(self) -> tuple[Obj, ...]:
+        """The objects sorted by x."""
+        return tuple(sorted(self.objects, key=lambda o: o.x))
 
     def key(self) -> tuple[tuple[str, str, str], ...]:
         """Caption-level identity: (size, colour, shape) of each object, left to right.
 
-        Positions and motion are excluded: captions state attributes and left/right relations only, so two
-        scenes with the same key are described by the same set of captions.
+        Positions and motion are excluded: captions state only attributes and left/right relations, so
+        scenes with equal keys are described by the same set of captions (use it for scene-matched retrieval).
         """
-        return tuple((o.size, o.colour, o.shape) for o in sorted(self.objects, key=lambda o: o.x))
+        return tuple((o.size, o.colour, o.shape) for o in self.left_to_right())
 
     def key_str(self) -> str:
+        """'small red circle | large blue square' (the sample's "scene_key")."""
         return " | ".join(" ".join(k) for k in self.key())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objects": [asdict(o) for o in self.objects], "motion": self.motion, "mover": self.mover}
+        """JSON-serialisable record: {"objects": [{shape, colour, size, x, y}, ...], "motion"}."""
+        return {
+            "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "x": o.x, "y": o.y} for o in self.objects],
+            "motion": self.motion,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scene:
-        return cls(tuple(Obj(**o) for o in d["objects"]), d.get("motion", "right"), d.get("mover", 0))
+        return cls(
+            tuple(Obj(o["shape"], o["colour"], o["size"], float(o["x"]), float(o["y"])) for o in d["objects"]),
+            d.get("motion", "right"),
+        )
 
     def content_hash(self) -> int:
-        """Stable hash of the full record, positions quantised to 1/64 (hashlib, not Python's hash())."""
-        rec = [(o.shape, o.colour, o.size, round(o.x * 64), round(o.y * 64)) for o in self.objects]
-        digest = hashlib.sha256(json.dumps([rec, self.motion, self.mover]).encode()).digest()
-        return int.from_bytes(digest[:8], "little")
+        """Stable 64-bit hash of the full record, positions quantised to 1/64 (hashlib, not Python's hash())."""
+        rec = ";".join(
+            f"{o.shape},{o.colour},{o.size},{round(o.x * GRID)},{round(o.y * GRID)}" for o in self.objects
+        )
+        return int.from_bytes(hashlib.blake2b(f"{rec}|{self.motion}".encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -96,25 +120,27 @@ class WorldConfig:
     audio_sample_rate: int = 16000
     audio_seconds: float = 0.5
     video_frames: int = 8
-    noise: float = 6.0  # background noise std (0-255 scale)
+    noise: int = 8  # image noise: uniform integer in [-noise, noise] per pixel and channel (0-255 scale)
+    audio_noise: float = 0.01  # std of the audio noise
 
 
 # ---- captions ---------------------------------------------------------------------------------------------
+# {0}, {1}, {2} are the objects left to right ("small red circle"); every template states all of them.
 ONE = (
     "a {0}",
     "there is a {0}",
     "a {0} on a dark background",
     "an image of a {0}",
     "a picture showing a {0}",
-    "one {0}",
+    "a single {0}",
 )
 TWO = (
     "a {0} to the left of a {1}",
     "a {1} to the right of a {0}",
-    "a {0} on the left and a {1} on the right",
-    "there is a {0} left of a {1}",
-    "a {1} right of a {0}",
-    "two shapes: a {0} and a {1}, from left to right",
+    "there is a {0} on the left and a {1} on the right",
+    "a {1} on the right and a {0} on the left",
+    "from left to right: a {0} and a {1}",
+    "two shapes: a {0} and a {1}, left to right",
 )
 THREE = (
     "from left to right: a {0}, a {1} and a {2}",
@@ -122,20 +148,21 @@ THREE = (
     "three shapes: a {0}, a {1} and a {2}, left to right",
     "a {1} between a {0} on the left and a {2} on the right",
     "a {2} on the right, a {1} in the middle and a {0} on the left",
-    "left to right there are a {0}, a {1} and a {2}",
+    "a {0} to the left of a {1}, which is to the left of a {2}",
 )
 TEMPLATES = {1: ONE, 2: TWO, 3: THREE}
 
 
 def caption_for(scene: Scene, template: int) -> str:
-    """The caption of `scene` with template number `template` (objects named left to right)."""
+    """The caption of `scene` with template number `template` (modulo the number of templates)."""
     words = [" ".join(k) for k in scene.key()]
-    return TEMPLATES[len(words)][template % len(TEMPLATES[len(words)])].format(*words)
+    templates = TEMPLATES[len(words)]
+    return templates[template % len(templates)].format(*words)
 
 
 def describe_motion(scene: Scene) -> str:
-    """Video caption: 'a small red circle moving left'."""
-    return f"a {scene.objects[scene.mover].words()} moving {scene.motion}"
+    """Video caption of the mover (objects[0]): 'a small red circle moving left'."""
+    return f"a {scene.objects[0].words()} moving {scene.motion}"
 
 
 def _article(word: str) -> str:
@@ -144,13 +171,14 @@ def _article(word: str) -> str:
 
 # ---- rendering ---------------------------------------------------------------------------------------------
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """Outline of `shape` inside the box of half-side r around (cx, cy); None for the circle."""
     if shape == "square":
         s = r * 0.85
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
-        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+        return [(cx, cy - r), (cx + r, cy + r * 0.85), (cx - r, cy + r * 0.85)]
     if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+        return [(cx, cy - r), (cx + r * 0.85, cy), (cx, cy + r), (cx - r * 0.85, cy)]
     if shape == "cross":
         a, b = r, r * 0.34
         return [
@@ -160,192 +188,288 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, side: int, x: float, y: float) -> None:
-    r = SIZE_FRACTION[obj.size] * side / 2
-    cx, cy = x * side, y * side
-    poly = _polygon(obj.shape, cx, cy, r)
-    if poly is None:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=RGB[obj.colour])
-    else:
-        draw.polygon(poly, fill=RGB[obj.colour])
-
-
 def _wave(shape: str, phase: np.ndarray) -> np.ndarray:
-    """Timbre per shape; `phase` in cycles."""
+    """Zero-mean waveform of `shape` with unit RMS; `phase` in cycles."""
     frac = phase % 1.0
-    if shape == "circle":
-        return np.sin(2 * np.pi * phase)
-    if shape == "square":
-        return np.where(frac < 0.5, 1.0, -1.0) * 0.7
-    if shape == "triangle":
-        return 4 * np.abs(frac - 0.5) - 1
-    if shape == "diamond":
-        return 2 * frac - 1  # sawtooth
-    return np.where(frac < 0.15, 1.0, -0.18)  # cross: pulse train
+    kind = WAVEFORMS[shape]
+    if kind == "sine":
+        return np.sqrt(2) * np.sin(2 * np.pi * phase)
+    if kind == "square":
+        return np.where(frac < 0.5, 1.0, -1.0)
+    if kind == "triangle":
+        return np.sqrt(3) * (4 * np.abs(frac - 0.5) - 1)
+    if kind == "sawtooth":
+        return np.sqrt(3) * (2 * frac - 1)
+    d = 0.25  # pulse train with duty d, zero mean
+    return (np.where(frac < d, 1 - d, -d)) / np.sqrt(d * (1 - d))
+
+
+_COLOUR_F32 = {c: np.array(v, dtype=np.float32) for c, v in RGB.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _sprite(shape: str, size: str, side: int, fx: int, fy: int) -> tuple[np.ndarray, int]:
+    """(k, k, 1) float32 coverage of one object drawn with ImageDraw at 4x and box-averaged, and k // 2.
+
+    The object's centre lies at 4x-pixel (2k + fx, 2k + fy) of the sprite (fx, fy: sub-pixel phase in 0..3).
+    """
+    r = SIZE_FRACTION[size] * side * 2  # radius in 4x pixels
+    half = int(np.ceil(r / 4)) + 1
+    k = 2 * half
+    mask = Image.new("L", (4 * k, 4 * k), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = 4 * half + fx, 4 * half + fy
+    poly = _polygon(shape, cx, cy, r)
+    if poly is None:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(poly, fill=255)
+    alpha = np.asarray(mask, dtype=np.float32).reshape(k, 4, k, 4).mean(axis=(1, 3))[..., None] / 255
+    alpha.setflags(write=False)
+    return alpha, half
+
+
+class _Uniform:
+    """Plain-float uniforms in [0, 1) from `rng`, drawn in blocks (numpy calls on scalars are slow)."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.buf = rng, []
+
+    def __call__(self) -> float:
+        if not self.buf:
+            self.buf = self.rng.random(32).tolist()[::-1]
+        return self.buf.pop()
+
+    def index(self, k: int) -> int:
+        return min(k - 1, int(self() * k))
+
+
+def _separate(xs: list[float], ys: list[float], half: list[float]) -> bool:
+    """True when no two bounding boxes (with GAP) overlap."""
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            need = half[i] + half[j] + GAP
+            if abs(xs[i] - xs[j]) < need and abs(ys[i] - ys[j]) < need:
+                return False
+    return True
 
 
 class SyntheticWorld:
-    """Deterministic generator of scenes and their renderings (see module docstring)."""
+    """Deterministic generator of scenes and their renderings (see the module docstring)."""
 
     def __init__(self, config: WorldConfig = WorldConfig()):
         self.config = config
         p = np.asarray(config.object_count_probs, dtype=float)
         if p.shape != (3,) or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
             raise ValueError(f"object_count_probs must be 3 non-negative numbers summing to 1, got {list(p)}")
+        if config.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {config.image_size}")
+        if config.video_frames < 1 or config.audio_sample_rate < 1000 or config.audio_seconds <= 0:
+            raise ValueError("video_frames must be >= 1, audio_sample_rate >= 1000 and audio_seconds > 0")
+        self._cum = [float(c) for c in np.cumsum(p)]
 
     # ---- scenes -------------------------------------------------------------------------------------------
-    def _rng(self, split: str, index: int, attempt: int, stream: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, SPLIT_IDS[split], index, attempt, stream])
+    def _entropy(self, split: str, index: int, attempt: int) -> list[int]:
+        return [self.config.seed, SPLIT_IDS[split], index, attempt]
 
     def _draw_scene(self, rng: np.random.Generator) -> Scene:
-        n = int(rng.choice(3, p=self.config.object_count_probs)) + 1
-        columns = np.sort(rng.choice(3, size=n, replace=False)) if n < 3 else np.arange(3)
+        """One candidate scene: 1-3 distinct objects in distinct columns, inside the frame, never overlapping."""
+        u = _Uniform(rng)  # plain-Python draws: this runs once per candidate, so it must be cheap
+        v = u() * self._cum[2]
+        n = 1 + (v >= self._cum[0]) + (v >= self._cum[1])
         attrs: list[tuple[str, str, str]] = []
         while len(attrs) < n:  # no two identical objects in one scene
-            a = (SHAPES[rng.integers(len(SHAPES))], COLOURS[rng.integers(len(COLOURS))], SIZES[rng.integers(2)])
+            a = (SHAPES[u.index(len(SHAPES))], COLOURS[u.index(len(COLOURS))], SIZES[u.index(len(SIZES))])
             if a not in attrs:
                 attrs.append(a)
         half = [SIZE_FRACTION[a[2]] / 2 for a in attrs]
-        for _ in range(1000):
-            # one object per column (columns 1/3 wide, centres jittered, so the left-right order is fixed);
-            # a layout whose bounding boxes touch is redrawn
-            xs = [(c + 0.5) / 3 + rng.uniform(-0.04, 0.04) for c in columns] if n > 1 else [rng.uniform(0.3, 0.7)]
-            ys = [rng.uniform(0.25, 0.75) for _ in range(n)]
-            if all(
-                abs(xs[i] - xs[j]) > half[i] + half[j] + 0.02 or abs(ys[i] - ys[j]) > half[i] + half[j] + 0.02
-                for i in range(n) for j in range(i + 1, n)
-            ):
+        lo = [h + GAP for h in half]  # centre range that keeps each object inside the frame
+        hi = [1 - h - GAP for h in half]
+        # objects[0] (the mover) gets a random column; one object per column of three, so the x-order is clear
+        columns = [0, 1, 2]
+        for i in (2, 1):  # Fisher-Yates
+            j = u.index(i + 1)
+            columns[i], columns[j] = columns[j], columns[i]
+        columns = columns[:n]
+        q = lambda v: round(v * GRID) / GRID  # noqa: E731
+        xs = ys = None
+        for _ in range(200):
+            if n == 1:
+                cx = [q(lo[0] + u() * (hi[0] - lo[0]))]
+            else:
+                cx = [q(min(hi[i], max(lo[i], (c + 0.5) / 3 + 0.1 * u() - 0.05))) for i, c in enumerate(columns)]
+            cy = [q(lo[i] + u() * (hi[i] - lo[i])) for i in range(n)]
+            if _separate(cx, cy, half):
+                xs, ys = cx, cy
                 break
-        objects = [Obj(a[0], a[1], a[2], round(float(x), 4), round(float(y), 4)) for a, x, y in zip(attrs, xs, ys)]
-        return Scene(tuple(objects), DIRECTIONS[rng.integers(4)], int(rng.integers(n)))
+        if xs is None or ys is None:  # fallback: column centres, rows staggered top/bottom (always separate)
+            xs = [q(min(hi[i], max(lo[i], (c + 0.5) / 3))) for i, c in enumerate(columns)]
+            ys = [q(lo[i] if c % 2 == 0 else hi[i]) for i, c in enumerate(columns)]
+        objects = tuple(Obj(a[0], a[1], a[2], x, y) for a, x, y in zip(attrs, xs, ys))
+        return Scene(objects, DIRECTIONS[u.index(len(DIRECTIONS))])
 
-    def scene(self, split: str, index: int) -> Scene:
-        """The scene of sample `index` of `split`; only scenes whose hash falls in the split's bucket are kept."""
+    def _accepted(self, split: str, index: int) -> tuple[Scene, list[int]]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
         lo, hi = SPLITS[split]
-        for attempt in range(10_000):
-            scene = self._draw_scene(self._rng(split, index, attempt))
+        for attempt in range(100_000):
+            entropy = self._entropy(split, index, attempt)
+            scene = self._draw_scene(np.random.default_rng(entropy))
             if lo <= scene.content_hash() % 100 < hi:
-                return scene
-        raise RuntimeError("no scene found for the split (unreachable)")
+                return scene, entropy
+        raise RuntimeError(f"no scene found for split {split!r} index {index} (unreachable)")
+
+    def scene(self, split: str, index: int) -> Scene:
+        """The scene of sample `index` of `split` ("train" | "val" | "test"); its hash bucket is the split's."""
+        return self._accepted(split, index)[0]
 
     # ---- modalities -----------------------------------------------------------------------------------------
-    def render_image(self, scene: Scene, rng: np.random.Generator | None = None, t: float | None = None) -> np.ndarray:
-        """(H, W, 3) uint8: objects on a dark noisy background, drawn at 4x and downsampled (antialiased).
-
-        `t` in [0, 1] moves the mover along its motion direction (video frames); None = the still image.
-        """
+    def _frame(self, scene: Scene, rng: np.random.Generator | None, mover_xy: tuple[float, float] | None) -> np.ndarray:
+        """Composite the cached 4x-supersampled sprites onto the background (equal to drawing the whole scene
+        at 4x with ImageDraw and box-downsampling, as objects never overlap), then add noise."""
         side = self.config.image_size
-        big = side * 4
-        canvas = Image.new("RGB", (big, big), (12, 12, 16))
-        draw = ImageDraw.Draw(canvas)
-        for i, obj in enumerate(scene.objects):
-            x, y = obj.x, obj.y
-            if t is not None and i == scene.mover:
-                x, y = self._moved(obj, scene.motion, t)
-            _draw(draw, obj, big, x, y)
-        img = np.asarray(canvas.resize((side, side), Image.BOX), dtype=np.float32)
-        if rng is not None and self.config.noise > 0:
-            img = img + rng.normal(0, self.config.noise, img.shape)
-        return np.clip(img, 0, 255).round().astype(np.uint8)
+        img = np.empty((side, side, 3), dtype=np.float32)
+        img[:] = BACKGROUND
+        for i in [*range(1, len(scene.objects)), 0]:  # the mover (objects[0]) is drawn last, on top
+            obj = scene.objects[i]
+            x, y = mover_xy if (i == 0 and mover_xy is not None) else (obj.x, obj.y)
+            cx4, cy4 = round(x * side * 4), round(y * side * 4)  # centre on the 4x grid
+            alpha, half = _sprite(obj.shape, obj.size, side, cx4 % 4, cy4 % 4)
+            x0, y0 = cx4 // 4 - half, cy4 // 4 - half
+            k = alpha.shape[0]
+            sx0, sy0 = max(0, -x0), max(0, -y0)
+            sx1, sy1 = min(k, side - x0), min(k, side - y0)
+            if sx1 <= sx0 or sy1 <= sy0:
+                continue
+            region = img[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1]
+            region += alpha[sy0:sy1, sx0:sx1] * (_COLOUR_F32[obj.colour] - region)
+        a = self.config.noise
+        if rng is not None and a > 0:
+            img += rng.integers(-a, a + 1, img.shape, dtype=np.int16)
+            np.clip(img, 0, 255, out=img)
+        return np.rint(img).astype(np.uint8)
 
-    @staticmethod
-    def _moved(obj: Obj, direction: str, t: float) -> tuple[float, float]:
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
-        travel = 0.3 * (t - 0.5)  # centred on the still position: ±0.15 of the side
-        margin = SIZE_FRACTION[obj.size] / 2
-        return (
-            float(np.clip(obj.x + dx * travel, margin, 1 - margin)),
-            float(np.clip(obj.y + dy * travel, margin, 1 - margin)),
-        )
+    def render_image(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
+        """(H, W, 3) uint8: the objects on a dark background (+ seeded noise when `rng` is given)."""
+        return self._frame(scene, rng, None)
+
+    def trajectory(self, scene: Scene) -> np.ndarray:
+        """(T, 2) mover centre (x, y) per video frame: a straight line of length VIDEO_TRAVEL through the still
+        position along scene.motion, shifted (not clamped) to stay inside the frame."""
+        obj = scene.objects[0]
+        d = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}[scene.motion]
+        h = SIZE_FRACTION[obj.size] / 2
+        p = np.array([obj.x, obj.y])
+        start, end = p - np.multiply(d, VIDEO_TRAVEL / 2), p + np.multiply(d, VIDEO_TRAVEL / 2)
+        shift = np.maximum(0, h - np.minimum(start, end)) - np.maximum(0, np.maximum(start, end) - (1 - h))
+        start, end = start + shift, end + shift
+        frames = self.config.video_frames
+        t = np.linspace(0, 1, frames)[:, None] if frames > 1 else np.array([[0.5]])
+        return start + t * (end - start)
 
     def render_video(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
-        """(T, H, W, 3) uint8: the mover translates steadily in its motion direction; others stay still."""
-        frames = self.config.video_frames
-        return np.stack([self.render_image(scene, rng, t=k / max(1, frames - 1)) for k in range(frames)])
+        """(T, H, W, 3) uint8: objects[0] translates steadily along scene.motion; the others stay still."""
+        return np.stack([self._frame(scene, rng, (float(x), float(y))) for x, y in self.trajectory(scene)])
 
     def render_audio(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
-        """(n,) float32 in [-1, 1] at `audio_sample_rate`: one tone per object, left to right, in equal slots.
+        """(n,) float32 in [-1, 1] at audio_sample_rate: one tone per object, left to right, in equal slots.
 
-        colour -> pitch, shape -> waveform, size -> loudness.
+        colour -> pitch (PITCH), shape -> waveform (WAVEFORMS), size -> loudness (RMS 0.5 * LOUDNESS).
         """
-        sr, n = self.config.audio_sample_rate, int(self.config.audio_sample_rate * self.config.audio_seconds)
+        sr = self.config.audio_sample_rate
+        n = int(round(sr * self.config.audio_seconds))
         out = np.zeros(n, dtype=np.float64)
-        objs = sorted(scene.objects, key=lambda o: o.x)
+        objs = scene.left_to_right()
         slot = n // len(objs)
-        fade = max(1, int(0.005 * sr))
+        fade = max(1, min(int(0.005 * sr), slot // 4))
         env = np.ones(slot)
         env[:fade] = np.linspace(0, 1, fade)
         env[-fade:] = np.linspace(1, 0, fade)
         t = np.arange(slot) / sr
         for i, obj in enumerate(objs):
-            out[i * slot : (i + 1) * slot] = LOUDNESS[obj.size] * env * _wave(obj.shape, PITCH[obj.colour] * t)
-        if rng is not None:
-            out += rng.normal(0, 0.01, n)
+            tone = _wave(obj.shape, PITCH[obj.colour] * t)
+            out[i * slot : (i + 1) * slot] = 0.5 * LOUDNESS[obj.size] * env * tone
+        if rng is not None and self.config.audio_noise > 0:
+            out += self.config.audio_noise * rng.standard_normal(n)
         return np.clip(out, -1, 1).astype(np.float32)
 
     def caption(self, scene: Scene, rng: np.random.Generator) -> str:
-        """A caption from a random template; it states every object's size, colour, shape and left/right order."""
+        """A caption from a random template; it states every object's size, colour, shape and the left-right order."""
         return caption_for(scene, int(rng.integers(len(TEMPLATES[len(scene.objects)]))))
 
-    def vqa(self, scene: Scene, rng: np.random.Generator, n: int = 3) -> list[tuple[str, str]]:
-        """Up to `n` (question, answer) pairs from several question families; answers are in VQA_ANSWERS."""
-        objs = sorted(scene.objects, key=lambda o: o.x)
-        qa: list[tuple[str, str]] = [("how many objects are there?", NUMBER_WORDS[len(objs) - 1])]
+    def vqa(self, scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """One (question, answer) pair per applicable family, in this order: count, colour of a unique shape,
+        shape of a unique colour, existence (yes/no with probability 1/2 each), left-of and size of a unique
+        (colour, shape). Answers are single words in VQA_ANSWERS."""
+        objs = scene.left_to_right()
         shapes = [o.shape for o in objs]
         colours = [o.colour for o in objs]
-        for i, o in enumerate(objs):
-            if shapes.count(o.shape) == 1:
-                qa.append((f"what colour is the {o.shape}?", o.colour))
-            if colours.count(o.colour) == 1:
-                qa.append((f"what shape is the {o.colour} object?", o.shape))
-            qa.append((f"what size is the {o.colour} {o.shape}?", o.size))
-            qa.append((f"what is left of the {o.colour} {o.shape}?", objs[i - 1].shape if i > 0 else "nothing"))
-        present = {(o.colour, o.shape) for o in objs}
+        pairs = [(o.colour, o.shape) for o in objs]
+
+        def pick(items: list) -> Any:
+            return items[int(rng.integers(len(items)))]
+
+        qa: list[tuple[str, str]] = [("how many objects are there?", NUMBER_WORDS[len(objs) - 1])]
+        unique_shape = [o for o in objs if shapes.count(o.shape) == 1]
+        if unique_shape:
+            o = pick(unique_shape)
+            qa.append((f"what colour is the {o.shape}?", o.colour))
+        unique_colour = [o for o in objs if colours.count(o.colour) == 1]
+        if unique_colour:
+            o = pick(unique_colour)
+            qa.append((f"what shape is the {o.colour} object?", o.shape))
         if rng.random() < 0.5:
-            pick = objs[rng.integers(len(objs))]
-            c, s = pick.colour, pick.shape
-        else:
-            while True:
-                c, s = COLOURS[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
-                if (c, s) not in present:
-                    break
-        yes_no = (f"is there {_article(c)} {c} {s}?", "yes" if (c, s) in present else "no")
-        order = rng.permutation(len(qa))
-        chosen = [qa[i] for i in order[: max(0, n - 1)]]
-        return [*chosen, yes_no]
+            c, s = pick(pairs)
+        else:  # a near miss: a present object with its colour or its shape changed
+            c, s = pick(pairs)
+            while (c, s) in pairs:
+                if rng.random() < 0.5:
+                    c = COLOURS[int(rng.integers(len(COLOURS)))]
+                else:
+                    s = SHAPES[int(rng.integers(len(SHAPES)))]
+        qa.append((f"is there {_article(c)} {c} {s}?", "yes" if (c, s) in pairs else "no"))
+        unique = [i for i, o in enumerate(objs) if pairs.count((o.colour, o.shape)) == 1]
+        if unique:
+            i = pick(unique)
+            left = objs[i - 1].shape if i > 0 else "nothing"
+            qa.append((f"what is left of the {objs[i].colour} {objs[i].shape}?", left))
+            i = pick(unique)
+            qa.append((f"what size is the {objs[i].colour} {objs[i].shape}?", objs[i].size))
+        return qa
 
     def sample(self, split: str, index: int, modalities: tuple[str, ...] = ("image", "text")) -> dict[str, Any]:
-        """One sample dict with "id", "scene", "scene_key" and the requested modalities only.
-
-        Each modality draws from its own child stream, so asking for more modalities never changes the others.
-        """
-        scene = self.scene(split, index)
-        out: dict[str, Any] = {"id": f"{split}-{index:07d}", "scene": scene.to_dict(), "scene_key": scene.key_str()}
-        seeds = {m: self._rng(split, index, 0, s) for s, m in enumerate(("image", "text", "audio", "video", "vqa"), 1)}
-        unknown = set(modalities) - set(seeds)
+        """{"id", "scene", "scene_key"} plus only the requested modalities: "image", "text", "audio" (+"audio_sr"),
+        "video" (+"video_text"), "vqa" (list of {"question", "answer"})."""
+        unknown = [m for m in modalities if m not in MODALITIES]
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {sorted(seeds)}")
+            raise ValueError(f"unknown modalities {unknown}; expected a subset of {list(MODALITIES)}")
+        scene, entropy = self._accepted(split, index)
+        out: dict[str, Any] = {"id": f"{split}-{index:07d}", "scene": scene.to_dict(), "scene_key": scene.key_str()}
+
+        def stream(m: str) -> np.random.Generator:  # child k of the accepted attempt's SeedSequence
+            return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(MODALITIES.index(m) + 1,)))
+
         if "image" in modalities:
-            out["image"] = self.render_image(scene, seeds["image"])
+            out["image"] = self.render_image(scene, stream("image"))
         if "text" in modalities:
-            out["text"] = self.caption(scene, seeds["text"])
+            out["text"] = self.caption(scene, stream("text"))
         if "audio" in modalities:
-            out["audio"] = self.render_audio(scene, seeds["audio"])
+            out["audio"] = self.render_audio(scene, stream("audio"))
             out["audio_sr"] = self.config.audio_sample_rate
         if "video" in modalities:
-            out["video"] = self.render_video(scene, seeds["video"])
+            out["video"] = self.render_video(scene, stream("video"))
             out["video_text"] = describe_motion(scene)
         if "vqa" in modalities:
-            out["vqa"] = [{"question": q, "answer": a} for q, a in self.vqa(scene, seeds["vqa"])]
+            out["vqa"] = [{"question": q, "answer": a} for q, a in self.vqa(scene, stream("vqa"))]
         return out
 
 
 def make_split(
     world: SyntheticWorld, split: str, n: int, modalities: tuple[str, ...] = ("image", "text"), progress: bool = False
 ) -> list[dict[str, Any]]:
-    """Samples 0..n-1 of `split` (a progress bar when `progress`)."""
+    """Samples 0..n-1 of `split` (with a tqdm progress bar when `progress`)."""
     indices: Any = range(n)
     if progress:
         from tqdm import tqdm

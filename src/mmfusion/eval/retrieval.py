@@ -64,22 +64,26 @@ def retrieval_metrics(emb: dict[str, Any], ks: Sequence[int]) -> dict[str, float
     return out
 
 
-def zero_shot_prompts(attribute: str) -> dict[str, list[str]]:
-    """Prompt ensembles per class of `attribute` ("colour" | "shape"): every single-object caption with that value."""
+def zero_shot_prompts() -> tuple[list[str], list[dict[str, str]]]:
+    """Every single-object caption "a {size} {colour} {shape}" and its attributes (80 prompts)."""
     from ..data.synthetic import COLOURS, SHAPES, SIZES
 
-    if attribute == "colour":
-        return {c: [f"a {z} {c} {s}" for z in SIZES for s in SHAPES] for c in COLOURS}
-    if attribute == "shape":
-        return {s: [f"a {z} {c} {s}" for z in SIZES for c in COLOURS] for s in SHAPES}
-    raise ValueError(f"unknown attribute {attribute!r}; expected 'colour' or 'shape'")
+    attrs = [{"size": z, "colour": c, "shape": s} for z in SIZES for c in COLOURS for s in SHAPES]
+    return [f"a {a['size']} {a['colour']} {a['shape']}" for a in attrs], attrs
 
 
 @torch.no_grad()
 def zero_shot_accuracy(model, image_emb: torch.Tensor, labels: Sequence[str], attribute: str) -> float:
-    """Classify images by the nearest class embedding (mean of its prompt embeddings, re-normalised)."""
-    prompts = zero_shot_prompts(attribute)
-    names = list(prompts)
-    classes = torch.stack([torch.nn.functional.normalize(model.encode_text(prompts[n]).mean(0), dim=0) for n in names])
-    pred = (image_emb @ classes.t()).argmax(dim=1)
+    """Zero-shot classification of `attribute` ("colour" | "shape") from text prompts alone.
+
+    p(class | image) is the softmax over all single-object prompts (at the model's temperature),
+    marginalised over the other attributes: p(red) = sum of p("a small red circle"), p("a large red
+    square"), ... Averaging prompt embeddings per class (CLIP's ensembling) blurs the shape directions
+    with the colour ones in this world, so the marginal is used.
+    """
+    prompts, attrs = zero_shot_prompts()
+    probs = (model.scale().detach().float().cpu() * image_emb @ model.encode_text(prompts).t()).softmax(dim=1)
+    names = sorted({a[attribute] for a in attrs})
+    member = torch.tensor([[a[attribute] == n for n in names] for a in attrs], dtype=probs.dtype)  # (P, C)
+    pred = (probs @ member).argmax(dim=1)
     return float(np.mean([names[p] == y for p, y in zip(pred.tolist(), labels)]))

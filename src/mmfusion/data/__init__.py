@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic world (`synthetic`), file sources (`sources`) and batching (`loader`)."""
