@@ -70,6 +70,8 @@ class TextConfig(Section):
 
 
 class ImageConfig(Section):
+    # patch: one strided conv (ViT); conv: a stack of 3x3 stride-2 convs with the same token grid
+    stem: Literal["patch", "conv"] = "patch"
     image_size: int = Field(32, ge=8, le=4096)
     patch_size: int = Field(4, ge=1)
     width: int = Field(128, ge=8)

@@ -96,3 +96,31 @@ def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
     b = load_file(str(cwd / "runs" / "killed" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_training_on_messy_jsonl_skips_and_counts(tmp_path):
+    mmfusion("data", "synth", "--out", "data", "--n", "64", "--modalities", "image,text", cwd=tmp_path)
+    mmfusion("data", "synth", "--out", "data", "--n", "32", "--split", "test", "--modalities", "image,text",
+             cwd=tmp_path)
+    manifest = tmp_path / "data" / "train.jsonl"
+    lines = manifest.read_text().splitlines()
+    rec = json.loads(lines[3])
+    (tmp_path / "data" / rec["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt image
+    lines[5] = json.dumps({**json.loads(lines[5]), "image": "nowhere.png"})  # missing file
+    lines[7] = json.dumps({**json.loads(lines[7]), "text": 7})  # wrong field type
+    lines.append("{broken json")
+    manifest.write_text("\n".join(lines) + "\n")
+    common = ["train", "--config", str(TINY), "--set", "data.source=jsonl", "--set", "data.train=data/train.jsonl",
+              "--set", "data.test=data/test.jsonl", "--set", "train.steps=4", "--set", "train.batch_size=16"]
+    proc = mmfusion(*common, "--set", "name=messy", cwd=tmp_path)
+    run = tmp_path / "runs" / "messy"
+    counts = json.loads((run / "data_errors.json").read_text())
+    # 65 lines, 4 steps x 16 = 64 samples drawn: each bad line is drawn once in the first epoch
+    assert counts == {"bad_json": 1, "corrupt_image": 1, "missing_file": 1, "wrong_field_type": 1}
+    assert "skipped samples by reason: bad_json=1, corrupt_image=1, missing_file=1, wrong_field_type=1" in proc.stdout
+    assert json.loads((run / "metrics.json").read_text())["n_pairs"] == 32
+    manifest.write_text("\n".join(lines[:-1]) + "\n")  # (a bad JSON line would fail at start-up)
+    failing = mmfusion(*common, "--set", "name=strict", "--set", "data.on_error=fail", cwd=tmp_path, check=False)
+    assert failing.returncode == 1
+    assert "train.jsonl line 4: field 'image'" in failing.stderr, failing.stderr
+    assert failing.stderr.strip().count("\n") == 0

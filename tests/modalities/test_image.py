@@ -46,3 +46,14 @@ def test_vit_shapes_and_size_check():
     assert enc.forward_tokens(torch.zeros(1, 3, 16, 16)).shape == (1, 17, 16)
     with pytest.raises(DataError, match="expects 16x16"):
         enc(torch.zeros(1, 3, 32, 32))
+
+
+def test_conv_stem_keeps_the_token_grid():
+    from mmfusion.modalities.image import conv_stem
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(image_size=32, patch_size=8, width=32, depth=1, heads=2, embed_dim=8, stem="conv")
+    assert enc.forward_tokens(torch.zeros(2, 3, 32, 32)).shape == (2, 17, 32)
+    assert [m.stride for m in conv_stem(32, 8) if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]
+    with pytest.raises(ValueError, match="power-of-two patch_size, got 6"):
+        conv_stem(32, 6)

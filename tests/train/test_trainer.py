@@ -1,6 +1,5 @@
 """Trainer properties on a toy regression model: accumulation equivalence, exact resume, checkpoint fallback."""
 
-import json
 
 import pytest
 import torch

@@ -94,6 +94,24 @@ def to_uint8_image(tensor: torch.Tensor) -> np.ndarray:
     return ((tensor.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """Convolutional stem in place of the patchify conv (Xiao et al. 2021, "Early convolutions help
+    transformers see better"): log2(patch) 3x3 stride-2 convs + GELU, channels doubling up to `width`,
+    then a 1x1 conv. Same token grid as patch embedding; sees shapes that straddle patch borders.
+    """
+    steps = patch_size.bit_length() - 1
+    if 2**steps != patch_size:
+        raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(steps):
+        c_out = max(16, width // 2 ** (steps - 1 - i))
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, width, 1, bias=False))
+    return nn.Sequential(*layers)
+
+
 class ImageEncoder(nn.Module):
     """Vision Transformer: patch embedding + [CLS] + learned positions, pooled at [CLS] (as CLIP's ViT).
 
@@ -109,12 +127,15 @@ class ImageEncoder(nn.Module):
         heads: int,
         embed_dim: int,
         mlp_ratio: float = 4.0,
+        stem: str = "patch",
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.image_size = image_size
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.patch_embed = conv_stem(width, patch_size) if stem == "conv" else nn.Conv2d(
+            3, width, kernel_size=patch_size, stride=patch_size, bias=False
+        )
         n_patches = (image_size // patch_size) ** 2
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(n_patches + 1, width) * width**-0.5)

@@ -47,7 +47,7 @@ class ContrastiveModel(nn.Module):
             tokenizer.vocab_size, t.context_length, t.width, t.depth, t.heads, config.embed_dim, t.mlp_ratio
         )
         self.image_encoder = ImageEncoder(
-            i.image_size, i.patch_size, i.width, i.depth, i.heads, config.embed_dim, i.mlp_ratio
+            i.image_size, i.patch_size, i.width, i.depth, i.heads, config.embed_dim, i.mlp_ratio, i.stem
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
