@@ -140,26 +140,35 @@ class Trainer:
             self._log(message)
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _global_skipped(self) -> Counter[str]:
+        """Skipped-sample counts summed over ranks (each rank reads its own part of the data)."""
+        if not dist_utils.is_distributed():
+            return Counter(self.skipped)
+        counts: list[dict[str, int]] = [{} for _ in range(self.world)]
+        torch.distributed.all_gather_object(counts, dict(self.skipped))
+        return sum((Counter(c) for c in counts), Counter())
+
+    def _state(self, skipped: Counter[str]) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": get_rng_state(),
-            "skipped": dict(self.skipped),
+            "skipped": dict(skipped),
             "precision": self.precision,
             "world_size": self.world,
         }
 
     def save(self) -> None:
+        skipped = self._global_skipped()  # a collective: every rank takes part
         if self.is_main:
             save_checkpoint(
                 self.ckpt_dir,
                 self.step,
                 self.module.state_dict(),
                 self.optimizer.state_dict(),
-                self._state(),
+                self._state(skipped),
                 self.cfg.keep_checkpoints,
             )
         if dist_utils.is_distributed():
@@ -176,7 +185,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.step_in_epoch = ckpt.step, state["epoch"], state["step_in_epoch"]
-        self.skipped = Counter(state.get("skipped", {}))
+        # the checkpoint holds the global counts: rank 0 carries them on, the other ranks start from zero
+        self.skipped = Counter(state.get("skipped", {}) if self.is_main else {})
         self.log(f"resumed from {ckpt.path} (step {self.step}, epoch {self.epoch})")
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -290,6 +300,7 @@ class Trainer:
             if writer:
                 writer.close()
         self.model.eval()
+        self.skipped = self._global_skipped()
         if self.skipped:
             self.log("skipped samples by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
         if self.is_main:
