@@ -17,52 +17,82 @@ EXIT_ERROR = 1
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML recipe (see configs/); defaults are used when omitted")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value, e.g. --set train.steps=200 (repeatable)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmfusion", description="Build, train and evaluate multimodal models. `mmfusion COMMAND --help` for more."
+        prog="mmfusion",
+        description="Build, train and evaluate multimodal models. `mmfusion COMMAND --help` for more.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a YAML recipe", description="Train a model from a YAML recipe, "
-                       "then evaluate it on the test split. Multi-process: --nproc N (torchrun, DDP).")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        description="Train a model from a YAML recipe, "
+        "then evaluate it on the test split. Multi-process: --nproc N (torchrun, DDP).",
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run from its newest valid checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run directory of the same name first"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun; default 1)")
-    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a worker dies (with --nproc)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (launches torchrun; default 1)"
+    )
+    p.add_argument(
+        "--max-restarts", type=int, default=0, help="torchrun restarts after a worker dies (with --nproc)"
+    )
 
-    p = sub.add_parser("eval", help="evaluate a run directory or a saved model", description="Evaluate a trained "
-                       "model: retrieval recall@K (scene-matched), zero-shot colour/shape accuracy; writes "
-                       "metrics.json and PNG plots.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run directory or a saved model",
+        description="Evaluate a trained "
+        "model: retrieval recall@K (scene-matched), zero-shot colour/shape accuracy; writes "
+        "metrics.json and PNG plots.",
+    )
     p.add_argument("path", help="a run directory (runs/NAME) or a save_pretrained model folder")
     _add_config_args(p)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split (default test)")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="which split (default test)"
+    )
     p.add_argument("--out", help="where to write metrics.json and plots (default: the run directory)")
 
-    p = sub.add_parser("info", help="environment, or what a run / model folder holds",
-                       description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
-                       "model's configuration, parameter count and checkpoints.")
+    p = sub.add_parser(
+        "info",
+        help="environment, or what a run / model folder holds",
+        description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
+        "model's configuration, parameter count and checkpoints.",
+    )
     p.add_argument("path", nargs="?", help="a run directory or a model folder")
 
     p = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    s = dsub.add_parser("synth", help="write the embedded synthetic world to disk",
-                        description="Render N samples of the synthetic world (image, caption, audio, video, VQA, "
-                        "scene record) as a JSONL manifest with media files, or as WebDataset shards.")
+    s = dsub.add_parser(
+        "synth",
+        help="write the embedded synthetic world to disk",
+        description="Render N samples of the synthetic world (image, caption, audio, video, VQA, "
+        "scene record) as a JSONL manifest with media files, or as WebDataset shards.",
+    )
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n", type=int, required=True, help="number of samples")
     s.add_argument("--split", default="train", choices=["train", "val", "test"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=32)
     s.add_argument("--format", default="jsonl", choices=["jsonl", "webdataset"])
-    s.add_argument("--modalities", default="image,text,audio,video,vqa",
-                   help="comma-separated subset of image,text,audio,video,vqa")
+    s.add_argument(
+        "--modalities",
+        default="image,text,audio,video,vqa",
+        help="comma-separated subset of image,text,audio,video,vqa",
+    )
     return parser
 
 
@@ -102,8 +132,15 @@ def _launch_torchrun(args) -> int:
             continue
         argv.append(a)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        f"--max-restarts={args.max_restarts}", "-m", "mmfusion.cli", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "mmfusion.cli",
+        *argv,
     ]
     return subprocess.call(cmd)
 
@@ -155,8 +192,12 @@ def cmd_info(args) -> int:
     if args.path is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"mmfusion {__version__}")
-        print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-        print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}")
+        print(
+            f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        )
+        print(
+            f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}"
+        )
         print(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
         print(f"train.precision=auto resolves to {resolve_precision('auto', device)} on {device}")
         return 0

@@ -82,7 +82,9 @@ class ImageConfig(Section):
     @model_validator(mode="after")
     def _divisible(self) -> ImageConfig:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}"
+            )
         return self
 
 
@@ -146,7 +148,9 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
         for part in err["loc"][:-1]:
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
             parent = field.annotation if field is not None else None
-        allowed = sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        allowed = (
+            sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        )
         return f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error" and isinstance(value, dict):
@@ -197,7 +201,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
@@ -211,7 +217,11 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
     except ValidationError as e:
         errors = e.errors()
         first = _describe(errors[0], RunConfig)
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+            if len(errors) > 1
+            else ""
+        )
         raise ConfigError(f"{source}: {first}{more}") from None
 
 

@@ -1,11 +1,11 @@
 """Run orchestration: config -> data -> model -> Trainer -> saved model -> evaluation, in one run directory.
 
-    runs/<name>/config.yaml        resolved config snapshot
-               tokenizer.json      trained on the training captions (reused on --resume)
-               checkpoints/        step-N/ {model,optimizer}.safetensors + state.json + MANIFEST.json
-               metrics.jsonl       training log; tensorboard/ the same as TensorBoard events
-               model/              final save_pretrained folder (config.json, model.safetensors, tokenizer.json)
-               metrics.json        evaluation; plots/*.png
+runs/<name>/config.yaml        resolved config snapshot
+           tokenizer.json      trained on the training captions (reused on --resume)
+           checkpoints/        step-N/ {model,optimizer}.safetensors + state.json + MANIFEST.json
+           metrics.jsonl       training log; tensorboard/ the same as TensorBoard events
+           model/              final save_pretrained folder (config.json, model.safetensors, tokenizer.json)
+           metrics.json        evaluation; plots/*.png
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ def load_split(cfg: RunConfig, split: str, progress: bool = False):
 
         s = data.synthetic
         world = SyntheticWorld(
-            WorldConfig(seed=s.seed, image_size=cfg.model.image.image_size, object_count_probs=s.object_count_probs)
+            WorldConfig(
+                seed=s.seed, image_size=cfg.model.image.image_size, object_count_probs=s.object_count_probs
+            )
         )
         n = {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
         return ListDataset(make_split(world, split, n, modalities=("image", "text"), progress=progress))
     path = getattr(data, split)
     if not path:
-        raise ConfigError(f"data.{split} is not set: data.source={data.source} needs a path for the {split} split")
+        raise ConfigError(
+            f"data.{split} is not set: data.source={data.source} needs a path for the {split} split"
+        )
     from .data.sources import open_source
 
     return open_source(data.source, path, modalities=("image", "text"), on_error=data.on_error)
@@ -64,7 +68,9 @@ def build_train_data(cfg: RunConfig, dataset, tokenizer: TextTokenizer):
     if isinstance(dataset, IterableDataset):
         from .data.sources import count_samples
 
-        return StreamData(dataset, collate, cfg.train.batch_size, count_samples(cfg.data.train), cfg.data.num_workers)
+        return StreamData(
+            dataset, collate, cfg.train.batch_size, count_samples(cfg.data.train), cfg.data.num_workers
+        )
     return MapData(dataset, collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
 
 
@@ -85,7 +91,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         if is_main:
             shutil.rmtree(out)
     if resume and not (out / "tokenizer.json").is_file():
-        raise ConfigError(f"--resume: {out} has no earlier run (no tokenizer.json); start it without --resume")
+        raise ConfigError(
+            f"--resume: {out} has no earlier run (no tokenizer.json); start it without --resume"
+        )
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     train_set = load_split(cfg, "train", progress=is_main and cfg.train.progress)

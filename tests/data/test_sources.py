@@ -198,13 +198,23 @@ def test_each_bad_sample_reason_once_and_nothing_valid_lost(broken):
 
 def test_wrong_field_types(tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "ok.png")
-    bad = [{"image": ["ok.png"]}, {"image": "ok.png", "id": 3}, {"image": "ok.png", "scene": "x"},
-           {"image": "ok.png", "vqa": [{"question": "q"}]}, {"text": {"a": 1}}]
+    bad = [
+        {"image": ["ok.png"]},
+        {"image": "ok.png", "id": 3},
+        {"image": "ok.png", "scene": "x"},
+        {"image": "ok.png", "vqa": [{"question": "q"}]},
+        {"text": {"a": 1}},
+    ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(b) for b in bad))
     got = list(JsonlDataset(tmp_path / "m.jsonl"))
     assert [g.reason for g in got] == ["wrong_field_type"] * 5
-    assert [g.detail.split(": ")[1] for g in got] == ["field 'image'", "field 'id'", "field 'scene'", "field 'vqa'",
-                                                      "field 'text'"]
+    assert [g.detail.split(": ")[1] for g in got] == [
+        "field 'image'",
+        "field 'id'",
+        "field 'scene'",
+        "field 'vqa'",
+        "field 'text'",
+    ]
 
 
 def test_fail_mode_names_file_line_and_field(broken):
@@ -214,9 +224,13 @@ def test_fail_mode_names_file_line_and_field(broken):
     broken.write_text("\n".join(lines[:1] + lines[2:]))
     ds = JsonlDataset(broken, on_error="fail")
     assert ds[0]["id"] == "good-1"
-    with pytest.raises(DataError, match=r"train\.jsonl line 2: field 'text': expected a string, got a number"):
+    with pytest.raises(
+        DataError, match=r"train\.jsonl line 2: field 'text': expected a string, got a number"
+    ):
         ds[1]
-    with pytest.raises(DataError, match=r"train\.jsonl line 3: field 'image': file photos/missing\.png not found"):
+    with pytest.raises(
+        DataError, match=r"train\.jsonl line 3: field 'image': file photos/missing\.png not found"
+    ):
         ds[2]
     with pytest.raises(ConfigError):
         JsonlDataset(broken, on_error="ignore")
@@ -252,7 +266,9 @@ def test_webdataset_corrupt_member_and_shard(samples, tmp_path):
     shards[1].write_bytes(shards[1].read_bytes()[:1500])  # truncated shard
     got = list(WebDatasetSource(tmp_path))
     bad = [g for g in got if isinstance(g, SkippedSample)]
-    assert [b.reason for b in bad] == ["corrupt_image", "corrupt_shard"] and bad[1].id.endswith("w-000001.tar")
+    assert [b.reason for b in bad] == ["corrupt_image", "corrupt_shard"] and bad[1].id.endswith(
+        "w-000001.tar"
+    )
     assert ids_of(got)[1] == samples[1]["id"]
     with tarfile.open(shards[0]) as tar:
         cut = tar.getmembers()[1].offset + 100  # inside a member header: tarfile itself stops silently

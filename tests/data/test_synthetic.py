@@ -112,7 +112,18 @@ def test_extra_modalities_do_not_change_image_or_text():
     assert set(plain) == {"id", "scene", "scene_key", "image", "text"}
     rich = WORLD.sample("val", 5, ("audio", "video", "vqa", "text", "image"))
     assert np.array_equal(plain["image"], rich["image"]) and plain["text"] == rich["text"]
-    assert set(rich) == {"id", "scene", "scene_key", "image", "text", "audio", "audio_sr", "video", "video_text", "vqa"}
+    assert set(rich) == {
+        "id",
+        "scene",
+        "scene_key",
+        "image",
+        "text",
+        "audio",
+        "audio_sr",
+        "video",
+        "video_text",
+        "vqa",
+    }
     audio_only = WORLD.sample("val", 5, ("audio",))
     assert set(audio_only) == {"id", "scene", "scene_key", "audio", "audio_sr"}
     assert np.array_equal(audio_only["audio"], rich["audio"])
@@ -142,7 +153,9 @@ def test_splits_are_disjoint_by_full_scene_record():
 
 
 def test_candidate_scenes_fall_into_the_buckets_80_10_10():
-    buckets = np.array([WORLD._draw_scene(np.random.default_rng([0, 0, i, 0])).content_hash() % 100 for i in range(3000)])
+    buckets = np.array(
+        [WORLD._draw_scene(np.random.default_rng([0, 0, i, 0])).content_hash() % 100 for i in range(3000)]
+    )
     frac = [np.mean(buckets < 80), np.mean((buckets >= 80) & (buckets < 90)), np.mean(buckets >= 90)]
     assert np.allclose(frac, [0.8, 0.1, 0.1], atol=0.03), frac
 
@@ -178,7 +191,9 @@ def test_key_is_left_to_right_attributes_only():
     s = Scene((obj("square", "blue", "large", 0.8, 0.3), obj("circle", "red", "small", 0.2)), motion="up")
     assert s.key() == (("small", "red", "circle"), ("large", "blue", "square"))
     assert s.key_str() == "small red circle | large blue square"
-    moved = Scene((obj("square", "blue", "large", 0.7, 0.6), obj("circle", "red", "small", 0.1)), motion="left")
+    moved = Scene(
+        (obj("square", "blue", "large", 0.7, 0.6), obj("circle", "red", "small", 0.1)), motion="left"
+    )
     assert moved.key() == s.key() and moved.content_hash() != s.content_hash()
     sample = WORLD.sample("train", 3)
     assert sample["id"] == "train-0000003"
@@ -190,13 +205,22 @@ def test_every_template_parses_back_to_the_key():
     scenes = [
         Scene((obj("circle", "red", "small", 0.5),)),
         Scene((obj("square", "blue", "large", 0.8), obj("circle", "red", "small", 0.2))),
-        Scene((obj("cross", "white", "small", 0.8), obj("circle", "red", "small", 0.2), obj("square", "blue", "large", 0.5))),
+        Scene(
+            (
+                obj("cross", "white", "small", 0.8),
+                obj("circle", "red", "small", 0.2),
+                obj("square", "blue", "large", 0.5),
+            )
+        ),
     ]
     for s in scenes:
         for t in range(len(TEMPLATES[len(s.objects)])):
             assert parse_caption(caption_for(s, t))[1] == s.key()
     assert caption_for(scenes[1], 1) == "a large blue square to the right of a small red circle"
-    assert caption_for(scenes[2], 0) == "from left to right: a small red circle, a large blue square and a small white cross"
+    assert (
+        caption_for(scenes[2], 0)
+        == "from left to right: a small red circle, a large blue square and a small white cross"
+    )
 
 
 def test_sampled_captions_state_exactly_the_key():
@@ -266,7 +290,13 @@ def test_audio_colour_is_pitch_and_size_is_loudness():
             assert _rms(large) / _rms(small) == pytest.approx(0.8 / 0.3, rel=0.01)
         assert len(set(peaks)) == len(COLOURS)
     # three objects: one equal slot each, left to right
-    s = Scene((obj("cross", "cyan", "small", 0.8), obj("circle", "red", "large", 0.2), obj("square", "white", "large", 0.5)))
+    s = Scene(
+        (
+            obj("cross", "cyan", "small", 0.8),
+            obj("circle", "red", "large", 0.2),
+            obj("square", "white", "large", 0.5),
+        )
+    )
     a = WORLD.render_audio(s)
     slots = a[: 3 * (8000 // 3)].reshape(3, -1)
     assert [_peak(x) for x in slots] == pytest.approx([PITCH["red"], PITCH["white"], PITCH["cyan"]], abs=3.1)
@@ -283,11 +313,14 @@ def _centroid(frame: np.ndarray, colour: str) -> np.ndarray:
 def test_video_moves_the_first_object_in_its_direction(direction):
     step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     # the mover starts near an edge: the trajectory is shifted inside the frame, never stalls
-    s = Scene((obj("square", "white", "small", 0.2, 0.8), obj("circle", "red", "large", 0.75, 0.25)), motion=direction)
+    s = Scene(
+        (obj("square", "white", "small", 0.2, 0.8), obj("circle", "red", "large", 0.75, 0.25)),
+        motion=direction,
+    )
     video = WORLD.render_video(s, np.random.default_rng(1))
     assert video.shape == (8, 32, 32, 3) and video.dtype == np.uint8
     c = np.array([_centroid(f, "white") for f in video])
-    moves = (np.diff(c, axis=0) @ np.array(step, dtype=float))
+    moves = np.diff(c, axis=0) @ np.array(step, dtype=float)
     assert (moves > 0).all()
     assert moves.sum() == pytest.approx(0.35 * 32, abs=1.0)  # total travel ~0.35 of the side
     other = np.diff(c, axis=0) @ np.array(step[::-1], dtype=float)
@@ -298,7 +331,13 @@ def test_video_moves_the_first_object_in_its_direction(direction):
 
 # ---- VQA ---------------------------------------------------------------------------------------------------
 def test_vqa_on_a_hand_built_scene():
-    s = Scene((obj("square", "blue", "large", 0.6, 0.4), obj("circle", "red", "small", 0.2), obj("cross", "red", "large", 0.9)))
+    s = Scene(
+        (
+            obj("square", "blue", "large", 0.6, 0.4),
+            obj("circle", "red", "small", 0.2),
+            obj("cross", "red", "large", 0.9),
+        )
+    )
     truth = {
         "how many objects are there?": "three",
         "what colour is the circle?": "red",
@@ -343,7 +382,10 @@ def test_vqa_skips_ambiguous_references():
     one = Scene((obj("triangle", "orange", "small", 0.5),))
     qa = dict(WORLD.vqa(one, np.random.default_rng(0)))
     assert qa["what is left of the orange triangle?"] == "nothing"
-    assert qa["what colour is the triangle?"] == "orange" and qa["what shape is the orange object?"] == "triangle"
+    assert (
+        qa["what colour is the triangle?"] == "orange"
+        and qa["what shape is the orange object?"] == "triangle"
+    )
 
 
 def test_vqa_answers_in_vocabulary():

@@ -15,11 +15,17 @@ TINY = Path(__file__).with_name("tiny.yaml")
 def mmfusion(*args, cwd, env=None, timeout=240, check=True):
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "mmfusion.cli", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        [sys.executable, "-m", "mmfusion.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mmfusion {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"mmfusion {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -31,21 +37,42 @@ def tiny_run(tmp_path_factory):
 
 
 def test_help_on_every_command(tmp_path):
-    for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["info", "--help"], ["data", "synth", "--help"]):
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["info", "--help"],
+        ["data", "synth", "--help"],
+    ):
         out = mmfusion(*args, cwd=tmp_path).stdout
         assert "usage: mmfusion" in out
 
 
 def test_train_writes_a_complete_run_directory(tiny_run):
     _, run, proc = tiny_run
-    for rel in ("config.yaml", "tokenizer.json", "metrics.jsonl", "metrics.json", "data_errors.json",
-                "model/config.json", "model/model.safetensors", "model/tokenizer.json",
-                "plots/loss.png", "plots/retrieval_grid.png"):
+    for rel in (
+        "config.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "data_errors.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "plots/loss.png",
+        "plots/retrieval_grid.png",
+    ):
         assert (run / rel).is_file(), rel
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000009", "step-00000012"]
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("t2i_recall@1", "t2i_recall@5", "i2t_recall@10", "zero_shot_colour_acc", "zero_shot_shape_acc"):
+    for key in (
+        "t2i_recall@1",
+        "t2i_recall@5",
+        "i2t_recall@10",
+        "zero_shot_colour_acc",
+        "zero_shot_shape_acc",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["n_pairs"] == 64
     assert "t2i_recall@5" in proc.stdout and f"run directory: runs{os.sep}tiny" in proc.stdout
@@ -84,13 +111,27 @@ def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
     # killed (SIGKILL, no cleanup) right after step 7: checkpoints at 3 and 6 exist, step 7 is lost
     # the same tokenizer as the reference run (BPE training breaks ties differently in every process)
     pin = f"model.text.tokenizer={run / 'tokenizer.json'}"
-    killed = mmfusion("train", "--config", str(TINY), "--set", "name=killed", "--set", pin, "--no-eval", cwd=cwd,
-                      env={"MMFUSION_FAULT_INJECT_STEP": "7"}, check=False)
+    killed = mmfusion(
+        "train",
+        "--config",
+        str(TINY),
+        "--set",
+        "name=killed",
+        "--set",
+        pin,
+        "--no-eval",
+        cwd=cwd,
+        env={"MMFUSION_FAULT_INJECT_STEP": "7"},
+        check=False,
+    )
     assert killed.returncode in (-9, 137), killed.stderr
-    ckpts = sorted(p.name for p in (cwd / "runs" / "killed" / "checkpoints").iterdir() if not p.name.startswith("."))
+    ckpts = sorted(
+        p.name for p in (cwd / "runs" / "killed" / "checkpoints").iterdir() if not p.name.startswith(".")
+    )
     assert ckpts == ["step-00000003", "step-00000006"]
-    resumed = mmfusion("train", "--config", str(TINY), "--set", "name=killed", "--set", pin, "--resume", "--no-eval",
-                       cwd=cwd)
+    resumed = mmfusion(
+        "train", "--config", str(TINY), "--set", "name=killed", "--set", pin, "--resume", "--no-eval", cwd=cwd
+    )
     assert "resumed from" in resumed.stdout and "step 6" in resumed.stdout
     a = load_file(str(run / "model" / "model.safetensors"))
     b = load_file(str(cwd / "runs" / "killed" / "model" / "model.safetensors"))
@@ -100,8 +141,19 @@ def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
 
 def test_training_on_messy_jsonl_skips_and_counts(tmp_path):
     mmfusion("data", "synth", "--out", "data", "--n", "64", "--modalities", "image,text", cwd=tmp_path)
-    mmfusion("data", "synth", "--out", "data", "--n", "32", "--split", "test", "--modalities", "image,text",
-             cwd=tmp_path)
+    mmfusion(
+        "data",
+        "synth",
+        "--out",
+        "data",
+        "--n",
+        "32",
+        "--split",
+        "test",
+        "--modalities",
+        "image,text",
+        cwd=tmp_path,
+    )
     manifest = tmp_path / "data" / "train.jsonl"
     lines = manifest.read_text().splitlines()
     rec = json.loads(lines[3])
@@ -110,17 +162,75 @@ def test_training_on_messy_jsonl_skips_and_counts(tmp_path):
     lines[7] = json.dumps({**json.loads(lines[7]), "text": 7})  # wrong field type
     lines.append("{broken json")
     manifest.write_text("\n".join(lines) + "\n")
-    common = ["train", "--config", str(TINY), "--set", "data.source=jsonl", "--set", "data.train=data/train.jsonl",
-              "--set", "data.test=data/test.jsonl", "--set", "train.steps=4", "--set", "train.batch_size=16"]
+    common = [
+        "train",
+        "--config",
+        str(TINY),
+        "--set",
+        "data.source=jsonl",
+        "--set",
+        "data.train=data/train.jsonl",
+        "--set",
+        "data.test=data/test.jsonl",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=16",
+    ]
     proc = mmfusion(*common, "--set", "name=messy", cwd=tmp_path)
     run = tmp_path / "runs" / "messy"
     counts = json.loads((run / "data_errors.json").read_text())
     # 65 lines, 4 steps x 16 = 64 samples drawn: each bad line is drawn once in the first epoch
     assert counts == {"bad_json": 1, "corrupt_image": 1, "missing_file": 1, "wrong_field_type": 1}
-    assert "skipped samples by reason: bad_json=1, corrupt_image=1, missing_file=1, wrong_field_type=1" in proc.stdout
+    assert (
+        "skipped samples by reason: bad_json=1, corrupt_image=1, missing_file=1, wrong_field_type=1"
+        in proc.stdout
+    )
     assert json.loads((run / "metrics.json").read_text())["n_pairs"] == 32
     manifest.write_text("\n".join(lines[:-1]) + "\n")  # (a bad JSON line would fail at start-up)
-    failing = mmfusion(*common, "--set", "name=strict", "--set", "data.on_error=fail", cwd=tmp_path, check=False)
+    failing = mmfusion(
+        *common, "--set", "name=strict", "--set", "data.on_error=fail", cwd=tmp_path, check=False
+    )
     assert failing.returncode == 1
     assert "train.jsonl line 4: field 'image'" in failing.stderr, failing.stderr
     assert failing.stderr.strip().count("\n") == 0
+
+
+def test_training_on_webdataset_shards(tmp_path):
+    for split, n in (("train", 96), ("test", 32)):
+        mmfusion(
+            "data",
+            "synth",
+            "--out",
+            "shards",
+            "--n",
+            str(n),
+            "--split",
+            split,
+            "--format",
+            "webdataset",
+            "--modalities",
+            "image,text",
+            cwd=tmp_path,
+        )
+    proc = mmfusion(
+        "train",
+        "--config",
+        str(TINY),
+        "--set",
+        "data.source=webdataset",
+        "--set",
+        "name=wds",
+        "--set",
+        "data.train=shards/train-000000.tar",
+        "--set",
+        "data.test=shards",
+        "--set",
+        "train.steps=4",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "runs" / "wds"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_pairs"] == 32 and "t2i_recall@5" in proc.stdout
+    steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]

@@ -15,8 +15,21 @@ RECIPE = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 @pytest.mark.timeout(900)
 def test_quickstart_reaches_its_targets(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mmfusion.cli", "train", "--config", str(RECIPE), "--set", "train.progress=false"],
-        cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=850,
+        [
+            sys.executable,
+            "-m",
+            "mmfusion.cli",
+            "train",
+            "--config",
+            str(RECIPE),
+            "--set",
+            "train.progress=false",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=850,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = json.loads((tmp_path / "runs" / "quickstart" / "metrics.json").read_text())

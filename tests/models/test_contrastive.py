@@ -17,8 +17,11 @@ CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle
 def model():
     tok = TextTokenizer.train(CAPTIONS, vocab_size=80, context_length=16)
     cfg = ModelConfig.model_validate(
-        {"embed_dim": 16, "text": {"width": 16, "depth": 1, "heads": 2, "context_length": 16},
-         "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}}
+        {
+            "embed_dim": 16,
+            "text": {"width": 16, "depth": 1, "heads": 2, "context_length": 16},
+            "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2},
+        }
     )
     torch.manual_seed(0)
     return ContrastiveModel(cfg, tok).eval()
@@ -36,7 +39,9 @@ def test_embeddings_are_normalised_and_inputs_interchangeable(model):
     arrays = images()
     a = model.encode_image(arrays)
     b = model.encode_image([Image.fromarray(x) for x in arrays])
-    c = model.encode_image(torch.stack([torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1 for x in arrays]))
+    c = model.encode_image(
+        torch.stack([torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1 for x in arrays])
+    )
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
     torch.testing.assert_close(a.norm(dim=1), torch.ones(3))
@@ -46,7 +51,11 @@ def test_embeddings_are_normalised_and_inputs_interchangeable(model):
 
 def test_save_load_round_trip_gives_identical_embeddings(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     again = load_model(tmp_path / "m")
     assert torch.equal(again.encode_text(CAPTIONS), model.encode_text(CAPTIONS))
     assert torch.equal(again.encode_image(images()), model.encode_image(images()))

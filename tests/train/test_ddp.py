@@ -24,7 +24,11 @@ def test_two_processes_match_one_process(tmp_path):
     for name, extra in (("one", []), ("two", ["--nproc", "2", *pin])):
         proc = subprocess.run(
             [sys.executable, "-m", "mmfusion.cli", "train", *common, "--set", f"name={name}", *extra],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = loss_curve(tmp_path / "runs" / "one"), loss_curve(tmp_path / "runs" / "two")

@@ -1,6 +1,5 @@
 """Trainer properties on a toy regression model: accumulation equivalence, exact resume, checkpoint fallback."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,7 +29,9 @@ class Regressor(nn.Module):
 
 def collate(samples):
     x = torch.stack([s["x"] for s in samples])
-    return Batch({"x": x, "y": torch.stack([s["y"] for s in samples])}, {"x": torch.ones(len(x), dtype=torch.bool)})
+    return Batch(
+        {"x": x, "y": torch.stack([s["y"] for s in samples])}, {"x": torch.ones(len(x), dtype=torch.bool)}
+    )
 
 
 def toy_data(batch_size, n=64):
@@ -41,8 +42,20 @@ def toy_data(batch_size, n=64):
 
 
 def cfg(**kw):
-    base = dict(steps=6, batch_size=4, lr=0.05, warmup_steps=2, grad_clip=0.0, precision="fp32", device="cpu",
-                checkpoint_every=2, log_every=1, progress=False, deterministic=True, weight_decay=0.0)
+    base = dict(
+        steps=6,
+        batch_size=4,
+        lr=0.05,
+        warmup_steps=2,
+        grad_clip=0.0,
+        precision="fp32",
+        device="cpu",
+        checkpoint_every=2,
+        log_every=1,
+        progress=False,
+        deterministic=True,
+        weight_decay=0.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 

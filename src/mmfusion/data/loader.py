@@ -129,7 +129,9 @@ class StreamData:
     epoch and drops the steps already taken.
     """
 
-    def __init__(self, dataset: IterableDataset, collate, batch_size: int, num_samples: int, num_workers: int = 0):
+    def __init__(
+        self, dataset: IterableDataset, collate, batch_size: int, num_samples: int, num_workers: int = 0
+    ):
         self.dataset = dataset
         self.collate = collate
         self.batch_size = batch_size
@@ -146,7 +148,10 @@ class StreamData:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         loader = DataLoader(
-            self.dataset, batch_size=micro, collate_fn=self.collate, num_workers=self.num_workers,
+            self.dataset,
+            batch_size=micro,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(epoch),
         )
         group: list[Batch] = []
@@ -164,4 +169,6 @@ class StreamData:
 
 def iterate_eval(dataset, collate, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
     """Plain in-order batches for evaluation (map-style or iterable)."""
-    yield from DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, shuffle=False)
+    yield from DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, shuffle=False
+    )

@@ -59,8 +59,14 @@ from ..modalities.image import to_rgb_array
 
 MODALITIES = ("image", "text", "audio", "video", "vqa")
 REASONS = (
-    "bad_json", "wrong_field_type", "missing_file", "corrupt_image", "corrupt_audio", "corrupt_video",
-    "missing_modality", "corrupt_shard",
+    "bad_json",
+    "wrong_field_type",
+    "missing_file",
+    "corrupt_image",
+    "corrupt_audio",
+    "corrupt_video",
+    "missing_modality",
+    "corrupt_shard",
 )
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac", "ogg")
@@ -89,7 +95,14 @@ class _Bad(Exception):
 
 
 def _jtype(v: Any) -> str:
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    names = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
     return names.get(type(v), type(v).__name__)
 
 
@@ -102,8 +115,10 @@ def _typed(obj: dict, key: str, kind: type) -> Any:
 
 def _vqa(obj: dict) -> list:
     vqa = _typed(obj, "vqa", list)
-    if not all(isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
-               for q in vqa):
+    if not all(
+        isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
+        for q in vqa
+    ):
         raise _Bad("wrong_field_type", "vqa", 'expected a list of {"question": string, "answer": string}')
     return vqa
 
@@ -142,8 +157,13 @@ def _decode_audio(src: Any, field: str = "audio") -> tuple[np.ndarray, int]:
 
 
 def _check_video(arr: Any, field: str = "video") -> np.ndarray:
-    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3
-            and arr.shape[0] > 0):
+    if not (
+        isinstance(arr, np.ndarray)
+        and arr.dtype == np.uint8
+        and arr.ndim == 4
+        and arr.shape[-1] == 3
+        and arr.shape[0] > 0
+    ):
         got = f"shape {arr.shape}, dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise _Bad("corrupt_video", field, f"expected a (T, H, W, 3) uint8 array, got {got}")
     return arr
@@ -162,7 +182,9 @@ def _decode_npy(src: Any, field: str = "video") -> np.ndarray:
 def _decode_frames(folder: Path, rel: str, field: str = "video") -> np.ndarray:
     """A folder of frame images (sorted by name) -> (T, H, W, 3) uint8."""
     exts = Image.registered_extensions()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and p.name[0] != ".")
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and p.name[0] != "."
+    )
     if not files:
         raise _Bad("corrupt_video", field, f"folder {rel} has no frame images")
     frames = []
@@ -205,12 +227,16 @@ class JsonlDataset(_Reader, Dataset):
     (None = all present in the line) are decoded in __getitem__.
     """
 
-    def __init__(self, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"):
+    def __init__(
+        self, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"
+    ):
         self.modalities = _check_args(modalities, on_error)
         self.on_error = on_error
         self.path, self.name = Path(path), str(path)
         if not self.path.is_file():
-            raise DataError(f"JSONL manifest {self.name} not found" + (" (it is a folder)" if self.path.is_dir() else ""))
+            raise DataError(
+                f"JSONL manifest {self.name} not found" + (" (it is a folder)" if self.path.is_dir() else "")
+            )
         self.root = self.path.parent
         self.entries: list[tuple[int, dict | str]] = []  # (line number, object or JSON error text)
         with open(self.path, "rb") as f:
@@ -232,8 +258,10 @@ class JsonlDataset(_Reader, Dataset):
 
     def ids(self) -> list[str]:
         """The id of every entry (as __getitem__ would give it), without decoding media."""
-        return [o["id"] if isinstance(o, dict) and isinstance(o.get("id"), str) else f"{self.path.stem}-{n}"
-                for n, o in self.entries]
+        return [
+            o["id"] if isinstance(o, dict) and isinstance(o.get("id"), str) else f"{self.path.stem}-{n}"
+            for n, o in self.entries
+        ]
 
     def texts(self) -> list[str]:
         """Every caption in the manifest, without decoding media."""
@@ -299,7 +327,9 @@ def shard_list(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[st
         else:
             for url in expand_urls(item):
                 if not Path(url).is_file():
-                    raise DataError(f"WebDataset shard {url} not found" + (f" (from {item})" if url != item else ""))
+                    raise DataError(
+                        f"WebDataset shard {url} not found" + (f" (from {item})" if url != item else "")
+                    )
                 out.append(url)
     if not out:
         raise DataError("no WebDataset shards given")
@@ -323,7 +353,9 @@ def _shard_samples(url: str, select_files=None) -> Iterator[dict]:
     the file is closed when the generator ends."""
     stream = wds.gopen(url, "rb")
     try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], select_files=select_files))
+        yield from group_by_keys(
+            tar_file_expander([{"url": url, "stream": stream}], select_files=select_files)
+        )
     finally:
         stream.close()
 
@@ -354,8 +386,14 @@ class WebDatasetSource(_Reader, IterableDataset):
     set_epoch(e) before each epoch.
     """
 
-    def __init__(self, urls, modalities: Sequence[str] | None = None, on_error: str = "skip",
-                 shuffle: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        urls,
+        modalities: Sequence[str] | None = None,
+        on_error: str = "skip",
+        shuffle: int = 0,
+        seed: int = 0,
+    ):
         self.modalities = _check_args(modalities, on_error)
         self.on_error, self.shuffle, self.seed, self.epoch = on_error, int(shuffle), int(seed), 0
         self.urls = shard_list(urls)
@@ -402,7 +440,9 @@ class WebDatasetSource(_Reader, IterableDataset):
             plan = (shards[worker::workers], 1, 0) if len(shards) >= workers else (shards, workers, worker)
             items = self._items(*plan)
         if self.shuffle > 1:
-            items = _buffer_shuffle(items, self.shuffle, random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
+            items = _buffer_shuffle(
+                items, self.shuffle, random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+            )
         return items
 
     def _items(self, shards: list[str], stride: int, offset: int) -> Iterator[dict[str, Any] | SkippedSample]:
@@ -446,7 +486,9 @@ class WebDatasetSource(_Reader, IterableDataset):
         sample = {"id": raw["__key__"], **_common(obj)}
         members = {"image": _pick(raw, IMAGE_EXTS), "audio": _pick(raw, AUDIO_EXTS), "video": raw.get("npy")}
         present = {m for m, v in members.items() if v is not None}
-        present |= {m for m in ("text", "vqa") if obj.get(m) is not None} | ({"text"} if "txt" in raw else set())
+        present |= {m for m in ("text", "vqa") if obj.get(m) is not None} | (
+            {"text"} if "txt" in raw else set()
+        )
         for m in self.modalities or [m for m in MODALITIES if m in present]:
             if m not in present:
                 raise _Bad("missing_modality", m, "requested modality is absent")
@@ -516,8 +558,9 @@ def _video_of(s: dict) -> np.ndarray:
         raise DataError(f"sample {s.get('id', '?')}: video: {b.problem}") from None
 
 
-def write_jsonl(samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "manifest",
-                image_format: str = "png") -> Path:
+def write_jsonl(
+    samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "manifest", image_format: str = "png"
+) -> Path:
     """Write samples as out_dir/<name>.jsonl with media in out_dir/<name>/ (images as image_format, audio as
     16-bit PCM WAV at audio_sr, video as .npy); SkippedSample entries are left out. Returns the manifest path."""
     out_dir = Path(out_dir)
@@ -560,8 +603,9 @@ def _wds_record(s: dict, key: str) -> dict[str, Any]:
     return rec
 
 
-def write_webdataset(samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "shard",
-                     samples_per_shard: int = 1000) -> list[Path]:
+def write_webdataset(
+    samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "shard", samples_per_shard: int = 1000
+) -> list[Path]:
     """Write samples into out_dir/<name>-000000.tar, ... (samples_per_shard each; keys are running numbers,
     ids go in the .json member); SkippedSample entries are left out. Returns the shard paths."""
     if samples_per_shard < 1:
@@ -584,8 +628,9 @@ def write_webdataset(samples: Iterable[dict], out_dir: str | os.PathLike, name: 
     return paths
 
 
-def open_source(kind: str, path: str | os.PathLike, modalities: Sequence[str] | None = None,
-                on_error: str = "skip") -> JsonlDataset | WebDatasetSource:
+def open_source(
+    kind: str, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"
+) -> JsonlDataset | WebDatasetSource:
     """A JsonlDataset ("jsonl": path to the manifest) or a WebDatasetSource ("webdataset": a tar, a brace
     pattern or a folder of tars)."""
     if kind == "jsonl":
@@ -596,6 +641,16 @@ def open_source(kind: str, path: str | os.PathLike, modalities: Sequence[str] | 
 
 
 __all__ = [
-    "AUDIO_EXTS", "IMAGE_EXTS", "MODALITIES", "REASONS", "JsonlDataset", "SkippedSample", "WebDatasetSource",
-    "count_samples", "open_source", "shard_list", "write_jsonl", "write_webdataset",
+    "AUDIO_EXTS",
+    "IMAGE_EXTS",
+    "MODALITIES",
+    "REASONS",
+    "JsonlDataset",
+    "SkippedSample",
+    "WebDatasetSource",
+    "count_samples",
+    "open_source",
+    "shard_list",
+    "write_jsonl",
+    "write_webdataset",
 ]

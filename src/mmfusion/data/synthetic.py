@@ -42,7 +42,13 @@ VIDEO_TRAVEL = 0.35  # distance the mover covers over the clip (fraction of the 
 # audio: colour -> pitch (Hz, 4 semitones apart), size -> loudness (RMS = 0.5 * gain), shape -> waveform
 PITCH = dict(zip(COLOURS, (220.0, 277.2, 349.2, 440.0, 554.4, 698.5, 880.0, 1108.7)))
 LOUDNESS = {"small": 0.3, "large": 0.8}
-WAVEFORMS = {"circle": "sine", "square": "square", "triangle": "triangle", "diamond": "sawtooth", "cross": "pulse"}
+WAVEFORMS = {
+    "circle": "sine",
+    "square": "square",
+    "triangle": "triangle",
+    "diamond": "sawtooth",
+    "cross": "pulse",
+}
 NUMBER_WORDS = ("one", "two", "three")
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # content_hash % 100 buckets
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -93,14 +99,19 @@ class Scene:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable record: {"objects": [{shape, colour, size, x, y}, ...], "motion"}."""
         return {
-            "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "x": o.x, "y": o.y} for o in self.objects],
+            "objects": [
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "x": o.x, "y": o.y}
+                for o in self.objects
+            ],
             "motion": self.motion,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scene:
         return cls(
-            tuple(Obj(o["shape"], o["colour"], o["size"], float(o["x"]), float(o["y"])) for o in d["objects"]),
+            tuple(
+                Obj(o["shape"], o["colour"], o["size"], float(o["x"]), float(o["y"])) for o in d["objects"]
+            ),
             d.get("motion", "right"),
         )
 
@@ -109,7 +120,9 @@ class Scene:
         rec = ";".join(
             f"{o.shape},{o.colour},{o.size},{round(o.x * GRID)},{round(o.y * GRID)}" for o in self.objects
         )
-        return int.from_bytes(hashlib.blake2b(f"{rec}|{self.motion}".encode(), digest_size=8).digest(), "little")
+        return int.from_bytes(
+            hashlib.blake2b(f"{rec}|{self.motion}".encode(), digest_size=8).digest(), "little"
+        )
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "cross":
         a, b = r, r * 0.34
         return [
-            (cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-            (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b),
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
         ]
     return None
 
@@ -297,7 +320,9 @@ class SyntheticWorld:
             if n == 1:
                 cx = [q(lo[0] + u() * (hi[0] - lo[0]))]
             else:
-                cx = [q(min(hi[i], max(lo[i], (c + 0.5) / 3 + 0.1 * u() - 0.05))) for i, c in enumerate(columns)]
+                cx = [
+                    q(min(hi[i], max(lo[i], (c + 0.5) / 3 + 0.1 * u() - 0.05))) for i, c in enumerate(columns)
+                ]
             cy = [q(lo[i] + u() * (hi[i] - lo[i])) for i in range(n)]
             if _separate(cx, cy, half):
                 xs, ys = cx, cy
@@ -326,7 +351,9 @@ class SyntheticWorld:
         return self._accepted(split, index)[0]
 
     # ---- modalities -----------------------------------------------------------------------------------------
-    def _frame(self, scene: Scene, rng: np.random.Generator | None, mover_xy: tuple[float, float] | None) -> np.ndarray:
+    def _frame(
+        self, scene: Scene, rng: np.random.Generator | None, mover_xy: tuple[float, float] | None
+    ) -> np.ndarray:
         """Composite the cached 4x-supersampled sprites onto the background (equal to drawing the whole scene
         at 4x with ImageDraw and box-downsampling, as objects never overlap), then add noise."""
         side = self.config.image_size
@@ -439,17 +466,25 @@ class SyntheticWorld:
             qa.append((f"what size is the {objs[i].colour} {objs[i].shape}?", objs[i].size))
         return qa
 
-    def sample(self, split: str, index: int, modalities: tuple[str, ...] = ("image", "text")) -> dict[str, Any]:
+    def sample(
+        self, split: str, index: int, modalities: tuple[str, ...] = ("image", "text")
+    ) -> dict[str, Any]:
         """{"id", "scene", "scene_key"} plus only the requested modalities: "image", "text", "audio" (+"audio_sr"),
         "video" (+"video_text"), "vqa" (list of {"question", "answer"})."""
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; expected a subset of {list(MODALITIES)}")
         scene, entropy = self._accepted(split, index)
-        out: dict[str, Any] = {"id": f"{split}-{index:07d}", "scene": scene.to_dict(), "scene_key": scene.key_str()}
+        out: dict[str, Any] = {
+            "id": f"{split}-{index:07d}",
+            "scene": scene.to_dict(),
+            "scene_key": scene.key_str(),
+        }
 
         def stream(m: str) -> np.random.Generator:  # child k of the accepted attempt's SeedSequence
-            return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(MODALITIES.index(m) + 1,)))
+            return np.random.default_rng(
+                np.random.SeedSequence(entropy, spawn_key=(MODALITIES.index(m) + 1,))
+            )
 
         if "image" in modalities:
             out["image"] = self.render_image(scene, stream("image"))
@@ -467,7 +502,11 @@ class SyntheticWorld:
 
 
 def make_split(
-    world: SyntheticWorld, split: str, n: int, modalities: tuple[str, ...] = ("image", "text"), progress: bool = False
+    world: SyntheticWorld,
+    split: str,
+    n: int,
+    modalities: tuple[str, ...] = ("image", "text"),
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Samples 0..n-1 of `split` (with a tqdm progress bar when `progress`)."""
     indices: Any = range(n)
@@ -479,6 +518,16 @@ def make_split(
 
 
 __all__ = [
-    "COLOURS", "DIRECTIONS", "SHAPES", "SIZES", "VQA_ANSWERS", "Obj", "Scene", "SyntheticWorld", "WorldConfig",
-    "caption_for", "describe_motion", "make_split",
+    "COLOURS",
+    "DIRECTIONS",
+    "SHAPES",
+    "SIZES",
+    "VQA_ANSWERS",
+    "Obj",
+    "Scene",
+    "SyntheticWorld",
+    "WorldConfig",
+    "caption_for",
+    "describe_motion",
+    "make_split",
 ]

@@ -12,7 +12,9 @@ import torch
 from .retrieval import embed_dataset, retrieval_metrics, zero_shot_accuracy
 
 
-def evaluate_contrastive(model, dataset, recall_at=(1, 5, 10), batch_size: int = 256) -> tuple[dict[str, Any], dict]:
+def evaluate_contrastive(
+    model, dataset, recall_at=(1, 5, 10), batch_size: int = 256
+) -> tuple[dict[str, Any], dict]:
     """Retrieval recall@K both ways and, when samples carry scene records, zero-shot colour/shape accuracy."""
     emb = embed_dataset(model, dataset, batch_size)
     metrics: dict[str, Any] = {"n_pairs": len(emb["keys"]), **retrieval_metrics(emb, recall_at)}
@@ -107,7 +109,11 @@ def plot_retrieval_grid(emb: dict, dataset, out_png: Path, n_queries: int = 4, t
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A short two-column results table for the terminal and the README."""
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items() if not isinstance(v, dict)]
+    rows = [
+        (k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        for k, v in metrics.items()
+        if not isinstance(v, dict)
+    ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -37,8 +37,13 @@ def embed_dataset(model, dataset, batch_size: int = 256, num_workers: int = 0) -
 
         raise DataError("no readable (image, text) pair to evaluate")
     return {
-        "image": torch.cat(img), "text": torch.cat(txt), "keys": keys, "texts": texts, "ids": ids,
-        "scenes": scenes, "skipped": skipped,
+        "image": torch.cat(img),
+        "text": torch.cat(txt),
+        "keys": keys,
+        "texts": texts,
+        "ids": ids,
+        "scenes": scenes,
+        "skipped": skipped,
     }
 
 

@@ -36,7 +36,9 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise DataError(f"image array has shape {arr.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+        raise DataError(
+            f"image array has shape {arr.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     if arr.shape[2] == 4:
@@ -91,7 +93,9 @@ def preprocess_images(images: Sequence[ImageLike] | torch.Tensor, size: int) -> 
 
 def to_uint8_image(tensor: torch.Tensor) -> np.ndarray:
     """Inverse of preprocess_image: (3, H, W) in [-1, 1] -> (H, W, 3) uint8 (for plots)."""
-    return ((tensor.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return (
+        ((tensor.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    )
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
@@ -110,6 +114,15 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
         c_in = c_out
     layers.append(nn.Conv2d(c_in, width, 1, bias=False))
     return nn.Sequential(*layers)
+
+
+def patch_embedding(width: int, patch_size: int, stem: str = "patch") -> nn.Module:
+    """(B, 3, H, W) -> (B, width, H/patch, W/patch): one strided conv ("patch", ViT) or `conv_stem` ("conv")."""
+    if stem == "conv":
+        return conv_stem(width, patch_size)
+    if stem != "patch":
+        raise ValueError(f"unknown stem {stem!r}; expected 'patch' or 'conv'")
+    return nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
 
 
 class ImageEncoder(nn.Module):
@@ -133,9 +146,7 @@ class ImageEncoder(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.image_size = image_size
-        self.patch_embed = conv_stem(width, patch_size) if stem == "conv" else nn.Conv2d(
-            3, width, kernel_size=patch_size, stride=patch_size, bias=False
-        )
+        self.patch_embed = patch_embedding(width, patch_size, stem)
         n_patches = (image_size // patch_size) ** 2
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(n_patches + 1, width) * width**-0.5)

@@ -38,7 +38,10 @@ class TextTokenizer:
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.decoder = decoders.BPEDecoder(suffix="</w>")
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), end_of_word_suffix="</w>", show_progress=False
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            end_of_word_suffix="</w>",
+            show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, context_length)
@@ -57,7 +60,9 @@ class TextTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise DataError(f"text #{i} is {type(t).__name__}; expected str")
-        rows = [e.ids[: self.context_length - 1] + [self.eot_id] for e in self.tokenizer.encode_batch(list(texts))]
+        rows = [
+            e.ids[: self.context_length - 1] + [self.eot_id] for e in self.tokenizer.encode_batch(list(texts))
+        ]
         length = pad_to or max(len(r) for r in rows)
         out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -110,7 +115,9 @@ class TextEncoder(nn.Module):
     def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (batch, length) -> per-token features (batch, length, width)."""
         if ids.shape[1] > self.context_length:
-            raise DataError(f"text has {ids.shape[1]} tokens; the encoder's context_length is {self.context_length}")
+            raise DataError(
+                f"text has {ids.shape[1]} tokens; the encoder's context_length is {self.context_length}"
+            )
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         # Causal attention: the [EOT] token sees every real token and no padding (padding is on the right).
         return self.ln_final(self.transformer(x, is_causal=True))

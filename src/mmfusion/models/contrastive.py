@@ -106,7 +106,11 @@ class ContrastiveModel(nn.Module):
         else:
             loss = clip_loss(img, txt, scale)
         with torch.no_grad():
-            acc = ((img @ txt.t()).argmax(dim=1) == torch.arange(img.shape[0], device=img.device)).float().mean()
+            acc = (
+                ((img @ txt.t()).argmax(dim=1) == torch.arange(img.shape[0], device=img.device))
+                .float()
+                .mean()
+            )
         return ModelOutput(loss, {"temperature": 1.0 / scale.detach(), "batch_i2t_acc": acc})
 
     # ---- persistence -----------------------------------------------------------------------------
@@ -122,7 +126,9 @@ class ContrastiveModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> ContrastiveModel:
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> ContrastiveModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         directory = Path(directory)
         cfg_path = directory / "config.json"
@@ -130,14 +136,18 @@ class ContrastiveModel(nn.Module):
             raise CheckpointError(f"{cfg_path} not found: not a saved mmfusion model folder")
         meta = json.loads(cfg_path.read_text())
         if meta.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}")
+            raise CheckpointError(
+                f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}"
+            )
         config = ModelConfig.model_validate(meta["model"])
         tokenizer = TextTokenizer.load(directory, config.text.context_length)
         model = cls(config, tokenizer)
         weights = directory / "model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{weights} not found")
-        missing, unexpected = model.load_state_dict(load_file(str(weights), device=str(map_location)), strict=False)
+        missing, unexpected = model.load_state_dict(
+            load_file(str(weights), device=str(map_location)), strict=False
+        )
         if missing or unexpected:
             raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         return model.to(map_location).eval()

@@ -75,7 +75,9 @@ class Checkpoint:
         """-> (model state_dict, optimizer state_dict, state.json contents)."""
         model = load_file(str(self.path / "model.safetensors"), device=str(device))
         state = json.loads((self.path / "state.json").read_text())
-        optim = unflatten_optimizer(load_file(str(self.path / "optimizer.safetensors"), device=str(device)), state["optimizer"])
+        optim = unflatten_optimizer(
+            load_file(str(self.path / "optimizer.safetensors"), device=str(device)), state["optimizer"]
+        )
         return model, optim, state
 
 
@@ -94,7 +96,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors")
+    )
     opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}))

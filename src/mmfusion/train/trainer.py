@@ -123,7 +123,9 @@ class Trainer:
         if dist_utils.is_distributed():
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DDP(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.optimizer = torch.optim.AdamW(
             param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-6
         )
@@ -223,7 +225,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if resume else None)
+            writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if resume else None
+            )
         jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         self.log(
             f"training on {self.device} in {self.precision}, {self.world} process(es), "
@@ -231,7 +235,10 @@ class Trainer:
             f"{cfg.batch_size // (self.world * cfg.accumulation)}"
         )
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not (self.is_main and cfg.progress), dynamic_ncols=True,
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (self.is_main and cfg.progress),
+            dynamic_ncols=True,
             desc="train",
         )
         last: dict[str, float] = {}
@@ -288,7 +295,10 @@ class Trainer:
                     if self.is_main:
                         for k, v in results.items():
                             writer.add_scalar(f"val/{k}", v, self.step)
-                        jsonl.write(json.dumps({"step": self.step, **{f"val/{k}": v for k, v in results.items()}}) + "\n")
+                        jsonl.write(
+                            json.dumps({"step": self.step, **{f"val/{k}": v for k, v in results.items()}})
+                            + "\n"
+                        )
                 if self.step == fault_step:
                     _die()  # test hook (MMFUSION_FAULT_INJECT_STEP): die like a killed worker, no cleanup
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
@@ -302,7 +312,9 @@ class Trainer:
         self.model.eval()
         self.skipped = self._global_skipped()
         if self.skipped:
-            self.log("skipped samples by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+            self.log(
+                "skipped samples by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+            )
         if self.is_main:
             (self.run_dir / "data_errors.json").write_text(json.dumps(dict(self.skipped), indent=2))
         return last

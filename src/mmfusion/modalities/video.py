@@ -1,0 +1,113 @@
+"""Video modality: clip preprocessing (frame sampling + per-frame image preprocessing) and the video encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import DataError
+from ..layers import Transformer, init_transformer_
+from .image import patch_embedding, preprocess_image
+
+VideoLike = (
+    Any  # np.ndarray (T, H, W, 3) uint8 | list of PIL images / arrays | torch.Tensor (T, 3, H, W) in [-1, 1]
+)
+
+
+def sample_frame_indices(num_input: int, num_frames: int) -> list[int]:
+    """Indices of `num_frames` frames spread uniformly over `num_input`: the centre of each of `num_frames`
+    equal segments (TSN-style), floor((i + 0.5) * num_input / num_frames). Repeats frames when upsampling:
+    8 -> 4 gives [1, 3, 5, 7]; 3 -> 6 gives [0, 0, 1, 1, 2, 2]."""
+    if num_input < 1 or num_frames < 1:
+        raise DataError(f"cannot sample {num_frames} frames from a clip of {num_input}")
+    return [int((2 * i + 1) * num_input // (2 * num_frames)) for i in range(num_frames)]
+
+
+def preprocess_video(frames: VideoLike, num_frames: int, size: int) -> torch.Tensor:
+    """One clip -> float tensor (num_frames, 3, size, size) in [-1, 1].
+
+    Frames are picked by sample_frame_indices, then each goes through image.preprocess_image.
+    """
+    if isinstance(frames, torch.Tensor):
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise DataError(f"video tensor has shape {tuple(frames.shape)}; expected (T, 3, H, W)")
+    elif isinstance(frames, np.ndarray):
+        if frames.ndim not in (3, 4):
+            raise DataError(f"video array has shape {frames.shape}; expected (T, H, W, 3) or (T, H, W)")
+    elif not isinstance(frames, Sequence) or isinstance(frames, (str, Image.Image)):
+        raise DataError(
+            f"video is {type(frames).__name__}; expected a (T, H, W, 3) array or a list of frames"
+        )
+    idx = sample_frame_indices(len(frames), num_frames)
+    return torch.stack([preprocess_image(frames[i], size) for i in idx])
+
+
+def preprocess_videos(videos: Sequence[VideoLike], num_frames: int, size: int) -> torch.Tensor:
+    """A batch of clips -> (B, num_frames, 3, size, size) in [-1, 1]."""
+    return torch.stack([preprocess_video(v, num_frames, size) for v in videos])
+
+
+class VideoEncoder(nn.Module):
+    """ViViT-style encoder with joint space-time attention (Arnab et al. 2021, model 1), pooled at [CLS].
+
+    videos (batch, frames, 3, H, W) in [-1, 1] -> (batch, embed_dim) unnormalised embedding. Each frame is
+    embedded like ImageEncoder's (patchify conv or conv stem), then a learned spatial position (per patch) plus a
+    learned temporal position (per frame) is added and one Transformer attends over all frames x patches.
+    Joint attention is the simplest and lets any patch compare positions across frames (motion); it costs
+    O((frames * patches)^2), fine for the short, small clips here.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        embed_dim: int,
+        mlp_ratio: float = 4.0,
+        stem: str = "patch",
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.num_frames, self.image_size = num_frames, image_size
+        self.patch_embed = patch_embedding(width, patch_size, stem)
+        n_patches = (image_size // patch_size) ** 2
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.spatial_embedding = nn.Parameter(torch.randn(n_patches, width) * width**-0.5)
+        self.temporal_embedding = nn.Parameter(torch.randn(num_frames, width) * width**-0.5)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        init_transformer_(self.transformer, width, depth)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+
+    def forward_tokens(self, videos: torch.Tensor) -> torch.Tensor:
+        """videos (batch, frames, 3, H, W) -> tokens (batch, 1 + frames * patches, width), [CLS] first,
+        then frame-major (all patches of frame 0, then frame 1, ...)."""
+        expected = (self.num_frames, 3, self.image_size, self.image_size)
+        if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
+            raise DataError(
+                f"videos have shape {tuple(videos.shape)}; the encoder expects (batch, *{expected}) "
+                "(use preprocess_videos)"
+            )
+        b, t = videos.shape[:2]
+        x = (
+            self.patch_embed(videos.flatten(0, 1)).flatten(2).transpose(1, 2)
+        )  # (batch * frames, patches, width)
+        x = x + self.spatial_embedding.to(x.dtype)
+        x = x.view(b, t, -1, x.shape[-1]) + self.temporal_embedding.to(x.dtype)[:, None]
+        x = x.flatten(1, 2)  # (batch, frames * patches, width)
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, -1)
+        return self.transformer(self.ln_pre(torch.cat([cls, x], dim=1)))
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ln_post(self.forward_tokens(videos)[:, 0]))
