@@ -224,7 +224,7 @@ def test_training_on_webdataset_shards(tmp_path):
         "--set",
         "data.train=shards/train-000000.tar",
         "--set",
-        "data.test=shards",
+        "data.test=shards/test-{000000..000000}.tar",
         "--set",
         "train.steps=4",
         cwd=tmp_path,
