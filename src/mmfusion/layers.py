@@ -77,6 +77,14 @@ class Transformer(nn.Module):
         return x
 
 
+def set_grad_checkpointing(model: nn.Module, on: bool = True) -> int:
+    """Turn activation checkpointing (T8) on or off for every Transformer stack in `model`; returns how many."""
+    stacks = [m for m in model.modules() if isinstance(m, Transformer)]
+    for m in stacks:
+        m.grad_checkpointing = on
+    return len(stacks)
+
+
 def init_transformer_(module: nn.Module, width: int, depth: int) -> None:
     """CLIP-style initialisation: small normal weights, output projections scaled by depth."""
     proj_std = (width**-0.5) * ((2 * depth) ** -0.5)
