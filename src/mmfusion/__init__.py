@@ -4,7 +4,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "ContrastiveModel", "load_config", "RunConfig"]
+__all__ = [
+    "__version__",
+    "load_model",
+    "ContrastiveModel",
+    "MultiModalModel",
+    "MultiModalTransformer",
+    "load_config",
+    "RunConfig",
+]
 
 
 def load_model(path):
@@ -23,6 +31,10 @@ def __getattr__(name):
         from .models.contrastive import ContrastiveModel
 
         return ContrastiveModel
+    if name in ("MultiModalModel", "MultiModalTransformer", "MultiModalConfig", "missing_modality_eval"):
+        from .models import multimodal
+
+        return getattr(multimodal, name)
     if name in ("load_config", "RunConfig"):
         from . import config
 

@@ -12,7 +12,8 @@ import torch
 class Batch:
     """A collated batch.
 
-    data:  modality -> tensor whose first dim is the batch (e.g. "image": (B, 3, H, W), "text": (B, L) ids)
+    data:  modality -> tensor whose first dim is the batch (e.g. "image": (B, 3, H, W), "text": (B, L) ids);
+           task targets (e.g. "label": (B,) int64) ride here too and have no mask
     mask:  modality -> bool tensor (B,), True where the sample has that modality. A missing modality is
            explicit here; its rows in `data` are placeholders that models must ignore.
     meta:  per-sample non-tensor fields (ids, scene keys, raw captions) for evaluation and logging.

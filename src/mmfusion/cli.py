@@ -74,6 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", nargs="?", help="a run directory or a model folder")
 
+    p = sub.add_parser(
+        "export",
+        help="export a model's encoders to ONNX (optionally INT8)",
+        description="Export the text and image encoders of a saved model to ONNX (dynamic batch "
+        "and text length), check them against PyTorch with onnxruntime, and optionally quantize "
+        "them to INT8 (ONNX Runtime dynamic quantization). A safetensors copy is save_pretrained.",
+    )
+    p.add_argument("model", help="a run directory or a save_pretrained model folder")
+    p.add_argument("--out", required=True, help="output folder for the .onnx files")
+    p.add_argument("--format", default="onnx", choices=["onnx", "safetensors"])
+    p.add_argument("--int8", action="store_true", help="also write *.int8.onnx (dynamic INT8 weights)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    p.add_argument("--opset", type=int, default=18)
+
+    p = sub.add_parser(
+        "prune",
+        help="magnitude-prune a model's Linear weights",
+        description="Global L1 unstructured pruning of every Linear weight to a target sparsity, "
+        "made permanent, saved as a new model folder (no fine-tuning).",
+    )
+    p.add_argument("model", help="a run directory or a save_pretrained model folder")
+    p.add_argument(
+        "--sparsity", type=float, required=True, help="fraction of Linear weights set to 0, in [0, 1]"
+    )
+    p.add_argument("--out", required=True, help="output model folder")
+
     p = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     s = dsub.add_parser(
@@ -245,7 +271,48 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "data": cmd_data}
+def cmd_export(args) -> int:
+    from . import load_model
+
+    model = load_model(args.model)
+    if args.format == "safetensors":
+        print(f"wrote {model.save_pretrained(args.out)}")
+        return 0
+    from .serve.export import export_onnx, verify_onnx
+
+    paths = export_onnx(model, args.out, opset=args.opset)
+    for name, path in paths.items():
+        print(f"{name} encoder: {path}")
+    if not args.no_verify:
+        for name, diff in verify_onnx(model, paths).items():
+            print(f"{name} encoder: max |onnxruntime - PyTorch| = {diff:.2e}")
+    if args.int8:
+        from .serve.quantize import quantize_onnx
+
+        for name, path in quantize_onnx(paths).items():
+            print(f"{name} encoder int8: {path}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import load_model
+    from .serve.quantize import prune_model
+
+    model = load_model(args.model)
+    achieved = prune_model(model, args.sparsity)
+    model.save_pretrained(args.out)
+    print(f"pruned Linear weights to sparsity {achieved:.4f}; saved {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "info": cmd_info,
+    "data": cmd_data,
+    "export": cmd_export,
+    "prune": cmd_prune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (DataError, CheckpointError, MMFusionError) as e:
         print(f"mmfusion: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as e:  # an optional extra (e.g. mmfusion[serve]) is not installed
+        print(f"mmfusion: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("mmfusion: interrupted", file=sys.stderr)

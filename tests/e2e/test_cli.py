@@ -234,3 +234,24 @@ def test_training_on_webdataset_shards(tmp_path):
     assert metrics["n_pairs"] == 32 and "t2i_recall@5" in proc.stdout
     steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+
+
+def test_export_onnx_int8_and_prune(tiny_run, tmp_path):
+    cwd, run, _ = tiny_run
+    out = mmfusion("export", str(run), "--out", str(tmp_path / "onnx"), "--int8", cwd=cwd).stdout
+    for name in (
+        "text_encoder.onnx",
+        "image_encoder.onnx",
+        "text_encoder.int8.onnx",
+        "image_encoder.int8.onnx",
+    ):
+        assert (tmp_path / "onnx" / name).is_file()
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if "max |onnxruntime" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+    pruned = mmfusion("prune", str(run), "--sparsity", "0.5", "--out", str(tmp_path / "pruned"), cwd=cwd)
+    assert "sparsity 0.5000" in pruned.stdout
+    assert (tmp_path / "pruned" / "model.safetensors").is_file()
+    bad = mmfusion(
+        "prune", str(run), "--sparsity", "1.5", "--out", str(tmp_path / "p2"), cwd=cwd, check=False
+    )
+    assert bad.returncode == 2 and "sparsity" in bad.stderr

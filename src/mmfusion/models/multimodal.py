@@ -1,0 +1,539 @@
+"""Composable multimodal model: per-modality encoders -> Linear to the fusion width -> fusion -> head (A12, E4).
+
+    MultiModalModel(encoders={"image": "tiny", "text": "tiny"}, fusion="cross_attention",
+                    head="classify", n_classes=25, tokenizer=tok)
+
+is the same module as ``MultiModalModel.from_config(MultiModalConfig(...), tokenizer=tok)``; the seed's spelling
+``MultiModalTransformer(text_encoder=..., image_encoder=..., fusion_method=...)`` (seed 004) builds it too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError, field_validator, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..batch import Batch
+from ..config import Section
+from ..errors import CheckpointError, ConfigError
+from ..fusion import FUSIONS, FusionOutput, build_fusion
+from ..modalities.audio import AudioEncoder
+from ..modalities.image import ImageEncoder
+from ..modalities.text import TextEncoder, TextTokenizer
+from ..modalities.video import VideoEncoder
+from .contrastive import ModelOutput
+
+MODEL_TYPE = "multimodal"
+# Built-in encoder sizes: width, depth, heads (the encoders' own constructor arguments).
+ENCODER_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"width": 32, "depth": 1, "heads": 2},
+    "small": {"width": 64, "depth": 2, "heads": 4},
+    "base": {"width": 128, "depth": 3, "heads": 4},
+}
+# cross_attention's default query stream: the first of these kinds the model has. Image queries over audio
+# keys learn the audio-image tasks in tasks.py within 150 steps where audio queries stay at chance.
+QUERY_PREFERENCE = ("text", "image", "video", "audio")
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+class EncoderConfigBase(Section):
+    """Size of one encoder: `size` fills width / depth / heads that are not given explicitly."""
+
+    size: Literal["tiny", "small", "base"] = "tiny"
+    width: int = Field(32, ge=8)
+    depth: int = Field(1, ge=1, le=96)
+    heads: int = Field(2, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_size(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            size = data.get("size", "tiny")
+            if size in ENCODER_SIZES:
+                data = {**ENCODER_SIZES[size], **data}
+        return data
+
+
+class TextEncoderConfig(EncoderConfigBase):
+    """modalities.text.TextEncoder; `vocab_size` None = taken from the model's tokenizer."""
+
+    kind: Literal["text"] = "text"
+    vocab_size: int | None = Field(None, ge=4)
+    context_length: int = Field(32, ge=4, le=4096)
+
+
+class ImageEncoderConfig(EncoderConfigBase):
+    """modalities.image.ImageEncoder (ViT)."""
+
+    kind: Literal["image"] = "image"
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(4, ge=1)
+    stem: Literal["patch", "conv"] = "patch"
+
+
+class AudioEncoderConfig(EncoderConfigBase):
+    """modalities.audio.AudioEncoder over log-mels (n_mels, frames <= max_frames)."""
+
+    kind: Literal["audio"] = "audio"
+    n_mels: int = Field(64, ge=1)
+    max_frames: int = Field(101, ge=1)
+    downsample: int = Field(2, ge=0, le=8)
+    backbone: Literal["transformer", "gru"] = "transformer"
+
+
+class VideoEncoderConfig(EncoderConfigBase):
+    """modalities.video.VideoEncoder (joint space-time ViT)."""
+
+    kind: Literal["video"] = "video"
+    num_frames: int = Field(4, ge=1)
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(8, ge=1)
+    stem: Literal["patch", "conv"] = "patch"
+
+
+EncoderConfig = Annotated[
+    TextEncoderConfig | ImageEncoderConfig | AudioEncoderConfig | VideoEncoderConfig,
+    Field(discriminator="kind"),
+]
+ENCODER_CONFIGS: dict[str, type[EncoderConfigBase]] = {
+    "text": TextEncoderConfig,
+    "image": ImageEncoderConfig,
+    "audio": AudioEncoderConfig,
+    "video": VideoEncoderConfig,
+}
+
+
+class MultiModalConfig(Section):
+    """Everything MultiModalModel's constructor takes, typed; maps 1:1 onto its arguments.
+
+    encoders: batch key -> encoder config; `kind` defaults to the key ("image", "text", "audio", "video"),
+              a string is a built-in size ("tiny", "small", "base").
+    fusion:   a name in mmfusion.fusion.FUSIONS; fusion_kwargs go to its constructor. For cross_attention the
+              query modality defaults to the first encoder whose kind is text, else image, video, audio.
+    head:     "classify" (n_classes logits, cross-entropy) or "match" (one logit, binary cross-entropy).
+    modality_dropout: in training, drop each present modality of each sample with this probability, never all.
+    """
+
+    encoders: dict[str, EncoderConfig]
+    dim: int = Field(64, ge=2)
+    fusion: str = "cross_attention"
+    fusion_kwargs: dict[str, Any] = {}
+    head: Literal["classify", "match"] = "classify"
+    n_classes: int = Field(2, ge=2)
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encoder_shorthands(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("encoders"), dict):
+            return data
+        encoders = {}
+        for key, spec in data["encoders"].items():
+            if isinstance(spec, str):
+                if spec not in ENCODER_SIZES:
+                    raise ValueError(
+                        f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
+                        "(or pass an encoder config or an nn.Module)"
+                    )
+                spec = {"size": spec}
+            if isinstance(spec, dict) and "kind" not in spec:
+                if key not in ENCODER_CONFIGS:
+                    raise ValueError(
+                        f"encoder {key!r}: give its kind ({', '.join(ENCODER_CONFIGS)}); the key is not one"
+                    )
+                spec = {**spec, "kind": key}
+            encoders[key] = spec
+        return {**data, "encoders": encoders}
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, v: str) -> str:
+        if v not in FUSIONS:
+            raise ValueError(f"unknown fusion {v!r}; allowed: {', '.join(sorted(FUSIONS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> MultiModalConfig:
+        if not self.encoders:
+            raise ValueError("encoders: a model needs at least one encoder")
+        if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
+            kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
+            query = min(kinds, key=lambda k: QUERY_PREFERENCE.index(kinds[k]))
+            # assign through __dict__: validate_assignment would re-run this validator
+            self.__dict__["fusion_kwargs"] = {**self.fusion_kwargs, "query_modality": query}
+        return self
+
+
+def _validate(cls: type[Section], data: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"{cls.__name__}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+# ---- building blocks --------------------------------------------------------------------------------------
+def build_encoder(cfg: EncoderConfigBase) -> nn.Module:
+    """Encoder module for one config; it is used through `forward_tokens` -> (B, N, width)."""
+    w, d, h, r = cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio
+    if isinstance(cfg, TextEncoderConfig):
+        if cfg.vocab_size is None:
+            raise ConfigError(
+                "the text encoder needs vocab_size: pass a tokenizer or set encoders.text.vocab_size"
+            )
+        enc: nn.Module = TextEncoder(cfg.vocab_size, cfg.context_length, w, d, h, w, r)
+    elif isinstance(cfg, ImageEncoderConfig):
+        enc = ImageEncoder(cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem)
+    elif isinstance(cfg, AudioEncoderConfig):
+        enc = AudioEncoder(cfg.n_mels, w, d, h, w, cfg.max_frames, cfg.downsample, r, cfg.backbone)
+    elif isinstance(cfg, VideoEncoderConfig):
+        enc = VideoEncoder(cfg.num_frames, cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem)
+    else:  # pragma: no cover - the discriminated union admits nothing else
+        raise ConfigError(f"unknown encoder config {type(cfg).__name__}")
+    # Only the token path is used here (the model projects tokens itself), so the pooled projection would be
+    # a parameter without gradients (DDP rejects those): replace it.
+    enc.proj = nn.Identity()
+    return enc
+
+
+def token_width(encoder: nn.Module) -> int:
+    """Width of `encoder.forward_tokens` outputs: its `width` attribute, else its LayerNorm's size."""
+    if isinstance(getattr(encoder, "width", None), int):
+        return encoder.width
+    for name in ("ln_final", "ln_post"):
+        ln = getattr(encoder, name, None)
+        if isinstance(ln, nn.LayerNorm):
+            return int(ln.normalized_shape[0])
+    raise ConfigError(
+        f"cannot tell the token width of {type(encoder).__name__}: give it an int attribute `width`"
+    )
+
+
+def modality_dropout(
+    masks: Mapping[str, torch.Tensor], p: float, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """Drop each present modality of each sample with probability p, never all of a sample's modalities.
+
+    masks: modality -> bool (B,), True = present. A sample whose every present modality was drawn for dropping
+    keeps one of them, chosen uniformly. Samples with nothing present stay empty. Returns new masks.
+    """
+    names = list(masks)
+    present = torch.stack([masks[m] for m in names], dim=1)  # (B, M)
+    if p <= 0:
+        return dict(masks)
+    device = present.device
+    drop = torch.rand(present.shape, generator=generator, device=device) < p
+    keep = present & ~drop
+    emptied = present.any(dim=1) & ~keep.any(dim=1)  # (B,)
+    score = torch.rand(present.shape, generator=generator, device=device).masked_fill(~present, -1.0)
+    rescue = F.one_hot(score.argmax(dim=1), len(names)).bool() & emptied[:, None]
+    keep = keep | rescue
+    return {m: keep[:, i] for i, m in enumerate(names)}
+
+
+class Head(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear on the pooled fusion output: (B, D) -> (B, out)."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---- the model --------------------------------------------------------------------------------------------
+class MultiModalModel(nn.Module):
+    """Encoders (one per batch key) -> per-modality LayerNorm + Linear to `dim` -> fusion -> head (A12).
+
+    encoders: key -> built-in size ("tiny" | "small" | "base"), an encoder config (or dict), or an nn.Module with
+              `forward_tokens(x) -> (B, N, width)`. Keys are the Batch's modality keys.
+    A batch: data[key] per modality, mask[key] bool (B,) True = present, data["label"] (B,) int64 targets.
+    Absent modalities: each encoder runs only on the rows where its modality is present (zeros elsewhere,
+    and the fusion masks them), so placeholder rows can never change an output.
+    Models holding nn.Module encoders train and predict, but cannot be saved (their config is unknown).
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, str | dict[str, Any] | EncoderConfigBase | nn.Module],
+        fusion: str = "cross_attention",
+        head: str = "classify",
+        n_classes: int = 2,
+        dim: int = 64,
+        fusion_kwargs: dict[str, Any] | None = None,
+        modality_dropout: float = 0.0,
+        tokenizer: TextTokenizer | None = None,
+    ):
+        super().__init__()
+        if not encoders:
+            raise ConfigError("encoders: a model needs at least one encoder")
+        modules = {k: v for k, v in encoders.items() if isinstance(v, nn.Module)}
+        specs: dict[str, Any] = {}
+        for key, spec in encoders.items():
+            if isinstance(spec, nn.Module):
+                continue
+            if isinstance(spec, str) and spec not in ENCODER_SIZES:
+                raise ConfigError(
+                    f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
+                    "(or pass an encoder config or an nn.Module)"
+                )
+            if isinstance(spec, EncoderConfigBase):
+                spec = spec.model_dump()
+            if isinstance(spec, str) and key == "text":
+                spec = {"size": spec}
+            if isinstance(spec, dict) and spec.get("kind", key) == "text" and tokenizer is not None:
+                # unset text sizes come from the tokenizer, so ids and positions always fit the encoder
+                spec = {
+                    "vocab_size": tokenizer.vocab_size,
+                    "context_length": tokenizer.context_length,
+                    **{k: v for k, v in spec.items() if v is not None},
+                }
+            specs[key] = spec
+        # Module encoders are validated as a placeholder config (replaced below) so the rest is still checked.
+        placeholder = {k: "tiny" for k in modules if k in ENCODER_CONFIGS}
+        placeholder.update({k: {"kind": "image"} for k in modules if k not in ENCODER_CONFIGS})
+        config = _validate(
+            MultiModalConfig,
+            {
+                "encoders": {**placeholder, **specs},
+                "dim": dim,
+                "fusion": fusion,
+                "fusion_kwargs": fusion_kwargs or {},
+                "head": head,
+                "n_classes": n_classes,
+                "modality_dropout": modality_dropout,
+            },
+        )
+        self.config = config
+        self.custom_encoders = sorted(modules)  # keys whose encoder is a user module (not serialisable)
+        self.tokenizer = tokenizer
+        names = sorted(config.encoders)
+        self.encoders = nn.ModuleDict(
+            {k: modules[k] if k in modules else build_encoder(config.encoders[k]) for k in names}
+        )
+        self.projections = nn.ModuleDict(
+            {
+                k: nn.Sequential(nn.LayerNorm(token_width(enc)), nn.Linear(token_width(enc), config.dim))
+                for k, enc in self.encoders.items()
+            }
+        )
+        self.fusion = build_fusion(config.fusion, names, config.dim, **config.fusion_kwargs)
+        self.head = Head(config.dim, config.n_classes if config.head == "classify" else 1)
+
+    @classmethod
+    def from_config(
+        cls, config: MultiModalConfig | dict[str, Any], tokenizer: TextTokenizer | None = None
+    ) -> MultiModalModel:
+        """The model a (validated) MultiModalConfig describes: the same module as the equal constructor call."""
+        if isinstance(config, dict):
+            config = _validate(MultiModalConfig, config)
+        return MultiModalModel(
+            encoders={k: v.model_dump() for k, v in config.encoders.items()},
+            fusion=config.fusion,
+            head=config.head,
+            n_classes=config.n_classes,
+            dim=config.dim,
+            fusion_kwargs=dict(config.fusion_kwargs),
+            modality_dropout=config.modality_dropout,
+            tokenizer=tokenizer,
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def _tokens(self, key: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Encode the present rows of modality `key` and project them: (B, ...) -> (B, N, dim), absent rows 0."""
+        enc, proj = self.encoders[key], self.projections[key]
+        if bool(present.all()):
+            return proj(enc.forward_tokens(x))
+        if not bool(present.any()):  # one placeholder row only to learn N; its values are discarded
+            shape = proj(enc.forward_tokens(x[:1])).shape
+            return x.new_zeros((x.shape[0], *shape[1:]), dtype=torch.get_default_dtype())
+        idx = present.nonzero().flatten()
+        y = proj(enc.forward_tokens(x[idx]))  # (P, N, dim)
+        return y.new_zeros((x.shape[0], *y.shape[1:])).index_copy(0, idx, y)
+
+    def encode(self, batch: Batch) -> FusionOutput:
+        """Batch -> FusionOutput (pooled (B, dim), tokens, aux_loss, info). Applies modality dropout in training."""
+        missing = [k for k in self.encoders if k not in batch.data]
+        if missing:
+            raise ConfigError(f"the batch has no {missing}; this model's modalities are {self.modalities}")
+        device = self.device
+        masks = {
+            k: (batch.mask[k] if k in batch.mask else torch.ones(batch.data[k].shape[0], dtype=torch.bool))
+            .to(device)
+            .bool()
+            for k in self.encoders
+        }
+        if self.training and self.config.modality_dropout > 0:
+            masks = modality_dropout(masks, self.config.modality_dropout)
+        feats = {k: self._tokens(k, batch.data[k].to(device), masks[k]) for k in self.encoders}
+        return self.fusion(feats, masks)
+
+    def logits(self, batch: Batch) -> tuple[torch.Tensor, FusionOutput]:
+        """(B, n_classes) for head="classify", (B,) for head="match"; and the fusion output."""
+        fused = self.encode(batch)
+        out = self.head(fused.pooled)
+        return (out.squeeze(-1) if self.config.head == "match" else out), fused
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Loss = task loss (cross-entropy / binary cross-entropy on data["label"]) + fusion aux_loss."""
+        logits, fused = self.logits(batch)
+        labels = batch.data["label"].to(logits.device)
+        if self.config.head == "match":
+            task = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            pred = (logits > 0).long()
+        else:
+            task = F.cross_entropy(logits.float(), labels.long())
+            pred = logits.argmax(dim=-1)
+        aux = fused.aux_loss.float()
+        acc = (pred == labels.long()).float().mean().detach()
+        return ModelOutput(
+            task + aux, {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
+        )
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Predicted labels (B,) int64: the argmax class, or 1 where the match logit is positive."""
+        logits, _ = self.logits(batch)
+        return (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
+
+    # ---- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors (+ tokenizer.json) into `directory`."""
+        if self.custom_encoders:
+            raise CheckpointError(
+                f"encoders {self.custom_encoders} are user modules without a config; "
+                "save their state_dict yourself or build them from encoder configs"
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"model_type": MODEL_TYPE, "model": self.config.model_dump(mode="json")}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MultiModalModel:
+        """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path} not found: not a saved mmfusion model folder")
+        meta = json.loads(cfg_path.read_text())
+        if meta.get("model_type") != MODEL_TYPE:
+            raise CheckpointError(
+                f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}"
+            )
+        config = _validate(MultiModalConfig, meta["model"])
+        tokenizer = None
+        if (directory / "tokenizer.json").is_file():
+            text = [c for c in config.encoders.values() if isinstance(c, TextEncoderConfig)]
+            tokenizer = TextTokenizer.load(directory, text[0].context_length if text else 32)
+        model = MultiModalModel.from_config(config, tokenizer)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} not found")
+        missing, unexpected = model.load_state_dict(
+            load_file(str(weights), device=str(map_location)), strict=False
+        )
+        if missing or unexpected:
+            raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        return model.to(map_location).eval()
+
+
+class MultiModalTransformer(MultiModalModel):
+    """The seed's spelling (seed 004): `MultiModalTransformer(text_encoder=..., image_encoder=...,
+    fusion_method=...)`; audio_encoder / video_encoder add those towers. Same module as MultiModalModel."""
+
+    def __init__(
+        self,
+        text_encoder: str | dict[str, Any] | EncoderConfigBase | nn.Module | None = "tiny",
+        image_encoder: str | dict[str, Any] | EncoderConfigBase | nn.Module | None = "tiny",
+        fusion_method: str = "cross_attention",
+        audio_encoder: str | dict[str, Any] | EncoderConfigBase | nn.Module | None = None,
+        video_encoder: str | dict[str, Any] | EncoderConfigBase | nn.Module | None = None,
+        **kwargs: Any,
+    ):
+        towers = {
+            "text": text_encoder,
+            "image": image_encoder,
+            "audio": audio_encoder,
+            "video": video_encoder,
+        }
+        super().__init__({k: v for k, v in towers.items() if v is not None}, fusion=fusion_method, **kwargs)
+
+
+@torch.no_grad()
+def missing_modality_eval(model: MultiModalModel, batches: Iterable[Batch]) -> dict[str, float]:
+    """Accuracy with every modality, and with each one removed (its mask set to False) (E4).
+
+    Returns {"all": acc, "without_<modality>": acc, ...}. Samples left with no modality are skipped for
+    strategies that cannot represent them (cross_attention, moe); with one modality, "without_*" is omitted.
+    """
+    batches = list(batches)
+    was_training = model.training
+    model.eval()
+    settings: dict[str, str | None] = {"all": None}
+    if len(model.modalities) > 1:
+        settings.update({f"without_{m}": m for m in model.modalities})
+    out: dict[str, float] = {}
+    try:
+        for name, removed in settings.items():
+            correct = total = 0
+            for b in batches:
+                mask = {
+                    k: b.mask.get(k, torch.ones(len(b), dtype=torch.bool)).bool() for k in model.modalities
+                }
+                if removed is not None:
+                    mask[removed] = torch.zeros_like(mask[removed])
+                keep = torch.stack(list(mask.values()), dim=1).any(dim=1)
+                if not bool(keep.any()):
+                    continue
+                idx = keep.nonzero().flatten()
+                sub = Batch(
+                    {k: v[idx] for k, v in b.data.items()}, {k: v[idx] for k, v in mask.items()}, b.meta
+                )
+                pred = model.predict(sub).cpu()
+                correct += int((pred == sub.data["label"].cpu().long()).sum())
+                total += len(idx)
+            out[name] = correct / max(total, 1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+__all__ = [
+    "ENCODER_SIZES",
+    "AudioEncoderConfig",
+    "ImageEncoderConfig",
+    "MultiModalConfig",
+    "MultiModalModel",
+    "MultiModalTransformer",
+    "TextEncoderConfig",
+    "VideoEncoderConfig",
+    "build_encoder",
+    "missing_modality_eval",
+    "modality_dropout",
+]
