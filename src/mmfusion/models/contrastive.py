@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,16 +9,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..batch import Batch
 from ..config import ModelConfig
-from ..errors import CheckpointError
 from ..losses import clip_loss, dual_contrastive_loss
 from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
 from ..train.distributed import gather_with_grad
+from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "contrastive"
 
@@ -116,38 +114,13 @@ class ContrastiveModel(nn.Module):
     # ---- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors + tokenizer.json into `directory`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"model_type": MODEL_TYPE, "model": self.config.model_dump(mode="json")}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        self.tokenizer.save(directory)
-        return directory
+        return save_folder(self, directory, MODEL_TYPE, self.config.model_dump(mode="json"), self.tokenizer)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, map_location: str | torch.device = "cpu"
     ) -> ContrastiveModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
-        directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path} not found: not a saved mmfusion model folder")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(
-                f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}"
-            )
-        config = ModelConfig.model_validate(meta["model"])
+        config = ModelConfig.model_validate(read_config(directory, MODEL_TYPE))
         tokenizer = TextTokenizer.load(directory, config.text.context_length)
-        model = cls(config, tokenizer)
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"{weights} not found")
-        missing, unexpected = model.load_state_dict(
-            load_file(str(weights), device=str(map_location)), strict=False
-        )
-        if missing or unexpected:
-            raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        return model.to(map_location).eval()
+        return load_weights(cls(config, tokenizer), directory, map_location)

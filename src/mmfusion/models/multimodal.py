@@ -9,7 +9,6 @@ is the same module as ``MultiModalModel.from_config(MultiModalConfig(...), token
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +16,6 @@ from typing import Annotated, Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator, model_validator
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..batch import Batch
@@ -29,6 +27,7 @@ from ..modalities.image import ImageEncoder
 from ..modalities.text import TextEncoder, TextTokenizer
 from ..modalities.video import VideoEncoder
 from .contrastive import ModelOutput
+from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "multimodal"
 # Built-in encoder sizes: width, depth, heads (the encoders' own constructor arguments).
@@ -422,15 +421,7 @@ class MultiModalModel(nn.Module):
                 f"encoders {self.custom_encoders} are user modules without a config; "
                 "save their state_dict yourself or build them from encoder configs"
             )
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"model_type": MODEL_TYPE, "model": self.config.model_dump(mode="json")}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
-        return directory
+        return save_folder(self, directory, MODEL_TYPE, self.config.model_dump(mode="json"), self.tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -438,29 +429,13 @@ class MultiModalModel(nn.Module):
     ) -> MultiModalModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path} not found: not a saved mmfusion model folder")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("model_type") != MODEL_TYPE:
-            raise CheckpointError(
-                f"{cfg_path}: model_type is {meta.get('model_type')!r}; expected {MODEL_TYPE!r}"
-            )
-        config = _validate(MultiModalConfig, meta["model"])
+        config = _validate(MultiModalConfig, read_config(directory, MODEL_TYPE))
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             text = [c for c in config.encoders.values() if isinstance(c, TextEncoderConfig)]
             tokenizer = TextTokenizer.load(directory, text[0].context_length if text else 32)
         model = MultiModalModel.from_config(config, tokenizer)
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"{weights} not found")
-        missing, unexpected = model.load_state_dict(
-            load_file(str(weights), device=str(map_location)), strict=False
-        )
-        if missing or unexpected:
-            raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        return model.to(map_location).eval()
+        return load_weights(model, directory, map_location)
 
 
 class MultiModalTransformer(MultiModalModel):
