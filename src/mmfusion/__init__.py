@@ -16,13 +16,27 @@ __all__ = [
 
 
 def load_model(path):
-    """Load a saved model folder (or a run directory's final model) — safetensors + JSON, nothing unpickled."""
+    """Load a saved model folder (or a run directory's final model), whichever kind it holds (its config.json
+    says) — safetensors + JSON, nothing unpickled."""
+    import json
     from pathlib import Path
 
+    from .errors import CheckpointError
     from .models.contrastive import ContrastiveModel
+    from .models.multimodal import MultiModalModel
 
     path = Path(path)
-    return ContrastiveModel.from_pretrained(path / "model" if (path / "model").is_dir() else path)
+    folder = path / "model" if (path / "model").is_dir() else path
+    kinds = {"contrastive": ContrastiveModel, "multimodal": MultiModalModel}
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        kind = "contrastive"  # let from_pretrained name what is missing
+    if kind not in kinds:
+        raise CheckpointError(
+            f"{folder}/config.json: unknown model_type {kind!r}; expected one of {sorted(kinds)}"
+        )
+    return kinds[kind].from_pretrained(folder)
 
 
 def __getattr__(name):

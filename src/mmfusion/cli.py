@@ -171,7 +171,23 @@ def _launch_torchrun(args) -> int:
     return subprocess.call(cmd)
 
 
+def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
+    from .eval.report import format_table
+    from .models.multimodal import MultiModalModel
+    from .run import evaluate_task
+
+    model_dir = model_dir_or_run / "model" if (model_dir_or_run / "model").is_dir() else model_dir_or_run
+    metrics = evaluate_task(cfg, MultiModalModel.from_pretrained(model_dir), split)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table(metrics))
+    print(f"metrics: {out / 'metrics.json'}")
+    return metrics
+
+
 def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
+    if cfg.task is not None:
+        return _evaluate_task_run(model_dir_or_run, cfg, split, out)
     from .eval.report import evaluate_contrastive, format_table, plot_loss, plot_retrieval_grid
     from .models.contrastive import ContrastiveModel
     from .run import load_split
@@ -230,11 +246,14 @@ def cmd_info(args) -> int:
     path = Path(args.path)
     model_dir = path / "model" if (path / "model").is_dir() else path
     if (model_dir / "config.json").is_file():
-        from .models.contrastive import ContrastiveModel
+        from . import load_model
 
-        model = ContrastiveModel.from_pretrained(model_dir)
+        model = load_model(model_dir)
         n = sum(p.numel() for p in model.parameters())
-        print(f"model folder {model_dir}: {n / 1e6:.2f}M parameters, vocabulary {model.tokenizer.vocab_size}")
+        vocab = model.tokenizer.vocab_size if model.tokenizer is not None else "-"
+        print(
+            f"model folder {model_dir}: {type(model).__name__}, {n / 1e6:.2f}M parameters, vocabulary {vocab}"
+        )
         print(json.dumps(model.config.model_dump(mode="json"), indent=2))
     from .train.checkpoint import list_checkpoints, verify
 

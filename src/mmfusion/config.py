@@ -128,16 +128,70 @@ class EvalConfig(Section):
     grid_queries: int = Field(4, ge=0, le=32)
 
 
+class TaskConfig(Section):
+    """A multimodal task on the synthetic world (mmfusion.tasks.TASKS), trained with `fusion_model`."""
+
+    name: str
+    n_train: int = Field(2000, ge=4)
+    n_val: int = Field(200, ge=4)
+    n_test: int = Field(400, ge=4)
+    seed: int = 0
+    vocab_size: int = Field(256, ge=16)
+    context_length: int = Field(32, ge=4)
+    image_size: int = Field(32, ge=8)
+    num_frames: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _known(self) -> TaskConfig:
+        from .tasks import TASKS
+
+        if self.name not in TASKS:
+            raise ValueError(f"name = {self.name!r}: unknown task; allowed: {', '.join(sorted(TASKS))}")
+        return self
+
+
 class RunConfig(Section):
-    """A whole run: what to train, on what, how, and how to evaluate it."""
+    """A whole run: what to train, on what, how, and how to evaluate it.
+
+    Without `task` the run trains the two-tower contrastive `model` on `data`. With `task` it trains a
+    fusion model (`fusion_model`: a MultiModalConfig; its head and n_classes default to the task's) on
+    that synthetic task, and `model`/`data` are unused.
+    """
 
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    task: TaskConfig | None = None
+    fusion_model: dict[str, Any] | None = None
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _fusion_model(self) -> RunConfig:
+        if self.task is None:
+            if self.fusion_model is not None:
+                raise ValueError("fusion_model is set but task is not: a fusion model trains on a task")
+            return self
+        from .models.multimodal import MultiModalConfig
+        from .tasks import TASKS
+
+        spec = TASKS[self.task.name]
+        tree = {
+            "encoders": {m: "tiny" for m in spec.modalities},
+            "head": spec.head,
+            "n_classes": spec.n_classes,
+        }
+        tree.update(self.fusion_model or {})
+        try:
+            MultiModalConfig.model_validate(tree)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"fusion_model.{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        self.__dict__["fusion_model"] = tree
+        return self
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -74,10 +74,31 @@ def build_train_data(cfg: RunConfig, dataset, tokenizer: TextTokenizer):
     return MapData(dataset, collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Train the configured model; returns {"run_dir", "train": last metrics, "eval": metrics or None}."""
-    from .models.contrastive import ContrastiveModel
-    from .train.trainer import Trainer, resolve_device
+def task_samples(cfg: RunConfig, split: str) -> list[dict[str, Any]]:
+    """The samples of `split` of the configured synthetic task (mmfusion.tasks)."""
+    from .data.synthetic import SyntheticWorld, WorldConfig
+    from .tasks import make_task_data
+
+    t = cfg.task
+    world = SyntheticWorld(WorldConfig(seed=cfg.data.synthetic.seed, image_size=t.image_size))
+    n = {"train": t.n_train, "val": t.n_val, "test": t.n_test}[split]
+    return make_task_data(t.name, world, split, n, seed=t.seed)
+
+
+def task_collate(cfg: RunConfig, tokenizer: TextTokenizer | None):
+    """Samples -> Batch for the configured task (mmfusion.tasks.collate with the run's sizes)."""
+    from functools import partial
+
+    from .tasks import collate
+
+    return partial(
+        collate, tokenizer=tokenizer, image_size=cfg.task.image_size, num_frames=cfg.task.num_frames
+    )
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """Create (or check, on --resume) the run directory; returns it and whether this is the main process."""
+    from .train.trainer import resolve_device
 
     out = run_dir(cfg)
     dist_utils.init_from_env(resolve_device(cfg.train.device))
@@ -90,11 +111,77 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
             )
         if is_main:
             shutil.rmtree(out)
-    if resume and not (out / "tokenizer.json").is_file():
-        raise ConfigError(
-            f"--resume: {out} has no earlier run (no tokenizer.json); start it without --resume"
-        )
+    if resume and not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {out} has no earlier run (no config.yaml); start it without --resume")
     out.mkdir(parents=True, exist_ok=True)
+    return out, is_main
+
+
+def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Train `cfg.fusion_model` on the synthetic task `cfg.task`; save it and evaluate it on the test split
+    with every modality and with each one removed (E4)."""
+    from .data.loader import ListDataset, MapData
+    from .models.multimodal import MultiModalModel
+    from .tasks import TASKS, task_tokenizer
+    from .train.trainer import Trainer
+
+    out, is_main = _prepare_run_dir(cfg, resume, overwrite)
+    seed_everything(cfg.seed)
+    train_set = task_samples(cfg, "train")
+    has_text = "text" in TASKS[cfg.task.name].modalities
+    if not resume and is_main:
+        if has_text:
+            task_tokenizer(train_set, cfg.task.vocab_size, cfg.task.context_length).save(out)
+        dump_config(cfg, out / "config.yaml")
+    dist_utils.barrier()
+    tokenizer = TextTokenizer.load(out, cfg.task.context_length) if has_text else None
+    seed_everything(cfg.seed)
+    model = MultiModalModel.from_config(cfg.fusion_model, tokenizer)
+    if is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"model: {model.config.fusion} fusion over {', '.join(model.modalities)}, {n_params / 1e6:.2f}M "
+            f"parameters; task {cfg.task.name}; run directory {out}"
+        )
+    collate = task_collate(cfg, tokenizer)
+    data = MapData(ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
+    trainer = Trainer(model, data, cfg.train, out, log=log)
+    last = trainer.fit(resume=resume)
+    result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
+    if trainer.is_main:
+        model.save_pretrained(out / "model")
+    return result
+
+
+def evaluate_task(cfg: RunConfig, model, split: str = "test") -> dict[str, Any]:
+    """Accuracy of a fusion model on `split` of the configured task, with every modality and with each one
+    removed (E4)."""
+    from .models.multimodal import missing_modality_eval
+
+    samples = task_samples(cfg, split)
+    collate = task_collate(cfg, model.tokenizer)
+    size = cfg.eval.batch_size
+    accuracy = missing_modality_eval(
+        model, [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
+    )
+    metrics: dict[str, Any] = {
+        "split": split,
+        "task": cfg.task.name,
+        "fusion": model.config.fusion,
+        "n": len(samples),
+    }
+    metrics.update({f"accuracy_{k}": v for k, v in accuracy.items()})
+    return metrics
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Train the configured model; returns {"run_dir", "train": last metrics, "eval": metrics or None}."""
+    from .models.contrastive import ContrastiveModel
+    from .train.trainer import Trainer
+
+    if cfg.task is not None:
+        return train_task(cfg, resume, overwrite, log)
+    out, is_main = _prepare_run_dir(cfg, resume, overwrite)
     seed_everything(cfg.seed)
     train_set = load_split(cfg, "train", progress=is_main and cfg.train.progress)
     if not resume and is_main:

@@ -255,3 +255,43 @@ def test_export_onnx_int8_and_prune(tiny_run, tmp_path):
         "prune", str(run), "--sparsity", "1.5", "--out", str(tmp_path / "p2"), cwd=cwd, check=False
     )
     assert bad.returncode == 2 and "sparsity" in bad.stderr
+
+
+def test_fusion_model_on_a_task_from_yaml(tmp_path):
+    recipe = Path(__file__).parents[2] / "configs" / "vqa_fusion.yaml"
+    small = [
+        "--set",
+        "train.steps=20",
+        "--set",
+        "task.n_train=128",
+        "--set",
+        "task.n_test=48",
+        "--set",
+        "fusion_model.encoders.image=tiny",
+        "--set",
+        "fusion_model.encoders.text=tiny",
+        "--set",
+        "fusion_model.fusion=router",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.threads=1",
+    ]
+    proc = mmfusion("train", "--config", str(recipe), *small, cwd=tmp_path)
+    run = tmp_path / "runs" / "vqa_fusion"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "vqa" and metrics["fusion"] == "router" and metrics["n"] == 48
+    assert {"accuracy_all", "accuracy_without_image", "accuracy_without_text"} <= set(metrics)
+    assert "accuracy_without_text" in proc.stdout
+    again = mmfusion("eval", str(run), "--out", str(tmp_path / "ev"), cwd=tmp_path)
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics, again.stdout
+    assert "MultiModalModel" in mmfusion("info", str(run), cwd=tmp_path).stdout
+    bad = mmfusion("train", "--config", str(recipe), "--set", "task.name=chess", cwd=tmp_path, check=False)
+    assert (
+        bad.returncode == 2
+        and "unknown task; allowed: audio_image, audio_visual, video_text, vqa" in bad.stderr
+    )
+    bad = mmfusion(
+        "train", "--config", str(recipe), "--set", "fusion_model.fusion=concat", cwd=tmp_path, check=False
+    )
+    assert bad.returncode == 2 and "fusion_model.fusion: unknown fusion 'concat'" in bad.stderr
