@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ class FusionOutput:
     info: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Fusion(nn.Module):
+class Fusion(nn.Module, ABC):
     """Base class: fixes the modality order (sorted) and validates inputs; subclasses implement `fuse`.
 
     forward(features: modality -> (B, N_m, D), masks: modality -> bool (B,), True = present).
@@ -51,9 +52,9 @@ class Fusion(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> FusionOutput:
         return self.fuse(*self._prepare(features, masks))
 
+    @abstractmethod
     def fuse(self, features: dict[str, torch.Tensor], present: torch.Tensor) -> FusionOutput:
         """features: modality -> (B, N_m, D), absent rows zeroed; present: bool (B, M) in `self.modalities` order."""
-        raise NotImplementedError
 
     def _prepare(
         self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
