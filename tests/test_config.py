@@ -17,7 +17,10 @@ def test_defaults_validate_and_overrides_are_typed():
     [
         ("train.lr=abc", "train.lr = 'abc': Input should be a valid number"),
         ("train.foo=1", "unknown key 'train.foo'; allowed keys here: accumulation"),
-        ("nope=1", "unknown key 'nope'; allowed keys here: data, eval, fusion_model, model, name, out_dir, seed, task, train"),
+        (
+            "nope=1",
+            "unknown key 'nope'; allowed keys here: data, eval, fusion_model, model, name, out_dir, seed, task, train",
+        ),
         ("train.precision=fp8", "train.precision = 'fp8': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("train.steps=0", "train.steps = 0: Input should be greater than or equal to 1"),
         ("model.image.patch_size=5", "model.image: image_size 32 must be divisible by patch_size 5"),

@@ -18,15 +18,6 @@ from mmfusion.modalities.audio import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only contend on a shared CPU (0.6 s vs 0.005 s per step)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tone(freq: float, rate: int, seconds: float) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
 

@@ -8,15 +8,6 @@ from mmfusion.errors import DataError
 from mmfusion.modalities.video import VideoEncoder, preprocess_video, preprocess_videos, sample_frame_indices
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only contend on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def numbered_clip(t: int, side: int = 4) -> np.ndarray:
     """(t, side, side, 3) uint8 whose frame i is filled with the value 10 * i."""
     return np.stack([np.full((side, side, 3), 10 * i, np.uint8) for i in range(t)])

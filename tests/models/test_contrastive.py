@@ -5,26 +5,15 @@ from PIL import Image
 
 from mmfusion import load_model
 from mmfusion.batch import Batch
-from mmfusion.config import ModelConfig
 from mmfusion.errors import CheckpointError
-from mmfusion.modalities.text import TextTokenizer
 from mmfusion.models.contrastive import ContrastiveModel
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle", "a large white cross"] * 4
 
 
 @pytest.fixture(scope="module")
-def model():
-    tok = TextTokenizer.train(CAPTIONS, vocab_size=80, context_length=16)
-    cfg = ModelConfig.model_validate(
-        {
-            "embed_dim": 16,
-            "text": {"width": 16, "depth": 1, "heads": 2, "context_length": 16},
-            "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2},
-        }
-    )
-    torch.manual_seed(0)
-    return ContrastiveModel(cfg, tok).eval()
+def model(make_tiny_model):
+    return make_tiny_model()
 
 
 def images(n=3):

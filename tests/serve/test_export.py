@@ -1,32 +1,16 @@
 import pytest
 import torch
 
-from mmfusion.config import ModelConfig
 from mmfusion.errors import CheckpointError
-from mmfusion.modalities.text import TextTokenizer
-from mmfusion.models.contrastive import ContrastiveModel
 from mmfusion.serve.export import OnnxEncoders, example_inputs, export_onnx, verify_onnx
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle", "a large white cross"] * 4
 TOL = 1e-4  # fp32 ONNX vs PyTorch, max |diff| of unit-norm embedding entries (measured ~4e-7)
 
 
-def tiny_model() -> ContrastiveModel:
-    tok = TextTokenizer.train(CAPTIONS, vocab_size=80, context_length=16)
-    cfg = ModelConfig.model_validate(
-        {
-            "embed_dim": 16,
-            "text": {"width": 16, "depth": 1, "heads": 2, "context_length": 16},
-            "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2},
-        }
-    )
-    torch.manual_seed(0)
-    return ContrastiveModel(cfg, tok).eval()
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = tiny_model()
+def exported(tmp_path_factory, make_tiny_model):
+    model = make_tiny_model()
     folder = model.save_pretrained(tmp_path_factory.mktemp("model"))
     # from a saved folder, as the CLI would
     return model, export_onnx(folder, tmp_path_factory.mktemp("onnx"))
