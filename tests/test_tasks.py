@@ -144,3 +144,18 @@ def test_vqa_learns_above_the_majority_baseline():
 def test_audio_image_matching_learns_above_chance():
     report, _ = train_and_eval("audio_image", 1200, 150, 128, 2e-3, dim=64)
     assert report["all"] > 0.6, report
+
+
+def test_video_text_matching_learns_above_chance_with_alignment():
+    # Without align_loss such runs stay at ~0.53 (the match label is independent of either modality alone).
+    report, _ = train_and_eval("video_text", 1200, 400, 64, 2e-3, dim=32, align_loss=1.0)
+    assert report["all"] > 0.75, report
+    assert max(report["without_text"], report["without_video"]) < 0.6, report
+
+
+def test_audio_visual_needs_both_modalities():
+    report, _ = train_and_eval("audio_visual", 800, 300, 64, 3e-3, dim=32, align_loss=1.0)
+    assert report["all"] > 0.8, report
+    # by construction either modality alone is exactly at chance
+    assert report["without_audio"] == pytest.approx(0.5, abs=0.05), report
+    assert report["without_image"] == pytest.approx(0.5, abs=0.05), report

@@ -53,3 +53,20 @@ def test_encoder_pools_at_eot_and_ignores_padding(tok):
 def test_non_string_text_is_rejected(tok):
     with pytest.raises(DataError, match="text #1 is int"):
         tok.encode(["ok", 5])
+
+
+def test_training_is_deterministic_across_processes():
+    """The same texts give the same vocabulary and ids in a fresh interpreter (hash seeds differ)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from mmfusion.modalities.text import TextTokenizer as T;"
+        "t = T.train(['a small red circle', 'is there a blue cross?', 'a large red square left of a circle'] * 3, 64, 16);"
+        "print(sorted(t.tokenizer.get_vocab().items()), t.encode(['a red cross?']).tolist())"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(3)
+    }
+    assert len(runs) == 1, runs

@@ -78,3 +78,16 @@ def test_encoder_learns_motion_direction():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def test_tubelets_group_consecutive_frames():
+    torch.manual_seed(0)
+    enc = VideoEncoder(4, 16, 8, 32, 1, 4, 8, tubelet=2).eval()
+    videos = torch.randn(2, 4, 3, 16, 16)
+    assert enc.forward_tokens(videos).shape == (2, 1 + 2 * 4, 32)  # 2 tubelets x 4 patches
+    assert enc.patch_embed.weight.shape == (32, 6, 8, 8)  # one conv over 2 frames x 3 channels
+    # swapping the two frames inside a tubelet changes its token (the conv sees their order)
+    swapped = videos[:, [1, 0, 2, 3]]
+    assert not torch.allclose(enc(videos), enc(swapped), atol=1e-4)
+    with pytest.raises(ValueError, match="tubelet"):
+        VideoEncoder(4, 16, 8, 32, 1, 4, 8, tubelet=3)

@@ -276,3 +276,30 @@ def test_cross_attention_query_defaults(tok):
         encoders={"audio": "tiny", "image": "tiny"}, fusion_kwargs={"query_modality": "audio"}
     )
     assert cfg.fusion_kwargs["query_modality"] == "audio"
+
+
+def test_align_loss_is_infonce_over_positive_pairs(tok):
+    model = build(tok, head="match", align_loss=0.5)
+    batch = make_batch(tok, b=6, modalities=("image", "text"))  # labels 0,1,0,1,0,1
+    fused, feats, masks = model._encode(batch)
+    rows = batch.data["label"] == 1
+    za = nn.functional.normalize(model.align_proj["image"](feats["image"][rows].mean(1)), dim=-1)
+    zb = nn.functional.normalize(model.align_proj["text"](feats["text"][rows].mean(1)), dim=-1)
+    sim = model.align_scale.exp() * za @ zb.t()
+    t = torch.arange(3)
+    expected = (nn.functional.cross_entropy(sim, t) + nn.functional.cross_entropy(sim.t(), t)) / 2
+    got = model.alignment_loss(feats, masks, batch.data["label"])
+    torch.testing.assert_close(got, expected)
+    out = model(batch)
+    assert out.metrics["align_loss"] > 0
+    model.eval()
+    assert "align_loss" not in model(batch).metrics  # a training-only loss
+    one_positive = torch.tensor([1, 0, 0, 0, 0, 0])
+    assert model.alignment_loss(feats, masks, one_positive).item() == 0.0
+
+
+def test_align_loss_needs_a_two_modality_match_head(tok):
+    with pytest.raises(ConfigError, match="align_loss"):
+        build(tok, head="classify", align_loss=1.0)
+    with pytest.raises(ConfigError, match="exactly two encoders"):
+        build(tok, head="match", align_loss=1.0, encoders={"image": "tiny", "text": "tiny", "audio": "tiny"})

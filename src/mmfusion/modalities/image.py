@@ -98,7 +98,7 @@ def to_uint8_image(tensor: torch.Tensor) -> np.ndarray:
     )
 
 
-def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+def conv_stem(width: int, patch_size: int, in_channels: int = 3) -> nn.Sequential:
     """Convolutional stem in place of the patchify conv (Xiao et al. 2021, "Early convolutions help
     transformers see better"): log2(patch) 3x3 stride-2 convs + GELU, channels doubling up to `width`,
     then a 1x1 conv. Same token grid as patch embedding; sees shapes that straddle patch borders.
@@ -107,7 +107,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     if 2**steps != patch_size:
         raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
     layers: list[nn.Module] = []
-    c_in = 3
+    c_in = in_channels
     for i in range(steps):
         c_out = max(16, width // 2 ** (steps - 1 - i))
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
@@ -116,13 +116,13 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def patch_embedding(width: int, patch_size: int, stem: str = "patch") -> nn.Module:
-    """(B, 3, H, W) -> (B, width, H/patch, W/patch): one strided conv ("patch", ViT) or `conv_stem` ("conv")."""
+def patch_embedding(width: int, patch_size: int, stem: str = "patch", in_channels: int = 3) -> nn.Module:
+    """(B, C, H, W) -> (B, width, H/patch, W/patch): one strided conv ("patch", ViT) or `conv_stem` ("conv")."""
     if stem == "conv":
-        return conv_stem(width, patch_size)
+        return conv_stem(width, patch_size, in_channels)
     if stem != "patch":
         raise ValueError(f"unknown stem {stem!r}; expected 'patch' or 'conv'")
-    return nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+    return nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=False)
 
 
 class ImageEncoder(nn.Module):

@@ -32,15 +32,20 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> TextTokenizer:
-        """Train a BPE vocabulary of at most `vocab_size` entries on `texts`."""
-        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        """Train a BPE vocabulary of at most `vocab_size` entries on `texts`.
+
+        Words (and runs of punctuation) are split off, then marked with a leading "▁" (Metaspace) rather than the
+        trainer's end-of-word suffix: with the suffix, `tokenizers` numbers the word-final symbols in hash-map
+        order, so ids (and tie-broken merges) differed from process to process; this way the same texts always
+        give the same vocabulary and ids. Decoding puts a space before punctuation ("square ?").
+        """
+        tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Metaspace()])
+        tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=list(SPECIAL_TOKENS),
-            end_of_word_suffix="</w>",
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)

@@ -9,6 +9,7 @@ is the same module as ``MultiModalModel.from_config(MultiModalConfig(...), token
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,13 +90,23 @@ class AudioEncoderConfig(EncoderConfigBase):
 
 
 class VideoEncoderConfig(EncoderConfigBase):
-    """modalities.video.VideoEncoder (joint space-time ViT)."""
+    """modalities.video.VideoEncoder (joint space-time ViT over tubelets of `tubelet` frames x patch_size^2 px).
+
+    Defaults (4 px patches, 2-frame tubelets): a tiny encoder learns the motion direction of the synthetic clips in
+    a few hundred steps; with per-frame 8 px patches it stayed at chance after 600 (docs/fusion.md)."""
 
     kind: Literal["video"] = "video"
     num_frames: int = Field(4, ge=1)
     image_size: int = Field(32, ge=8)
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(4, ge=1)
     stem: Literal["patch", "conv"] = "patch"
+    tubelet: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _tubelet_divides_frames(self) -> VideoEncoderConfig:
+        if self.num_frames % self.tubelet:
+            raise ValueError(f"tubelet {self.tubelet} must divide num_frames {self.num_frames}")
+        return self
 
 
 EncoderConfig = Annotated[
@@ -119,6 +130,10 @@ class MultiModalConfig(Section):
               query modality defaults to the first encoder whose kind is text, else image, video, audio.
     head:     "classify" (n_classes logits, cross-entropy) or "match" (one logit, binary cross-entropy).
     modality_dropout: in training, drop each present modality of each sample with this probability, never all.
+    align_loss: weight of an "align before fuse" contrastive loss (ALBEF's ITC, Li et al. 2021) for match heads
+              with two modalities: InfoNCE between the two modalities' mean-pooled, projected tokens over the
+              positive pairs (label 1) of the batch. It gives each encoder a first-order signal; a match label
+              alone is independent of either modality, and from scratch that plateaus at chance.
     """
 
     encoders: dict[str, EncoderConfig]
@@ -128,6 +143,7 @@ class MultiModalConfig(Section):
     head: Literal["classify", "match"] = "classify"
     n_classes: int = Field(2, ge=2)
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    align_loss: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -163,6 +179,11 @@ class MultiModalConfig(Section):
     def _defaults(self) -> MultiModalConfig:
         if not self.encoders:
             raise ValueError("encoders: a model needs at least one encoder")
+        if self.align_loss > 0 and (self.head != "match" or len(self.encoders) != 2):
+            raise ValueError(
+                f"align_loss={self.align_loss} needs head='match' and exactly two encoders; "
+                f"got head={self.head!r} and encoders {sorted(self.encoders)}"
+            )
         if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
             kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
             query = min(kinds, key=lambda k: QUERY_PREFERENCE.index(kinds[k]))
@@ -195,7 +216,9 @@ def build_encoder(cfg: EncoderConfigBase) -> nn.Module:
     elif isinstance(cfg, AudioEncoderConfig):
         enc = AudioEncoder(cfg.n_mels, w, d, h, w, cfg.max_frames, cfg.downsample, r, cfg.backbone)
     elif isinstance(cfg, VideoEncoderConfig):
-        enc = VideoEncoder(cfg.num_frames, cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem)
+        enc = VideoEncoder(
+            cfg.num_frames, cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem, cfg.tubelet
+        )
     else:  # pragma: no cover - the discriminated union admits nothing else
         raise ConfigError(f"unknown encoder config {type(cfg).__name__}")
     # Only the token path is used here (the model projects tokens itself), so the pooled projection would be
@@ -272,6 +295,7 @@ class MultiModalModel(nn.Module):
         fusion_kwargs: dict[str, Any] | None = None,
         modality_dropout: float = 0.0,
         tokenizer: TextTokenizer | None = None,
+        align_loss: float = 0.0,
     ):
         super().__init__()
         if not encoders:
@@ -311,6 +335,7 @@ class MultiModalModel(nn.Module):
                 "head": head,
                 "n_classes": n_classes,
                 "modality_dropout": modality_dropout,
+                "align_loss": align_loss,
             },
         )
         self.config = config
@@ -328,6 +353,9 @@ class MultiModalModel(nn.Module):
         )
         self.fusion = build_fusion(config.fusion, names, config.dim, **config.fusion_kwargs)
         self.head = Head(config.dim, config.n_classes if config.head == "classify" else 1)
+        if config.align_loss > 0:
+            self.align_proj = nn.ModuleDict({k: nn.Linear(config.dim, config.dim) for k in names})
+            self.align_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     @classmethod
     def from_config(
@@ -345,6 +373,7 @@ class MultiModalModel(nn.Module):
             fusion_kwargs=dict(config.fusion_kwargs),
             modality_dropout=config.modality_dropout,
             tokenizer=tokenizer,
+            align_loss=config.align_loss,
         )
 
     @property
@@ -370,6 +399,10 @@ class MultiModalModel(nn.Module):
 
     def encode(self, batch: Batch) -> FusionOutput:
         """Batch -> FusionOutput (pooled (B, dim), tokens, aux_loss, info). Applies modality dropout in training."""
+        return self._encode(batch)[0]
+
+    def _encode(self, batch: Batch) -> tuple[FusionOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """encode() plus the projected per-modality tokens (B, N_m, dim) and the masks the fusion saw."""
         missing = [k for k in self.encoders if k not in batch.data]
         if missing:
             raise ConfigError(f"the batch has no {missing}; this model's modalities are {self.modalities}")
@@ -383,17 +416,36 @@ class MultiModalModel(nn.Module):
         if self.training and self.config.modality_dropout > 0:
             masks = modality_dropout(masks, self.config.modality_dropout)
         feats = {k: self._tokens(k, batch.data[k].to(device), masks[k]) for k in self.encoders}
-        return self.fusion(feats, masks)
+        return self.fusion(feats, masks), feats, masks
 
     def logits(self, batch: Batch) -> tuple[torch.Tensor, FusionOutput]:
         """(B, n_classes) for head="classify", (B,) for head="match"; and the fusion output."""
         fused = self.encode(batch)
+        return self._head(fused), fused
+
+    def _head(self, fused: FusionOutput) -> torch.Tensor:
         out = self.head(fused.pooled)
-        return (out.squeeze(-1) if self.config.head == "match" else out), fused
+        return out.squeeze(-1) if self.config.head == "match" else out
+
+    def alignment_loss(
+        self, feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Symmetric InfoNCE between the two modalities' pooled tokens over rows with label 1 and both present;
+        0 when fewer than two such rows."""
+        a, b = self.modalities
+        rows = (labels == 1) & masks[a] & masks[b]
+        if int(rows.sum()) < 2:
+            return torch.zeros((), device=labels.device)
+        za, zb = (F.normalize(self.align_proj[k](feats[k][rows].mean(dim=1)).float(), dim=-1) for k in (a, b))
+        sim = self.align_scale.exp().clamp(max=100) * za @ zb.t()
+        target = torch.arange(sim.shape[0], device=sim.device)
+        return (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
 
     def forward(self, batch: Batch) -> ModelOutput:
-        """Loss = task loss (cross-entropy / binary cross-entropy on data["label"]) + fusion aux_loss."""
-        logits, fused = self.logits(batch)
+        """Loss = task loss (cross-entropy / binary cross-entropy on data["label"]) + fusion aux_loss
+        (+ align_loss * alignment_loss in training, when configured)."""
+        fused, feats, masks = self._encode(batch)
+        logits = self._head(fused)
         labels = batch.data["label"].to(logits.device)
         if self.config.head == "match":
             task = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
@@ -403,9 +455,13 @@ class MultiModalModel(nn.Module):
             pred = logits.argmax(dim=-1)
         aux = fused.aux_loss.float()
         acc = (pred == labels.long()).float().mean().detach()
-        return ModelOutput(
-            task + aux, {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
-        )
+        metrics = {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
+        loss = task + aux
+        if self.config.align_loss > 0 and self.training:
+            align = self.alignment_loss(feats, masks, labels)
+            loss = loss + self.config.align_loss * align
+            metrics["align_loss"] = align.detach()
+        return ModelOutput(loss, metrics)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
