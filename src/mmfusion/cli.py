@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="image,text,audio,video,vqa",
         help="comma-separated subset of image,text,audio,video,vqa",
     )
+    from .serve.commands import add_commands  # `serve`, `index build` (handlers via set_defaults(func=))
+
+    add_commands(sub)
     return parser
 
 
@@ -337,7 +340,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (COMMANDS.get(args.command) or args.func)(args)
     except ConfigError as e:
         print(f"mmfusion: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,0 +1,261 @@
+"""Load test for `mmfusion serve` on loopback (bounded in request count and time).
+
+    .venv/bin/python benchmarks/serve_load.py --rate 100 --duration 10 --concurrency 200
+
+Starts the server as a child process (127.0.0.1, a free port) once per scenario, drives it with an httpx
+async client, and prints a Markdown table:
+
+  open loop    requests sent at a fixed rate (not waiting for answers): lost, 5xx, p50/p99
+  closed loop  C connections each sending back to back against a small queue: every answer must be 2xx, or
+               503/429 with Retry-After
+  batching     closed loop with batching on vs --no-batching (throughput, mean batch size)
+  cache        a repeating set of captions with the cache on vs --no-cache (throughput, hit rate)
+  in-process   N simultaneous submits to the real model's text batcher -> model executions (no HTTP)
+
+Without --model a small random-weight contrastive model is built and saved to a temporary folder (the
+numbers measure serving overhead, not model quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+MAX_DURATION_S = 60.0
+MAX_REQUESTS = 20_000
+
+
+def small_model(folder: Path) -> Path:
+    import torch
+
+    from mmfusion.config import ModelConfig
+    from mmfusion.data.synthetic import SyntheticWorld, make_split
+    from mmfusion.modalities.text import TextTokenizer
+    from mmfusion.models.contrastive import ContrastiveModel
+
+    captions = [s["text"] for s in make_split(SyntheticWorld(), "train", 200, ("text",))]
+    tok = TextTokenizer.train(captions, vocab_size=256, context_length=32)
+    cfg = ModelConfig.model_validate(
+        {
+            "embed_dim": 64,
+            "text": {"width": 64, "depth": 2, "heads": 4, "context_length": 32},
+            "image": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 4},
+        }
+    )
+    torch.manual_seed(0)
+    return ContrastiveModel(cfg, tok).save_pretrained(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, flags: list[str], threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mmfusion.cli", "serve", str(model), "--port", str(self.port)]
+        cmd += ["--threads", str(threads), *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not start in 60 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else float("nan")
+
+
+class Tally:
+    def __init__(self):
+        self.lat: list[float] = []
+        self.codes: dict[int, int] = {}
+        self.lost = 0  # no HTTP answer at all (connection error / client timeout)
+        self.bad_overload = 0  # 503/429 without Retry-After
+        self.sent = 0
+
+    def add(self, r: httpx.Response | None, seconds: float) -> None:
+        if r is None:
+            self.lost += 1
+            return
+        self.codes[r.status_code] = self.codes.get(r.status_code, 0) + 1
+        if r.status_code in (429, 503) and "retry-after" not in r.headers:
+            self.bad_overload += 1
+        if 200 <= r.status_code < 300:
+            self.lat.append(seconds)
+
+    def row(self, name: str, wall: float, extra: str = "") -> str:
+        ok = sum(n for c, n in self.codes.items() if 200 <= c < 300)
+        over = self.codes.get(503, 0) + self.codes.get(429, 0)
+        fivexx = sum(n for c, n in self.codes.items() if c >= 500 and c != 503)
+        other = self.sent - ok - over - fivexx - self.lost
+        p50, p99 = (np.percentile(self.lat, [50, 99]) * 1000) if self.lat else (math.nan, math.nan)
+        return (
+            f"| {name} | {self.sent} | {ok} | {over} | {fivexx} | {other} | {self.lost} | {self.bad_overload} | "
+            f"{ok / wall:.0f} | {p50:.1f} | {p99:.1f} | {extra} |"
+        )
+
+
+async def one(client: httpx.AsyncClient, tally: Tally, payload: dict) -> None:
+    tally.sent += 1
+    t = time.perf_counter()
+    try:
+        r = await client.post("/v1/embed", json=payload)
+    except httpx.HTTPError:
+        r = None
+    tally.add(r, time.perf_counter() - t)
+
+
+def client_for(url: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=30)
+
+
+async def open_loop(url: str, rate: float, duration: float) -> tuple[Tally, float]:
+    tally, n = Tally(), min(int(rate * duration), MAX_REQUESTS)
+    async with client_for(url, 512) as c:
+        start, tasks = time.perf_counter(), []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(c, tally, {"text": [f"a small red circle number {i}"]})))
+        await asyncio.gather(*tasks)
+    return tally, time.perf_counter() - start
+
+
+async def closed_loop(url: str, concurrency: int, duration: float, texts=None) -> tuple[Tally, float]:
+    tally, stop = Tally(), time.perf_counter() + duration
+    counter = iter(range(10**9))
+
+    async def worker(c):
+        while time.perf_counter() < stop and tally.sent < MAX_REQUESTS:
+            i = next(counter)
+            text = texts[i % len(texts)] if texts else f"a large blue square number {i}"
+            await one(c, tally, {"text": [text]})
+
+    async with client_for(url, concurrency) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+    return tally, time.perf_counter() - start
+
+
+def in_process(model: Path, n: int, max_batch: int) -> str:
+    from mmfusion import load_model
+    from mmfusion.serve.batching import DynamicBatcher
+    from mmfusion.serve.server import Engine
+
+    engine = Engine(load_model(model))
+
+    async def main():
+        b = DynamicBatcher(lambda items: engine.embed("text", items), max_batch, 5.0, max(n, 1), 60.0)
+        t = time.perf_counter()
+        await asyncio.gather(*(b.submit(f"caption {i}") for i in range(n)))
+        wall = time.perf_counter() - t
+        await b.close()
+        return b.executions, wall
+
+    executions, wall = asyncio.run(main())
+    return (
+        f"in-process batcher, real model: {n} simultaneous requests, max_batch {max_batch} -> "
+        f"{executions} model executions (ceil = {math.ceil(n / max_batch)}), {wall * 1000:.0f} ms"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: a small random-weight contrastive model)")
+    ap.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
+    ap.add_argument(
+        "--duration", type=float, default=10.0, help=f"seconds per scenario (<= {MAX_DURATION_S:g})"
+    )
+    ap.add_argument("--concurrency", type=int, default=200, help="closed-loop connections")
+    ap.add_argument("--queue-size", type=int, default=64, help="server queue for the closed-loop scenario")
+    ap.add_argument("--compare-concurrency", type=int, default=32, help="connections for on/off comparisons")
+    ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument(
+        "--scenarios", default="open,closed,batching,cache,inprocess", help="comma-separated subset"
+    )
+    args = ap.parse_args()
+    if not 0 < args.duration <= MAX_DURATION_S:
+        ap.error(f"--duration must be in (0, {MAX_DURATION_S:g}]")
+    which = set(args.scenarios.split(","))
+    tmp = tempfile.TemporaryDirectory()
+    model = Path(args.model) if args.model else small_model(Path(tmp.name) / "model")
+    mb = ["--max-batch", str(args.max_batch)]
+    rows = []
+    header = (
+        "| scenario | sent | 2xx | 503/429 | other 5xx | other | lost | 503 w/o Retry-After | 2xx/s | p50 ms | "
+        "p99 ms | notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    if "open" in which:
+        with Server(model, mb, args.threads) as s:
+            t, wall = asyncio.run(open_loop(s.url, args.rate, args.duration))
+            rows.append(t.row(f"open loop {args.rate:g} req/s", wall, f"{wall:.1f} s"))
+    if "closed" in which:
+        with Server(model, [*mb, "--queue-size", str(args.queue_size)], args.threads) as s:
+            t, wall = asyncio.run(closed_loop(s.url, args.concurrency, args.duration))
+            rows.append(t.row(f"closed loop {args.concurrency} conns, queue {args.queue_size}", wall))
+    if "batching" in which:
+        for name, flags in (("batching on", mb), ("batching off", ["--no-batching"])):
+            with Server(model, [*flags, "--no-cache"], args.threads) as s:
+                t, wall = asyncio.run(closed_loop(s.url, args.compare_concurrency, args.duration))
+                sizes = s.metric("mmfusion_batch_size_sum", '{encoder="text"}') / max(
+                    s.metric("mmfusion_batch_size_count", '{encoder="text"}'), 1
+                )
+                rows.append(
+                    t.row(f"{name}, {args.compare_concurrency} conns", wall, f"mean batch {sizes:.1f}")
+                )
+    if "cache" in which:
+        texts = [f"a small green triangle number {i}" for i in range(50)]
+        for name, flags in (("cache on", []), ("cache off", ["--no-cache"])):
+            with Server(model, [*mb, *flags], args.threads) as s:
+                t, wall = asyncio.run(closed_loop(s.url, args.compare_concurrency, args.duration, texts))
+                rate = s.metric("mmfusion_cache_hit_rate")
+                note = f"hit rate {rate:.3f}" if not math.isnan(rate) else "cache disabled"
+                rows.append(t.row(f"{name}, 50 distinct captions", wall, note))
+    print(header)
+    print("\n".join(rows))
+    if "inprocess" in which:
+        print()
+        print(in_process(model, 100, args.max_batch))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

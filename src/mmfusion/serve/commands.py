@@ -1,0 +1,242 @@
+"""`mmfusion serve` and `mmfusion index build`: registered on the main CLI by `add_commands(sub)`."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+
+from ..errors import ConfigError, DataError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP inference server (embed, search, classify, metrics, demo page)",
+        description="Serve a saved model over HTTP (FastAPI + uvicorn): POST /v1/embed, /v1/embed/{modality}, "
+        "/v1/search, /v1/classify; GET /healthz, /metrics, /openapi.json, / (demo page). Requests to each "
+        "encoder are dynamically batched; embeddings are cached by content hash.",
+    )
+    p.add_argument("model", help="a run directory or a save_pretrained model folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--index", help="an index folder from `mmfusion index build` (enables /v1/search)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests per model call (default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait to fill a batch (default 5)")
+    p.add_argument("--queue-size", type=int, default=256, help="waiting items per encoder before 503")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="per-item deadline before 503 (default 10)")
+    p.add_argument("--cache-size", type=int, default=4096, help="feature cache entries (default 4096)")
+    p.add_argument("--no-batching", action="store_true", help="one model call per input")
+    p.add_argument("--no-cache", action="store_true", help="disable the feature cache")
+    p.add_argument("--api-key", help="require this key (x-api-key header or Authorization: Bearer) on /v1/*")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="run the encoder service, the cache service and the front (search / API) as three processes "
+        "talking HTTP on loopback",
+    )
+    p.add_argument("--role", default="all", choices=["all", "encoder", "cache"], help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("index", help="image index for /v1/search", description="Image index tools.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
+    b = isub.add_parser(
+        "build",
+        help="embed images into an index folder",
+        description="Embed images with a model's image encoder into INDEX_DIR (embeddings.safetensors + "
+        "index.json). --images takes a folder of PNG/JPEG files or a JSONL manifest (`mmfusion data synth`); "
+        "--synthetic N renders N scenes of the synthetic world (with captions) instead.",
+    )
+    b.add_argument("model", help="a run directory or a save_pretrained model folder")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of PNG/JPEG images, or a .jsonl manifest")
+    src.add_argument("--synthetic", type=int, metavar="N", help="render N synthetic scenes and index them")
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--split", default="test", choices=["train", "val", "test"], help="for --synthetic")
+    b.add_argument("--seed", type=int, default=0, help="world seed for --synthetic")
+    b.add_argument("--image-size", type=int, default=32, help="rendered size for --synthetic")
+    b.set_defaults(func=cmd_index_build)
+
+
+def _engine(model_path: str):
+    from .. import load_model
+    from .server import Engine
+
+    return Engine(load_model(model_path))
+
+
+def cmd_index_build(args) -> int:
+    from .index import build_index, build_synthetic_index, list_images
+
+    engine = _engine(args.model)
+    if args.synthetic is not None:
+        index = build_synthetic_index(
+            engine, args.synthetic, args.out, args.split, args.seed, args.image_size
+        )
+    else:
+        index = build_index(engine, list_images(args.images), args.out, progress=True)
+    print(f"indexed {len(index)} images (dim {index.dim}, model {index.model_id}): {args.out}")
+    return 0
+
+
+def _settings(args):
+    from .server import ServeSettings
+
+    s = ServeSettings(
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        queue_size=args.queue_size,
+        timeout_s=args.timeout_s,
+        cache_size=args.cache_size,
+        batching=not args.no_batching,
+        cache=not args.no_cache,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+    )
+    if s.max_batch < 1 or s.queue_size < 1 or s.max_delay_ms < 0 or s.timeout_s <= 0 or s.cache_size < 0:
+        raise ConfigError(
+            "--max-batch, --queue-size >= 1; --max-delay-ms, --cache-size >= 0; --timeout-s > 0"
+        )
+    return s
+
+
+def _load_index(path: str | None, info: dict):
+    if path is None:
+        return None
+    from .index import EmbeddingIndex
+
+    index = EmbeddingIndex.load(path)
+    if index.dim != info["dim"]:
+        raise DataError(f"index {path} has dim {index.dim}; the model embeds in {info['dim']}")
+    if index.model_id and index.model_id != info["model_id"]:
+        raise DataError(
+            f"index {path} was built with model {index.model_id}, this model is {info['model_id']}: "
+            "rebuild it with `mmfusion index build`"
+        )
+    return index
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(app, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def cmd_serve(args) -> int:
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    if args.role == "cache":
+        from .server import create_cache_app
+
+        _run(create_cache_app(settings.cache_size), args.host, args.port, args.log_level)
+        return 0
+    if args.role == "encoder":
+        from .. import load_model
+        from .server import ServeSettings, create_app
+
+        inner = ServeSettings(**{**settings.__dict__, "cache": False, "api_key": None})
+        _run(create_app(load_model(args.model), settings=inner), args.host, args.port, args.log_level)
+        return 0
+    if args.split:
+        return _serve_split(args, settings)
+    from .. import load_model
+    from .server import LocalBackend, create_app
+
+    backend = LocalBackend(_engine_from(load_model(args.model)), settings)
+    index = _load_index(args.index, backend.info())
+    app = create_app(backend=backend, index=index, settings=settings)
+    print(
+        f"mmfusion serve: http://{args.host}:{args.port}/ ({backend.info()['model_type']}, "
+        f"index {len(index) if index is not None else 'none'})",
+        flush=True,
+    )
+    _run(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def _engine_from(model):
+    from .server import Engine
+
+    return Engine(model)
+
+
+def _serve_split(args, settings) -> int:
+    """Start the encoder and cache services as child processes (loopback, free ports), then the front here."""
+    from .server import RemoteBackend, create_app
+
+    enc_port, cache_port = _free_port(), _free_port()
+    common = [sys.executable, "-m", "mmfusion.cli", "serve", args.model, "--host", "127.0.0.1"]
+    common += ["--log-level", args.log_level, "--threads", str(args.threads)]
+    encoder_cmd = common + [
+        "--role", "encoder", "--port", str(enc_port), "--max-batch", str(args.max_batch),
+        "--max-delay-ms", str(args.max_delay_ms), "--queue-size", str(args.queue_size),
+        "--timeout-s", str(args.timeout_s), "--max-body-bytes", str(args.max_body_bytes),
+    ]  # fmt: skip
+    if args.no_batching:
+        encoder_cmd.append("--no-batching")
+    children = [subprocess.Popen(encoder_cmd)]
+    cache_url = None
+    if not args.no_cache:
+        cache_cmd = common + [
+            "--role",
+            "cache",
+            "--port",
+            str(cache_port),
+            "--cache-size",
+            str(args.cache_size),
+        ]
+        children.append(subprocess.Popen(cache_cmd))
+        cache_url = f"http://127.0.0.1:{cache_port}"
+    try:
+        backend = RemoteBackend.connect(f"http://127.0.0.1:{enc_port}", cache_url, settings)
+        if cache_url:
+            _wait_healthy(cache_url, 30.0)
+        index = _load_index(args.index, backend.info())
+        app = create_app(backend=backend, index=index, settings=settings)
+        print(
+            f"mmfusion serve --split: front http://{args.host}:{args.port}/, encoder service :{enc_port} "
+            f"(pid {children[0].pid})"
+            + (f", cache service :{cache_port} (pid {children[1].pid})" if cache_url else ""),
+            flush=True,
+        )
+        _run(app, args.host, args.port, args.log_level)
+    finally:
+        for c in children:
+            c.terminate()
+        for c in children:
+            try:
+                c.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                c.kill()
+    return 0
+
+
+def _wait_healthy(url: str, wait_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise DataError(f"{url} did not become healthy in {wait_s:g} s")
+
+
+__all__ = ["add_commands", "cmd_index_build", "cmd_serve"]

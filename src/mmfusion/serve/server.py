@@ -1,0 +1,1075 @@
+"""HTTP inference server (FastAPI): embeddings, text -> image search, classification, metrics, demo page.
+
+    app = create_app(model, index=index, settings=ServeSettings(max_batch=32))   # an ASGI app
+    uvicorn.run(app, host="127.0.0.1", port=8000)                                 # what `mmfusion serve` does
+
+Layers: `Engine` wraps a model (decode + validate raw inputs, one batched model call per modality);
+`LocalBackend` puts the feature cache and one DynamicBatcher per encoder in front of it; `RemoteBackend` (the
+`--split` deployment) does the same over HTTP against a separate encoder service and cache service. The
+app itself only parses requests, maps errors to status codes and records metrics.
+
+Errors are JSON `{"error": {"status", "code", "message"}}`: 400 non-JSON body or undecodable media, 401 bad
+or missing API key, 404 unknown route / no index / no classifier, 413 body over the limit, 415 wrong
+Content-Type, 422 well-formed but invalid input (shape, NaN, empty text, wrong field), 503 + Retry-After
+when a queue is full or a request times out. Anything unexpected is a 500 with the exception's type, never a
+dropped connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import json
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:  # the `serve` extra
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - the CLI prints this
+    raise ImportError(f"the server needs FastAPI: pip install 'mmfusion[serve]' ({e})") from None
+
+from ..batch import Batch
+from ..errors import DataError
+from .batching import DynamicBatcher, Overloaded
+from .cache import FeatureCache, content_key
+
+MODALITIES = ("text", "image", "audio", "video")
+MAX_ITEMS = 256  # inputs per request
+MAX_TEXT_CHARS = 10_000
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_VIDEO_FRAMES = 512
+BINARY_TYPES = {
+    "image": ("image/png", "image/jpeg"),
+    "audio": ("audio/wav", "audio/x-wav", "audio/wave"),
+    "video": ("application/x-npy", "application/octet-stream"),
+    "text": ("text/plain",),
+}
+
+
+# ---- settings and errors ----------------------------------------------------------------------------------
+@dataclass
+class ServeSettings:
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    queue_size: int = 256
+    timeout_s: float = 10.0
+    cache_size: int = 4096
+    batching: bool = True
+    cache: bool = True
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+class APIError(Exception):
+    """An error with its HTTP status, a short machine code and a message naming the problem."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def invalid(message: str) -> APIError:
+    return APIError(422, "invalid_input", message)
+
+
+def undecodable(message: str) -> APIError:
+    return APIError(400, "undecodable_input", message)
+
+
+def overloaded(e: Overloaded) -> APIError:
+    return APIError(503, e.reason, str(e), {"Retry-After": str(max(1, int(math.ceil(e.retry_after_s))))})
+
+
+# ---- the model engine -------------------------------------------------------------------------------------
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the config and weights (16 hex digits): the model id in cache keys and index files."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_dump_json"):
+        h.update(config.model_dump_json().encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise invalid(f"{what} is {type(value).__name__}; expected a base64 string")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise undecodable(f"{what} is not valid base64") from None
+    if not data:
+        raise invalid(f"{what} is empty")
+    return data
+
+
+class Engine:
+    """A loaded model: which modalities it embeds, how raw inputs become tensors, one batched call each.
+
+    ContrastiveModel: text and image, its own projection heads (the training embedding space).
+    MultiModalModel: every encoder it has; an embedding is the mean of the encoder's projected tokens
+    (the fusion input), L2-normalised; `classify` runs the whole model (fusion + head).
+    """
+
+    def __init__(self, model: torch.nn.Module, model_id: str | None = None):
+        from ..models.contrastive import ContrastiveModel
+
+        self.model = model.eval()
+        self.model_id = model_id or model_fingerprint(model)
+        self.contrastive = isinstance(model, ContrastiveModel)
+        if self.contrastive:
+            self.model_type = "contrastive"
+            self.keys = {"text": "text", "image": "image"}  # modality -> batch key
+            self.dim = model.config.embed_dim
+        else:
+            self.model_type = "multimodal"
+            self.keys = {cfg.kind: key for key, cfg in sorted(model.config.encoders.items())}
+            self.dim = model.config.dim
+        self.tokenizer = model.tokenizer
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if m in self.keys]
+
+    @property
+    def can_classify(self) -> bool:
+        return not self.contrastive
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model_type": self.model_type,
+            "model_id": self.model_id,
+            "modalities": self.modalities,
+            "dim": self.dim,
+        }
+        if self.can_classify:
+            out["head"] = self.model.config.head
+            out["n_classes"] = self.model.config.n_classes if self.model.config.head == "classify" else 2
+        return out
+
+    def _cfg(self, modality: str):
+        return None if self.contrastive else self.model.config.encoders[self.keys[modality]]
+
+    # ---- decoding: raw request payload -> model-ready item ------------------------------------------------
+    def prepare(self, modality: str, raw: bytes | str, what: str) -> Any:
+        """Validate and preprocess one input; raises APIError (400 undecodable, 422 invalid)."""
+        if modality not in self.keys:
+            raise invalid(f"this model has no {modality} encoder; it embeds {', '.join(self.modalities)}")
+        if modality == "text":
+            if isinstance(raw, bytes):
+                try:
+                    raw = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise undecodable(f"{what} is not UTF-8 text") from None
+            if not isinstance(raw, str):
+                raise invalid(f"{what} is {type(raw).__name__}; expected a string")
+            if not raw.strip():
+                raise invalid(f"{what} is empty")
+            if len(raw) > MAX_TEXT_CHARS:
+                raise invalid(f"{what} has {len(raw)} characters; at most {MAX_TEXT_CHARS}")
+            return raw
+        try:
+            if modality == "image":
+                return self._image(raw, what)
+            if modality == "audio":
+                return self._audio(raw, what)
+            return self._video(raw, what)
+        except DataError as e:
+            raise invalid(f"{what}: {e}") from None
+
+    def _image(self, data: bytes, what: str) -> torch.Tensor:
+        from PIL import Image
+
+        from ..modalities.image import preprocess_image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise invalid(f"{what} is {im.width}x{im.height}; at most {MAX_IMAGE_PIXELS} pixels")
+                im.load()
+                im = im.copy()
+        except APIError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise invalid(f"{what}: {e}") from None
+        except Exception as e:  # PIL raises many types for broken files
+            raise undecodable(
+                f"{what} is not a decodable image ({type(e).__name__}); send PNG or JPEG"
+            ) from None
+        size = self.model.image_size if self.contrastive else self._cfg("image").image_size
+        return preprocess_image(im, size)
+
+    def _audio(self, data: bytes, what: str) -> torch.Tensor:
+        import soundfile as sf
+
+        from ..modalities.audio import preprocess_audio
+
+        try:
+            wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        except Exception as e:
+            raise undecodable(f"{what} is not a decodable WAV file ({type(e).__name__})") from None
+        if wave.size == 0:
+            raise invalid(f"{what} has no samples")
+        cfg = self._cfg("audio")
+        seconds = max(cfg.max_frames - 1, 1) / 100.0  # hop 160 at 16 kHz: 100 frames per second
+        mel = preprocess_audio(
+            wave.T if wave.ndim == 2 else wave, int(sr), seconds=seconds, n_mels=cfg.n_mels
+        )
+        if not torch.isfinite(mel).all():
+            raise invalid(f"{what} gives non-finite features (NaN or infinite samples?)")
+        return mel
+
+    def _video(self, data: bytes, what: str) -> torch.Tensor:
+        from ..modalities.video import preprocess_video
+
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise undecodable(f"{what} is not a decodable .npy array ({type(e).__name__})") from None
+        if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[3] != 3:
+            raise invalid(f"{what} has shape {getattr(arr, 'shape', None)}; expected (T, H, W, 3)")
+        t, h, w, _ = arr.shape
+        if not (1 <= t <= MAX_VIDEO_FRAMES) or h < 1 or w < 1 or h * w > MAX_IMAGE_PIXELS:
+            raise invalid(f"{what} has shape {arr.shape}; need 1..{MAX_VIDEO_FRAMES} frames of a sane size")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise invalid(f"{what} contains NaN or infinite values")
+            raise invalid(f"{what} has dtype {arr.dtype}; expected uint8")
+        cfg = self._cfg("video")
+        return preprocess_video(arr, cfg.num_frames, cfg.image_size)
+
+    def placeholder(self, modality: str) -> Any:
+        """A valid stand-in row for an absent modality (masked out by the model)."""
+        if modality == "text":
+            return "a"
+        cfg = self._cfg(modality)
+        if modality == "image":
+            return torch.zeros(3, cfg.image_size, cfg.image_size)
+        if modality == "audio":
+            return torch.zeros(cfg.n_mels, cfg.max_frames)
+        return torch.zeros(cfg.num_frames, 3, cfg.image_size, cfg.image_size)
+
+    # ---- model calls (run in a worker thread) ---------------------------------------------------------
+    def _stack(self, modality: str, items: Sequence[Any]) -> torch.Tensor:
+        if modality == "text":
+            return self.tokenizer.encode(list(items))
+        return torch.stack(list(items))
+
+    @torch.inference_mode()
+    def embed(self, modality: str, items: Sequence[Any]) -> list[np.ndarray]:
+        """Prepared items of one modality -> one L2-normalised float32 vector each (one model call)."""
+        x = self._stack(modality, items)
+        if self.contrastive:
+            emb = self.model.embed_text_ids(x) if modality == "text" else self.model.embed_image_tensor(x)
+        else:
+            key = self.keys[modality]
+            tokens = self.model.projections[key](
+                self.model.encoders[key].forward_tokens(x.to(self.model.device))
+            )
+            if modality == "text":
+                valid = (x != 0).to(tokens.device, tokens.dtype)[..., None]
+                pooled = (tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
+            else:
+                pooled = tokens.mean(1)
+            emb = F.normalize(pooled, dim=-1)
+        arr = emb.float().cpu().numpy()
+        return [arr[i] for i in range(arr.shape[0])]
+
+    @torch.inference_mode()
+    def classify(self, samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Samples (modality -> prepared item, at least one) -> prediction dicts (one model call)."""
+        data, mask = {}, {}
+        for m in self.modalities:
+            present = [m in s for s in samples]
+            fill = next((s[m] for s in samples if m in s), self.placeholder(m))
+            data[self.keys[m]] = self._stack(m, [s.get(m, fill) for s in samples])
+            mask[self.keys[m]] = torch.tensor(present, dtype=torch.bool)
+        logits, _ = self.model.logits(Batch(data, mask))
+        logits = logits.float().cpu()
+        out = []
+        if self.model.config.head == "match":
+            for v in torch.sigmoid(logits).tolist():
+                out.append({"label": int(v > 0.5), "score": v})
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            for p in probs:
+                out.append({"label": int(p.argmax()), "score": float(p.max()), "probabilities": p.tolist()})
+        return out
+
+
+# ---- backends: cache + batching around the engine (in process) or over HTTP (split) -----------------------
+class LocalBackend:
+    """Engine + feature cache + one DynamicBatcher per encoder (and one for classification)."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        self.engine = engine
+        self.settings = settings
+        self.cache = FeatureCache(settings.cache_size) if settings.cache else None
+        batch, delay = (settings.max_batch, settings.max_delay_ms) if settings.batching else (1, 0.0)
+        self.batchers: dict[str, DynamicBatcher] = {
+            m: DynamicBatcher(
+                lambda items, m=m: engine.embed(m, items),
+                batch,
+                delay,
+                settings.queue_size,
+                settings.timeout_s,
+                name=m,
+            )
+            for m in engine.modalities
+        }
+        if engine.can_classify:
+            self.batchers["classify"] = DynamicBatcher(
+                engine.classify, batch, delay, settings.queue_size, settings.timeout_s, name="classify"
+            )
+
+    def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    async def _prepare(self, modality: str, raws: list[tuple[int, bytes | str]]) -> list[Any]:
+        if not raws:
+            return []
+        if modality == "text":
+            return [self.engine.prepare(modality, raw, f"{modality} #{i}") for i, raw in raws]
+        # decoding images / audio / video is CPU work: keep it off the event loop
+        return await asyncio.to_thread(
+            lambda: [self.engine.prepare(modality, raw, f"{modality} #{i}") for i, raw in raws]
+        )
+
+    async def embed(self, modality: str, raws: list[bytes | str]) -> tuple[list[np.ndarray], int]:
+        """Raw inputs -> embeddings (cache first, then the batcher); returns (vectors, cache hits)."""
+        if modality not in self.batchers or modality == "classify":
+            raise invalid(
+                f"this model has no {modality} encoder; it embeds {', '.join(self.engine.modalities)}"
+            )
+        out: list[np.ndarray | None] = [None] * len(raws)
+        keys = [content_key(self.engine.model_id, modality, r) for r in raws]
+        if self.cache is not None:
+            for i, k in enumerate(keys):
+                out[i] = self.cache.get(k)
+        misses = [(i, raws[i]) for i in range(len(raws)) if out[i] is None]
+        prepared = await self._prepare(modality, misses)  # all validated before any is queued
+        results = await asyncio.gather(
+            *(self.batchers[modality].submit(p) for p in prepared), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, Overloaded):
+                raise overloaded(r)
+            if isinstance(r, BaseException):
+                raise r
+        for (i, _), vec in zip(misses, results):
+            out[i] = vec
+            if self.cache is not None:
+                self.cache.put(keys[i], vec)
+        return out, len(raws) - len(misses)  # type: ignore[return-value]
+
+    async def classify(self, samples: list[dict[str, bytes | str]]) -> list[dict[str, Any]]:
+        if "classify" not in self.batchers:
+            raise APIError(
+                404,
+                "no_classifier",
+                f"this server's model is {self.engine.model_type}; /v1/classify needs a multimodal model "
+                "folder (model_type multimodal)",
+            )
+
+        def prep() -> list[dict[str, Any]]:
+            return [
+                {m: self.engine.prepare(m, raw, f"inputs[{i}].{m}") for m, raw in s.items()}
+                for i, s in enumerate(samples)
+            ]
+
+        prepared = await asyncio.to_thread(prep)
+        results = await asyncio.gather(
+            *(self.batchers["classify"].submit(p) for p in prepared), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, Overloaded):
+                raise overloaded(r)
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)
+
+    def metric_lines(self) -> list[str]:
+        lines: list[str] = []
+        lines += _cache_lines(self.cache.stats() if self.cache is not None else None)
+        lines += _batcher_lines(self.batchers)
+        return lines
+
+    async def close(self) -> None:
+        for b in self.batchers.values():
+            await b.close()
+
+
+def _cache_lines(stats: dict[str, Any] | None) -> list[str]:
+    if stats is None:
+        return ["# cache disabled"]
+    return [
+        "# HELP mmfusion_cache_hits_total Feature cache hits.",
+        "# TYPE mmfusion_cache_hits_total counter",
+        f"mmfusion_cache_hits_total {stats['hits']}",
+        "# HELP mmfusion_cache_misses_total Feature cache misses.",
+        "# TYPE mmfusion_cache_misses_total counter",
+        f"mmfusion_cache_misses_total {stats['misses']}",
+        "# HELP mmfusion_cache_hit_rate Hits / (hits + misses) since start.",
+        "# TYPE mmfusion_cache_hit_rate gauge",
+        f"mmfusion_cache_hit_rate {stats['hit_rate']:.6f}",
+        "# TYPE mmfusion_cache_entries gauge",
+        f"mmfusion_cache_entries {stats['entries']}",
+        "# TYPE mmfusion_cache_evictions_total counter",
+        f"mmfusion_cache_evictions_total {stats['evictions']}",
+    ]
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _batcher_lines(batchers: dict[str, DynamicBatcher]) -> list[str]:
+    lines = [
+        "# HELP mmfusion_queue_depth Items waiting in each encoder's batching queue.",
+        "# TYPE mmfusion_queue_depth gauge",
+    ]
+    lines += [f'mmfusion_queue_depth{{encoder="{n}"}} {b.queue_depth}' for n, b in batchers.items()]
+    lines += [
+        "# HELP mmfusion_model_executions_total Batched model calls.",
+        "# TYPE mmfusion_model_executions_total counter",
+    ]
+    lines += [f'mmfusion_model_executions_total{{encoder="{n}"}} {b.executions}' for n, b in batchers.items()]
+    lines += [
+        "# HELP mmfusion_batch_size Items per model call.",
+        "# TYPE mmfusion_batch_size histogram",
+    ]
+    for n, b in batchers.items():
+        for le in BATCH_BUCKETS:
+            count = sum(c for size, c in b.batch_sizes.items() if size <= le)
+            lines.append(f'mmfusion_batch_size_bucket{{encoder="{n}",le="{le}"}} {count}')
+        lines.append(f'mmfusion_batch_size_bucket{{encoder="{n}",le="+Inf"}} {b.executions}')
+        lines.append(f'mmfusion_batch_size_sum{{encoder="{n}"}} {b.items}')
+        lines.append(f'mmfusion_batch_size_count{{encoder="{n}"}} {b.executions}')
+    lines += [
+        "# HELP mmfusion_rejected_total Items refused with 503 (queue_full, timeout).",
+        "# TYPE mmfusion_rejected_total counter",
+    ]
+    for n, b in batchers.items():
+        for reason in ("queue_full", "timeout"):
+            lines.append(f'mmfusion_rejected_total{{encoder="{n}",reason="{reason}"}} {b.rejected[reason]}')
+    return lines
+
+
+# ---- request metrics --------------------------------------------------------------------------------------
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestMetrics:
+    """Request counts by (endpoint, status), a latency histogram per endpoint, and recent quantiles."""
+
+    def __init__(self, window: int = 2048):
+        self.counts: Counter[tuple[str, int]] = Counter()
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: Counter[str] = Counter()
+        self.recent: dict[str, deque[float]] = {}
+        self.window = window
+        self.in_flight = 0
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.counts[(endpoint, status)] += 1
+        b = self.buckets.setdefault(endpoint, [0] * len(LATENCY_BUCKETS))
+        for i, le in enumerate(LATENCY_BUCKETS):
+            if seconds <= le:
+                b[i] += 1
+        self.sums[endpoint] += seconds
+        self.recent.setdefault(endpoint, deque(maxlen=self.window)).append(seconds)
+
+    def lines(self) -> list[str]:
+        out = [
+            "# HELP mmfusion_requests_total HTTP requests by endpoint and status.",
+            "# TYPE mmfusion_requests_total counter",
+        ]
+        out += [
+            f'mmfusion_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+            for (e, s), n in sorted(self.counts.items())
+        ]
+        out += [
+            "# HELP mmfusion_request_duration_seconds Request latency.",
+            "# TYPE mmfusion_request_duration_seconds histogram",
+        ]
+        for e, b in sorted(self.buckets.items()):
+            total = sum(n for (ep, _), n in self.counts.items() if ep == e)
+            out += [
+                f'mmfusion_request_duration_seconds_bucket{{endpoint="{e}",le="{le}"}} {c}'
+                for le, c in zip(LATENCY_BUCKETS, b)
+            ]
+            out.append(f'mmfusion_request_duration_seconds_bucket{{endpoint="{e}",le="+Inf"}} {total}')
+            out.append(f'mmfusion_request_duration_seconds_sum{{endpoint="{e}"}} {self.sums[e]:.6f}')
+            out.append(f'mmfusion_request_duration_seconds_count{{endpoint="{e}"}} {total}')
+        out += [
+            f"# HELP mmfusion_request_latency_seconds Latency quantiles over the last {self.window} requests.",
+            "# TYPE mmfusion_request_latency_seconds summary",
+        ]
+        for e, r in sorted(self.recent.items()):
+            arr = np.asarray(r)
+            for q in (0.5, 0.9, 0.99):
+                out.append(
+                    f'mmfusion_request_latency_seconds{{endpoint="{e}",quantile="{q}"}} {np.quantile(arr, q):.6f}'
+                )
+            out.append(f'mmfusion_request_latency_seconds_sum{{endpoint="{e}"}} {arr.sum():.6f}')
+            out.append(f'mmfusion_request_latency_seconds_count{{endpoint="{e}"}} {arr.size}')
+        out += ["# TYPE mmfusion_requests_in_flight gauge", f"mmfusion_requests_in_flight {self.in_flight}"]
+        return out
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: time each HTTP request and count it under its route template and status."""
+
+    def __init__(self, app, metrics: RequestMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight += 1
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight -= 1
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.observe(endpoint, status[0], time.perf_counter() - start)
+
+
+# ---- request parsing --------------------------------------------------------------------------------------
+def _media_type(request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed `limit` bytes (header or stream)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise APIError(400, "bad_request", f"Content-Length {length!r} is not a number") from None
+        if declared > limit:
+            raise APIError(413, "body_too_large", f"body is {declared} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed (JSON numbers must be finite)")
+
+
+async def read_json(request, limit: int) -> dict[str, Any]:
+    if _media_type(request) != "application/json":
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type is {request.headers.get('content-type') or 'missing'!r}; send application/json",
+        )
+    body = await read_body(request, limit)
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except ValueError as e:
+        if "not allowed" in str(e):
+            raise invalid(str(e)) from None
+        raise APIError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise invalid(f"body is a JSON {type(data).__name__}; expected an object")
+    return data
+
+
+def _as_list(value: Any, field: str) -> list[Any]:
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    if not isinstance(value, list):
+        raise invalid(f"{field} is {type(value).__name__}; expected a list")
+    if not value:
+        raise invalid(f"{field} is an empty list")
+    if len(value) > MAX_ITEMS:
+        raise invalid(f"{field} has {len(value)} items; at most {MAX_ITEMS} per request")
+    return value
+
+
+def _raw_inputs(modality: str, values: list[Any], field: str) -> list[bytes | str]:
+    if modality == "text":
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise invalid(f"{field}[{i}] is {type(v).__name__}; expected a string")
+            if not v.strip():
+                raise invalid(f"{field}[{i}] is empty")
+        return values
+    return [_b64(v, f"{field}[{i}]") for i, v in enumerate(values)]
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+def _schemas() -> dict[str, dict[str, Any]]:
+    b64 = {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_ITEMS}
+    return {
+        "embed": {
+            "type": "object",
+            "description": "Exactly one modality key: text (strings), image (base64 PNG/JPEG), audio (base64 "
+            "WAV), video (base64 .npy (T, H, W, 3) uint8).",
+            "properties": {
+                "text": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                "image": b64,
+                "audio": b64,
+                "video": b64,
+            },
+        },
+        "search": {
+            "type": "object",
+            "required": ["text"],
+            "properties": {
+                "text": {"type": "string", "minLength": 1},
+                "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+                "include_images": {"type": "boolean", "default": False},
+            },
+        },
+        "classify": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "inputs": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {m: {"type": "string"} for m in MODALITIES},
+                    },
+                }
+            },
+        },
+    }
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def create_app(
+    model: torch.nn.Module | None = None,
+    *,
+    index=None,
+    settings: ServeSettings | None = None,
+    backend: LocalBackend | Any = None,
+    model_id: str | None = None,
+):
+    """The FastAPI app for `model` (or a ready backend), with an optional EmbeddingIndex for /v1/search."""
+    from .. import __version__
+
+    settings = settings or ServeSettings()
+    if backend is None:
+        if model is None:
+            raise ValueError("create_app needs a model or a backend")
+        backend = LocalBackend(Engine(model, model_id), settings)
+    metrics = RequestMetrics()
+    schemas = _schemas()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await backend.close()
+
+    app = FastAPI(
+        title="mmfusion inference server",
+        version=__version__,
+        description="Embeddings, text-to-image search and classification for an mmfusion model.",
+        lifespan=lifespan,
+    )
+    app.state.backend, app.state.index, app.state.settings, app.state.metrics = (
+        backend,
+        index,
+        settings,
+        metrics,
+    )
+
+    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        return JSONResponse(
+            {"error": {"status": status, "code": code, "message": message}}, status, headers=headers
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(422, "invalid_input", f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e):
+        return error(500, "internal_error", f"{type(e).__name__}: {e}")
+
+    async def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send it as the x-api-key header or Authorization: Bearer KEY",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    def vectors(vs: list[np.ndarray]) -> list[list[float]]:
+        return [np.asarray(v, dtype=np.float32).tolist() for v in vs]
+
+    @v1.post("/embed", openapi_extra=_json_body(schemas["embed"]), summary="Embed a list of one modality")
+    async def embed(request: Request):
+        data = await read_json(request, settings.max_body_bytes)
+        mods = [m for m in MODALITIES if m in data]
+        unknown = sorted(set(data) - set(MODALITIES))
+        if unknown:
+            raise invalid(f"unknown field(s) {unknown}; give one of {list(MODALITIES)}")
+        if len(mods) != 1:
+            raise invalid(f"give exactly one of {list(MODALITIES)} (got {mods or 'none'})")
+        m = mods[0]
+        raws = _raw_inputs(m, _as_list(data[m], m), m)
+        vecs, hits = await backend.embed(m, raws)
+        info = backend.info()
+        return {
+            "modality": m,
+            "model_id": info["model_id"],
+            "dim": info["dim"],
+            "cache_hits": hits,
+            "embeddings": vectors(vecs),
+        }
+
+    binary_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for ts in BINARY_TYPES.values()
+                for t in ts
+            },
+        }
+    }
+
+    @v1.post("/embed/{modality}", openapi_extra=binary_doc, summary="Embed one raw file (image/png ...)")
+    async def embed_binary(modality: str, request: Request):
+        if modality not in BINARY_TYPES:
+            raise APIError(404, "not_found", f"no modality {modality!r}; one of {list(BINARY_TYPES)}")
+        mt = _media_type(request)
+        if mt not in BINARY_TYPES[modality]:
+            raise APIError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {mt or 'missing'!r} for {modality}; send one of {list(BINARY_TYPES[modality])}",
+            )
+        body = await read_body(request, settings.max_body_bytes)
+        if not body:
+            raise invalid("body is empty")
+        vecs, hits = await backend.embed(modality, [body])
+        info = backend.info()
+        return {
+            "modality": modality,
+            "model_id": info["model_id"],
+            "dim": info["dim"],
+            "cache_hits": hits,
+            "embeddings": vectors(vecs),
+        }
+
+    def need_index():
+        if app.state.index is None:
+            raise APIError(404, "no_index", "this server has no index: start it with --index INDEX_DIR")
+        return app.state.index
+
+    @v1.post("/search", openapi_extra=_json_body(schemas["search"]), summary="Caption -> top-k index images")
+    async def search(request: Request):
+        data = await read_json(request, settings.max_body_bytes)
+        text = data.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise invalid("text: expected a non-empty string (the caption to search for)")
+        k = data.get("k", 5)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
+            raise invalid(f"k = {k!r}: expected an integer in [1, 100]")
+        include = data.get("include_images", False)
+        if not isinstance(include, bool):
+            raise invalid("include_images: expected true or false")
+        index = need_index()
+        vecs, hits = await backend.embed("text", [text])
+        results = index.search(vecs[0], k)
+        if include:
+            for r in results:
+                r["image_png_base64"] = base64.b64encode(index.image_png(r["index"])).decode()
+        return {"query": text, "k": k, "cache_hits": hits, "results": results}
+
+    @v1.get("/index", summary="What the loaded index holds")
+    async def index_info():
+        return need_index().info()
+
+    @v1.get(
+        "/index/image/{i}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+        summary="Image i of the index as PNG",
+    )
+    async def index_image(i: int):
+        index = need_index()
+        if not 0 <= i < len(index):
+            raise APIError(404, "not_found", f"image {i} is not in the index (0..{len(index) - 1})")
+        try:
+            png = await asyncio.to_thread(index.image_png, i)
+        except OSError as e:
+            raise APIError(404, "not_found", f"image {i}: file unreadable ({e})") from None
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @v1.post("/classify", openapi_extra=_json_body(schemas["classify"]), summary="Fusion model prediction")
+    async def classify(request: Request):
+        data = await read_json(request, settings.max_body_bytes)
+        inputs = _as_list(data.get("inputs"), "inputs") if "inputs" in data else None
+        if inputs is None:
+            raise invalid('inputs: expected a list of objects like {"text": ..., "image": base64}')
+        mods = backend.info()["modalities"]
+        samples = []
+        for i, s in enumerate(inputs):
+            if not isinstance(s, dict):
+                raise invalid(f"inputs[{i}] is {type(s).__name__}; expected an object")
+            bad = sorted(set(s) - set(mods))
+            if bad:
+                raise invalid(f"inputs[{i}]: unknown modality {bad}; this model has {mods}")
+            if not s:
+                raise invalid(f"inputs[{i}] has no modality; give at least one of {mods}")
+            samples.append({m: _raw_inputs(m, [v], f"inputs[{i}].{m}")[0] for m, v in s.items()})
+        return {"predictions": await backend.classify(samples)}
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="Liveness and what is loaded")
+    async def healthz():
+        index = app.state.index
+        return {
+            "status": "ok",
+            **backend.info(),
+            "index_size": len(index) if index is not None else 0,
+            "batching": settings.batching,
+            "cache": settings.cache,
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
+    async def prometheus():
+        lines = metrics.lines() + backend.metric_lines()
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo():
+        return HTMLResponse(demo_page())
+
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def demo_page() -> str:
+    try:
+        return resources.files("mmfusion.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return "<!doctype html><title>mmfusion</title><p>Demo page not installed; POST /v1/search.</p>"
+
+
+# ---- split deployment: encoder service + cache service + this front (fusion / search) -------------------
+def create_cache_app(max_entries: int = 4096):
+    """The cache as its own service: POST /v1/cache/get {"keys"} -> {"vectors": [list | null]},
+    POST /v1/cache/put {"items": {key: vector}}, GET /healthz, GET /metrics."""
+    cache = FeatureCache(max_entries)
+    app = FastAPI(title="mmfusion feature cache", version="1")
+    app.state.cache = cache
+
+    @app.post("/v1/cache/get")
+    async def get(payload: dict[str, Any]):
+        keys = payload.get("keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return JSONResponse(
+                {"error": {"status": 422, "message": "keys: expected a list of strings"}}, 422
+            )
+        vals = [cache.get(k) for k in keys]
+        return {"vectors": [None if v is None else v.tolist() for v in vals]}
+
+    @app.post("/v1/cache/put")
+    async def put(payload: dict[str, Any]):
+        items = payload.get("items")
+        if not isinstance(items, dict):
+            return JSONResponse({"error": {"status": 422, "message": "items: expected an object"}}, 422)
+        for k, v in items.items():
+            cache.put(k, v)
+        return {"stored": len(items)}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "role": "cache", **cache.stats()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse("\n".join(_cache_lines(cache.stats())) + "\n")
+
+    return app
+
+
+class RemoteBackend:
+    """The front's view of the split deployment: cache lookups on the cache service, misses embedded by
+    the encoder service (which batches), results stored back. A cache service that is down counts as a
+    miss; an encoder service that is down or overloaded is a 503 with Retry-After."""
+
+    def __init__(self, encoder_url: str, cache_url: str | None, settings: ServeSettings):
+        import httpx
+
+        self.encoder_url, self.cache_url, self.settings = encoder_url.rstrip("/"), cache_url, settings
+        self.client = httpx.AsyncClient(
+            timeout=settings.timeout_s + 2,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+        self._info: dict[str, Any] | None = None
+        self.cache_hits = self.cache_misses = self.cache_errors = 0
+
+    @classmethod
+    def connect(cls, encoder_url: str, cache_url: str | None, settings: ServeSettings, wait_s: float = 60.0):
+        """Wait for the encoder service's /healthz (it is loading its model) and read what it serves."""
+        import httpx
+
+        backend = cls(encoder_url, cache_url, settings)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                r = httpx.get(f"{backend.encoder_url}/healthz", timeout=2)
+                if r.status_code == 200:
+                    info = r.json()
+                    keys = ("model_type", "model_id", "modalities", "dim", "head", "n_classes")
+                    backend._info = {k: info[k] for k in keys if k in info}
+                    return backend
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise DataError(f"encoder service {encoder_url} did not become healthy in {wait_s:g} s")
+            time.sleep(0.2)
+
+    def info(self) -> dict[str, Any]:
+        assert self._info is not None
+        return dict(self._info)
+
+    async def _post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            r = await self.client.post(url, json=payload)
+        except httpx.HTTPError as e:
+            raise APIError(
+                503, "upstream_unavailable", f"encoder service: {type(e).__name__}", {"Retry-After": "1"}
+            ) from None
+        if r.status_code != 200:
+            try:
+                err = r.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                err = {"code": "upstream_error", "message": r.text[:200]}
+            headers = {"Retry-After": r.headers["retry-after"]} if "retry-after" in r.headers else None
+            raise APIError(r.status_code, err.get("code", "upstream_error"), err.get("message", ""), headers)
+        return r.json()
+
+    async def embed(self, modality: str, raws: list[bytes | str]) -> tuple[list[np.ndarray], int]:
+        import httpx
+
+        info = self.info()
+        if modality not in info["modalities"]:
+            raise invalid(f"this model has no {modality} encoder; it embeds {', '.join(info['modalities'])}")
+        keys = [content_key(info["model_id"], modality, r) for r in raws]
+        out: list[np.ndarray | None] = [None] * len(raws)
+        if self.cache_url:
+            try:
+                r = await self.client.post(f"{self.cache_url}/v1/cache/get", json={"keys": keys})
+                for i, v in enumerate(r.json()["vectors"]):
+                    out[i] = None if v is None else np.asarray(v, dtype=np.float32)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                self.cache_errors += 1
+        miss = [i for i, v in enumerate(out) if v is None]
+        self.cache_hits += len(raws) - len(miss)
+        self.cache_misses += len(miss)
+        if miss:
+            wire = [raws[i] if modality == "text" else base64.b64encode(raws[i]).decode() for i in miss]
+            got = await self._post(f"{self.encoder_url}/v1/embed", {modality: wire})
+            for i, v in zip(miss, got["embeddings"]):
+                out[i] = np.asarray(v, dtype=np.float32)
+            if self.cache_url:
+                try:
+                    await self.client.post(
+                        f"{self.cache_url}/v1/cache/put",
+                        json={"items": {keys[i]: out[i].tolist() for i in miss}},  # type: ignore[union-attr]
+                    )
+                except httpx.HTTPError:
+                    self.cache_errors += 1
+        return out, len(raws) - len(miss)  # type: ignore[return-value]
+
+    async def classify(self, samples: list[dict[str, bytes | str]]) -> list[dict[str, Any]]:
+        wire = [
+            {m: (v if m == "text" else base64.b64encode(v).decode()) for m, v in s.items()} for s in samples
+        ]
+        return (await self._post(f"{self.encoder_url}/v1/classify", {"inputs": wire}))["predictions"]
+
+    def metric_lines(self) -> list[str]:
+        return [
+            "# split deployment: batching metrics are on the encoder service's /metrics",
+            "# TYPE mmfusion_front_cache_hits_total counter",
+            f"mmfusion_front_cache_hits_total {self.cache_hits}",
+            "# TYPE mmfusion_front_cache_misses_total counter",
+            f"mmfusion_front_cache_misses_total {self.cache_misses}",
+            "# TYPE mmfusion_front_cache_errors_total counter",
+            f"mmfusion_front_cache_errors_total {self.cache_errors}",
+        ]
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+__all__ = [
+    "APIError",
+    "Engine",
+    "LocalBackend",
+    "RemoteBackend",
+    "ServeSettings",
+    "create_app",
+    "create_cache_app",
+    "model_fingerprint",
+]
