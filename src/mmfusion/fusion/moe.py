@@ -26,6 +26,8 @@ class MoEFusion(Fusion):
     hierarchical: a shared base layer (residual MLP) on every token, then one group of `num_experts` experts per
     modality combination (2^M - 1 groups); a token routes only within its sample's combination group
     (seed 002 层次化MoE: 基础层处理通用模态, 专家层处理特定模态组合).
+    router_bias: give the router a learnable per-expert logit bias (default off: a bias-free linear router). It is
+    trained like any parameter; benchmarks/moe_balance.py sets it large on one expert to force a collapse.
     pooled (B, D) = mean over present tokens; tokens (B, N, D), absent positions zeroed.
     info: tokens_per_expert (E,) (assignments before capacity), load_cv, dropped, kept (T, k), expert_index (T, k),
     combine_weights (T, k), lb_loss, z_loss; T = present tokens in row-major order of info["token_mask"].
@@ -45,6 +47,7 @@ class MoEFusion(Fusion):
         aux_free_bias: bool = False,
         bias_update_rate: float = 1e-3,
         hierarchical: bool = False,
+        router_bias: bool = False,
     ):
         super().__init__(modalities, dim)
         if not 1 <= top_k <= num_experts:
@@ -63,16 +66,17 @@ class MoEFusion(Fusion):
         self.bias_update_rate = bias_update_rate
         self.base = nn.Sequential(nn.LayerNorm(dim), MLP(dim, hidden)) if hierarchical else None
         self.norm = nn.LayerNorm(dim)
-        self.router = nn.Linear(dim, self.num_experts, bias=False)
+        self.router = nn.Linear(dim, self.num_experts, bias=router_bias)
         self.experts = nn.ModuleList(MLP(dim, hidden) for _ in range(self.num_experts))
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))  # (E,), aux-loss-free balancing
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
-        """Aux-loss-free balancing step: bias += rate * sign(mean load of the group - load), outside autograd."""
+        """Aux-loss-free balancing step, outside autograd: delta = rate * sign(mean load of the group - load),
+        centred per group (as torchtitan does) so the biases cannot drift together; bias += delta."""
         load = tokens_per_expert.float().view(self.groups, self.experts_per_group)
-        err = load.mean(dim=1, keepdim=True) - load
-        self.expert_bias += self.bias_update_rate * err.sign().flatten()
+        delta = self.bias_update_rate * (load.mean(dim=1, keepdim=True) - load).sign()
+        self.expert_bias += (delta - delta.mean(dim=1, keepdim=True)).flatten()
 
     def fuse(self, features: dict[str, torch.Tensor], present: torch.Tensor) -> FusionOutput:
         self._raise_if_all_absent(present)
@@ -83,7 +87,8 @@ class MoEFusion(Fusion):
         h = self.norm(x)
         e, k = self.num_experts, self.top_k
 
-        logits = F.linear(h.float(), self.router.weight.float())  # (T, E), fp32
+        bias = None if self.router.bias is None else self.router.bias.float()
+        logits = F.linear(h.float(), self.router.weight.float(), bias)  # (T, E), fp32
         group = self._token_groups(present, valid)  # (T,)
         allowed = torch.arange(e, device=x.device) // self.experts_per_group == group[:, None]  # (T, E)
         logits = logits.masked_fill(~allowed, float("-inf"))
