@@ -159,3 +159,8 @@ def test_audio_visual_needs_both_modalities():
     # by construction either modality alone is exactly at chance
     assert report["without_audio"] == pytest.approx(0.5, abs=0.05), report
     assert report["without_image"] == pytest.approx(0.5, abs=0.05), report
+
+
+def test_build_task_model_rejects_modalities_the_task_lacks():
+    with pytest.raises(ConfigError, match="non-empty subset"):
+        build_task_model("vqa", modalities=["audio"])

@@ -261,13 +261,21 @@ def build_task_model(
     task: str,
     size: str = "tiny",
     tokenizer: TextTokenizer | None = None,
+    modalities: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> MultiModalModel:
-    """A MultiModalModel with `size` encoders for the task's modalities and its head; kwargs (fusion, dim,
-    modality_dropout, fusion_kwargs ...) go to the constructor."""
+    """A MultiModalModel with `size` encoders for the task's modalities (or the subset `modalities`, e.g. a
+    single-modality baseline) and its head; kwargs (fusion, dim, modality_dropout, fusion_kwargs ...) go to the
+    constructor."""
     spec = _spec(task)
+    modalities = list(spec.modalities if modalities is None else modalities)
+    extra = [m for m in modalities if m not in spec.modalities]
+    if extra or not modalities:
+        raise ConfigError(
+            f"modalities {modalities}: task {task!r} has {list(spec.modalities)}; pick a non-empty subset"
+        )
     return MultiModalModel(
-        encoders={m: size for m in spec.modalities},
+        encoders={m: size for m in modalities},
         head=spec.head,
         n_classes=spec.n_classes,
         tokenizer=tokenizer,

@@ -303,3 +303,30 @@ def test_align_loss_needs_a_two_modality_match_head(tok):
         build(tok, head="classify", align_loss=1.0)
     with pytest.raises(ConfigError, match="exactly two encoders"):
         build(tok, head="match", align_loss=1.0, encoders={"image": "tiny", "text": "tiny", "audio": "tiny"})
+
+
+def test_router_pruning_skips_encoders_under_the_threshold(tok):
+    model = build(tok, fusion="router", n_classes=3).eval()
+    batch = make_batch(tok, b=6, modalities=("image", "text"))
+    with pytest.raises(ConfigError, match="calibrate_pruning"):
+        model.predict_pruned(batch, 0.5)
+    means = model.calibrate_pruning([batch])
+    assert set(means) == {"image", "text"} and means["image"].shape == (32,)
+    calls = []
+    model.encoders["text"].transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    pred, skipped = model.predict_pruned(batch, 0.0, candidates=["text"])  # a gate is never < 0
+    assert torch.equal(pred, model.predict(batch)) and not skipped["text"].any()
+    calls.clear()
+    pred, skipped = model.predict_pruned(batch, 1.01, candidates=["text"])  # every gate is < 1.01
+    assert skipped["text"].all()
+    assert calls == [1]  # only the 1-row shape probe for the all-absent modality; no real text encoding
+    no_text = Batch(batch.data, {"image": batch.mask["image"], "text": torch.zeros(6, dtype=torch.bool)})
+    assert torch.equal(pred, model.predict(no_text))
+    # a row whose only modality is the candidate is never skipped
+    only_text = Batch(batch.data, {"image": torch.tensor([False] + [True] * 5), "text": batch.mask["text"]})
+    _, skipped = model.predict_pruned(only_text, 1.01, candidates=["text"])
+    assert skipped["text"].tolist() == [False] + [True] * 5
+    with pytest.raises(ConfigError, match="strict subset"):
+        model.predict_pruned(batch, 0.5, candidates=["image", "text"])
+    with pytest.raises(ConfigError, match="router"):
+        build(tok, fusion="late").calibrate_pruning([batch])

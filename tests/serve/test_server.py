@@ -536,12 +536,24 @@ def test_demo_page_headless_screenshot(saved, tmp_path):
     proc = _serve([str(folder), "--port", str(port), "--index", str(index_dir)])
     try:
         _wait(f"http://127.0.0.1:{port}/healthz", proc, 60)
+        url = f"http://127.0.0.1:{port}/?q=a+small+red+circle&k=3"  # the page searches on load
+        flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000"]
+        dom = subprocess.run(
+            [*flags, "--dump-dom", url], check=True, timeout=60, capture_output=True, text=True
+        ).stdout
+        assert 'value="a small red circle"' in dom or "a small red circle" in dom
+        assert dom.count("<figure>") == 3 and dom.count('src="data:image/png;base64,') == 3, dom[-2000:]
+        assert "3 results in" in dom
         shot = tmp_path / "demo.png"
         subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-             f"--screenshot={shot}", "--window-size=1000,700", f"http://127.0.0.1:{port}/"],
-            check=True, timeout=60, capture_output=True,
-        )  # fmt: skip
-        assert shot.stat().st_size > 1000
+            [*flags, f"--screenshot={shot}", "--window-size=1000,700", url],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+        assert pixels.shape == (700, 1000, 3)
+        results_area = pixels[150:450, :600]  # below the form: the three result figures with their images
+        assert results_area.std() > 10, "the results area of the screenshot is blank"
     finally:
         _stop(proc)

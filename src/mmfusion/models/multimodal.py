@@ -469,6 +469,85 @@ class MultiModalModel(nn.Module):
         logits, _ = self.logits(batch)
         return (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
 
+    # ---- inference-time modality pruning (A11) -----------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_pruning(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """Store each modality's mean projected token (D,) over the present rows of `batches` (eval mode).
+
+        predict_pruned() stands it in for a modality that is not encoded yet, to estimate its router gate."""
+        if self.config.fusion != "router":
+            raise ConfigError(
+                f"modality pruning needs the router fusion; this model uses {self.config.fusion!r}"
+            )
+        was_training = self.training
+        self.eval()
+        sums = {k: torch.zeros(self.config.dim, device=self.device) for k in self.modalities}
+        counts = dict.fromkeys(self.modalities, 0)
+        try:
+            for batch in batches:
+                _, feats, masks = self._encode(batch)
+                for k in self.modalities:
+                    rows = masks[k]
+                    sums[k] += feats[k][rows].mean(dim=1).sum(dim=0).float()
+                    counts[k] += int(rows.sum())
+        finally:
+            self.train(was_training)
+        empty = [k for k, c in counts.items() if c == 0]
+        if empty:
+            raise ConfigError(f"calibrate_pruning: no calibration sample has {empty}")
+        self.prune_means = {k: sums[k] / counts[k] for k in self.modalities}
+        return self.prune_means
+
+    @torch.no_grad()
+    def predict_pruned(
+        self, batch: Batch, threshold: float, candidates: Iterable[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Predict while skipping the encoders of modalities whose router gate would fall under `threshold`.
+
+        The other modalities are encoded first; each candidate (default: all but the first modality) is stood in
+        for by its calibrated mean token (calibrate_pruning) and the router's gates are computed. Rows where a
+        candidate's estimated gate < threshold never run its encoder: the modality counts as absent there (gate 0,
+        the others renormalised). The rest encode it and are fused as usual. Returns (predictions (B,),
+        {modality: bool (B,) rows skipped}). threshold 0 skips nothing and equals predict().
+        """
+        if not hasattr(self, "prune_means"):
+            raise ConfigError("call calibrate_pruning(batches) on held-out data before predict_pruned")
+        candidates = list(self.modalities[1:] if candidates is None else candidates)
+        unknown = [c for c in candidates if c not in self.modalities]
+        if unknown or len(candidates) >= len(self.modalities):
+            raise ConfigError(
+                f"candidates {candidates}: must be a strict subset of the model's modalities {self.modalities}"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.device
+            masks = {
+                k: batch.mask.get(k, torch.ones(len(batch), dtype=torch.bool)).to(device).bool()
+                for k in self.modalities
+            }
+            feats = {
+                k: self._tokens(k, batch.data[k].to(device), masks[k])
+                for k in self.modalities
+                if k not in candidates
+            }
+            n = len(batch)
+            guess = {k: self.prune_means[k].to(device).expand(n, 1, -1) for k in candidates}
+            gates = self.fusion({**feats, **guess}, masks).info["gates"]  # (B, M)
+            skipped = {}
+            for k in candidates:
+                skip = masks[k] & (gates[:, self.fusion.modalities.index(k)] < threshold)
+                others = torch.stack([masks[o] for o in self.modalities if o != k], dim=1).any(dim=1)
+                skip &= others  # never skip a row's only modality
+                skipped[k] = skip
+                masks[k] = masks[k] & ~skip
+                feats[k] = self._tokens(k, batch.data[k].to(device), masks[k])
+            logits = self._head(self.fusion(feats, masks))
+            pred = (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
+        finally:
+            self.train(was_training)
+        return pred, skipped
+
     # ---- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors (+ tokenizer.json) into `directory`."""
