@@ -202,6 +202,12 @@ def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
     dataset = load_split(cfg, split)
     metrics, emb = evaluate_contrastive(model, dataset, cfg.eval.recall_at, cfg.eval.batch_size)
     metrics = {"split": split, **metrics}
+    from .train.stages import has_probe
+
+    if has_probe(model_dir):  # a CL-FT run: the classification probe on the image embedding
+        from .run import evaluate_probe
+
+        metrics.update(evaluate_probe(cfg, model_dir, split))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plots = [

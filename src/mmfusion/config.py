@@ -88,6 +88,17 @@ class ImageConfig(Section):
         return self
 
 
+class ProbeConfig(Section):
+    """A classification head on the image embedding of the two-tower model (CL-FT, T2).
+
+    The label is read from the sample's ground-truth scene: the colour, shape or size of the leftmost
+    object (the one every caption names first), or the number of objects.
+    """
+
+    label: Literal["colour", "shape", "size", "count"] = "shape"
+    hidden: int = Field(0, ge=0)  # 0: a linear probe; > 0: an MLP with one hidden layer of this width
+
+
 class ModelConfig(Section):
     """Two-tower contrastive model (A3, T1)."""
 
@@ -97,6 +108,48 @@ class ModelConfig(Section):
     init_temperature: float = Field(0.07, gt=0, le=1)
     loss: Literal["infonce", "dual"] = "infonce"
     intra_weight: float = Field(0.5, ge=0)
+    # a classification head on the image embedding, trained by stages with `objective: probe`
+    probe: ProbeConfig | None = None
+
+
+class StageConfig(Section):
+    """One stage of a multi-stage run (T3): its own length, data subset, frozen parameters, learning
+    rates and precision; unset fields fall back to the `train` section. Each stage starts a fresh
+    optimizer and warm-up + cosine schedule over its trainable parameters.
+
+    freeze and lr_groups keys are fnmatch patterns over `model.named_parameters()` names (e.g.
+    "image_encoder.*", "encoders.text.*"); a pattern that matches no parameter is an error.
+    objective: the model's own loss when unset; "probe" trains `model.probe` (cross-entropy on the
+    probe label), "contrastive" the two-tower InfoNCE/dual loss.
+    """
+
+    name: str = Field(min_length=1)
+    steps: int = Field(ge=1)
+    objective: Literal["contrastive", "probe"] | None = None
+    n_train: int | None = Field(None, ge=1)  # the first n_train samples of the training split
+    batch_size: int | None = Field(None, ge=1)
+    freeze: list[str] = []
+    lr: float | None = Field(None, gt=0, le=10)
+    lr_groups: dict[str, float] = {}  # pattern -> lr for the trainable parameters it matches
+    min_lr_ratio: float | None = Field(None, ge=0, le=1)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
+    eval_every: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _groups(self) -> StageConfig:
+        for pattern, lr in self.lr_groups.items():
+            if not 0 < lr <= 10:
+                raise ValueError(f"lr_groups[{pattern!r}] = {lr}: a learning rate must be in (0, 10]")
+        return self
+
+    def train_overrides(self) -> dict[str, Any]:
+        """The TrainConfig fields this stage sets (steps always)."""
+        keys = ("batch_size", "lr", "min_lr_ratio", "weight_decay", "warmup_steps", "precision", "eval_every")
+        out: dict[str, Any] = {"steps": self.steps}
+        out.update({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+        return out
 
 
 class TrainConfig(Section):
@@ -120,6 +173,27 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     progress: bool = True
+    # multi-stage runs (T3): the run goes through these in order; `steps` is then their sum
+    stages: list[StageConfig] | None = None
+
+    @model_validator(mode="after")
+    def _stages(self) -> TrainConfig:
+        if self.stages is None:
+            return self
+        if not self.stages:
+            raise ValueError("stages is empty: list at least one stage or leave stages out")
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: duplicate stage name {dup[0]!r}; every stage needs its own name")
+        total = sum(s.steps for s in self.stages)
+        if "steps" in self.model_fields_set and self.steps != total:
+            raise ValueError(
+                f"steps = {self.steps} but the stages add up to {total}: with stages the run length is the "
+                "sum of their steps (leave train.steps out)"
+            )
+        self.__dict__["steps"] = total
+        return self
 
 
 class EvalConfig(Section):
@@ -169,6 +243,28 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
+    def _stage_objectives(self) -> RunConfig:
+        stages = self.train.stages or []
+        if self.model.probe is not None and self.task is None:
+            if not any(s.objective == "probe" for s in stages):
+                raise ValueError(
+                    "model.probe is set but no stage in train.stages has objective: probe to train it"
+                )
+        for i, stage in enumerate(stages):
+            if stage.objective is None:
+                continue
+            if self.task is not None:
+                raise ValueError(
+                    f"train.stages.{i}.objective = {stage.objective!r}: a task run trains the fusion model's "
+                    "own head; leave objective out"
+                )
+            if stage.objective == "probe" and self.model.probe is None:
+                raise ValueError(
+                    f"train.stages.{i}.objective = 'probe' needs model.probe (e.g. model.probe.label=shape)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _fusion_model(self) -> RunConfig:
         if self.task is None:
             if self.fusion_model is not None:
@@ -194,17 +290,32 @@ class RunConfig(Section):
         return self
 
 
+def _is_section(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _section_of(annotation: Any) -> Any:
+    """The BaseModel inside an annotation such as `X`, `X | None` or `list[X] | None` (else the annotation)."""
+    if _is_section(annotation):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_of(arg)
+        if _is_section(found):
+            return found
+    return annotation
+
+
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     value = err.get("input")
     if err["type"] == "extra_forbidden":
-        parent = model
+        parent: Any = model
         for part in err["loc"][:-1]:
-            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-            parent = field.annotation if field is not None else None
-        allowed = (
-            sorted(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
-        )
+            if isinstance(part, int):  # an item of a list section (e.g. train.stages.1)
+                continue
+            field = parent.model_fields.get(str(part)) if _is_section(parent) else None
+            parent = _section_of(field.annotation) if field is not None else None
+        allowed = sorted(parent.model_fields) if _is_section(parent) else []
         return f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error" and isinstance(value, dict):
@@ -215,15 +326,27 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):  # an item of a list section: train.stages.1.steps
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {dotted}: '{part}' is not an index of {'.'.join(parts[:i])} (0..{len(node) - 1})"
+                )
+            key: Any = int(part)
+            child = node[key]
+        else:
+            key = part
+            child = node.get(part)
+        if last:
+            node[key] = value
+            return
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            child = node[key] = {}
+        if not isinstance(child, dict | list):
             raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:

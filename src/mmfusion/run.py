@@ -59,19 +59,42 @@ def dataset_texts(dataset) -> list[str]:
     return [s["text"] for s in dataset if isinstance(s, dict) and s.get("text")]
 
 
-def build_train_data(cfg: RunConfig, dataset, tokenizer: TextTokenizer):
+def build_train_data(
+    cfg: RunConfig, dataset, tokenizer: TextTokenizer, batch_size: int | None = None, label: str | None = None
+):
+    """Step iteration over the image–text training set; `label` adds batch["label"] for a probe."""
     from torch.utils.data import IterableDataset
 
     from .data.loader import ImageTextCollator, MapData, StreamData
 
+    batch_size = batch_size or cfg.train.batch_size
     collate = ImageTextCollator(tokenizer, cfg.model.image.image_size)
+    if label is not None:
+        from .train.stages import LabelledCollator
+
+        collate = LabelledCollator(collate, label)
     if isinstance(dataset, IterableDataset):
         from .data.sources import count_samples
 
-        return StreamData(
-            dataset, collate, cfg.train.batch_size, count_samples(cfg.data.train), cfg.data.num_workers
+        return StreamData(dataset, collate, batch_size, count_samples(cfg.data.train), cfg.data.num_workers)
+    return MapData(dataset, collate, batch_size, cfg.seed, cfg.data.num_workers)
+
+
+def stage_subset(dataset, index: int, n_train: int | None):
+    """The first `n_train` samples of a map-style training set (all of it when None)."""
+    if n_train is None:
+        return dataset
+    from torch.utils.data import IterableDataset, Subset
+
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ConfigError(
+            f"train.stages.{index}.n_train: a subset needs a map-style training set (synthetic or jsonl data)"
         )
-    return MapData(dataset, collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
+    if n_train > len(dataset):
+        raise ConfigError(
+            f"train.stages.{index}.n_train = {n_train}: the training split has only {len(dataset)} samples"
+        )
+    return dataset if n_train == len(dataset) else Subset(dataset, range(n_train))
 
 
 def task_samples(cfg: RunConfig, split: str) -> list[dict[str, Any]]:
@@ -144,11 +167,21 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             f"parameters; task {cfg.task.name}; run directory {out}"
         )
     collate = task_collate(cfg, tokenizer)
-    data = MapData(ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
-    trainer = Trainer(model, data, cfg.train, out, log=log)
-    last = trainer.fit(resume=resume)
+    if cfg.train.stages:
+        from .train.stages import fit_stages
+
+        def make_data(i, stage):
+            subset = stage_subset(ListDataset(train_set), i, stage.n_train)
+            bs = stage.batch_size or cfg.train.batch_size
+            return MapData(subset, collate, bs, cfg.seed, cfg.data.num_workers)
+
+        last = fit_stages(model, cfg.train, out, make_data, resume=resume, log=log, is_main=is_main)
+    else:
+        data = MapData(ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
+        trainer = Trainer(model, data, cfg.train, out, log=log)
+        last = trainer.fit(resume=resume)
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
-    if trainer.is_main:
+    if is_main:
         model.save_pretrained(out / "model")
     return result
 
@@ -174,8 +207,47 @@ def evaluate_task(cfg: RunConfig, model, split: str = "test") -> dict[str, Any]:
     return metrics
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Train the configured model; returns {"run_dir", "train": last metrics, "eval": metrics or None}."""
+def probe_eval_hook(cfg: RunConfig, split: str = "val"):
+    """on_eval for probe stages: the probe's accuracy on `split` (loaded once, on first use)."""
+    from .train.stages import probe_accuracy
+
+    cache: dict[str, Any] = {}
+
+    def on_eval(model, step: int) -> dict[str, float]:
+        if "data" not in cache:
+            cache["data"] = load_split(cfg, split)
+        return {"probe_accuracy": probe_accuracy(model, cache["data"], cfg.eval.batch_size)}
+
+    return on_eval
+
+
+def evaluate_probe(cfg: RunConfig, model_dir: Path, split: str = "test") -> dict[str, Any]:
+    """Accuracy of a saved CL-FT probe (model_dir/probe.safetensors) on `split`."""
+    from .train.stages import ContrastiveProbe, probe_accuracy
+
+    model = ContrastiveProbe.from_pretrained(model_dir)
+    if cfg.model.image.image_size != model.image_size:
+        cfg = cfg.model_copy(update={"model": model.config})
+    dataset = load_split(cfg, split)
+    return {
+        "probe_label": model.config.probe.label,
+        "probe_accuracy": probe_accuracy(model, dataset, cfg.eval.batch_size),
+        "probe_n": len(dataset),
+        "probe_chance": 1.0 / len(model.classes),
+    }
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    on_eval=None,
+) -> dict[str, Any]:
+    """Train the configured model; returns {"run_dir", "train": last metrics, "eval": metrics or None}.
+
+    With `train.stages` the run goes through them in order (mmfusion.train.stages). `on_eval(model,
+    step)` replaces the default evaluation hook of probe stages (the probe's val accuracy)."""
     from .models.contrastive import ContrastiveModel
     from .train.trainer import Trainer
 
@@ -202,13 +274,36 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     # every rank (and a resumed run) reads the one saved tokenizer, so all agree on the vocabulary
     tokenizer = TextTokenizer.load(out, cfg.model.text.context_length)
     seed_everything(cfg.seed)
-    model = ContrastiveModel(cfg.model, tokenizer)
+    if cfg.model.probe is not None:
+        from .train.stages import ContrastiveProbe
+
+        model = ContrastiveProbe(cfg.model, tokenizer)
+    else:
+        model = ContrastiveModel(cfg.model, tokenizer)
     if is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: two-tower contrastive, {n_params / 1e6:.2f}M parameters; run directory {out}")
-    trainer = Trainer(model, build_train_data(cfg, train_set, tokenizer), cfg.train, out, log=log)
-    last = trainer.fit(resume=resume)
+        probe = f" + {cfg.model.probe.label} probe" if cfg.model.probe is not None else ""
+        log(f"model: two-tower contrastive{probe}, {n_params / 1e6:.2f}M parameters; run directory {out}")
+    if cfg.train.stages:
+        from .train.stages import fit_stages
+
+        def make_data(i, stage):
+            label = cfg.model.probe.label if stage.objective == "probe" else None
+            subset = stage_subset(train_set, i, stage.n_train)
+            return build_train_data(cfg, subset, tokenizer, stage.batch_size, label)
+
+        def on_eval_for(i, stage):
+            if stage.objective != "probe":
+                return None
+            return on_eval or probe_eval_hook(cfg)
+
+        last = fit_stages(
+            model, cfg.train, out, make_data, resume=resume, log=log, on_eval_for=on_eval_for, is_main=is_main
+        )
+    else:
+        trainer = Trainer(model, build_train_data(cfg, train_set, tokenizer), cfg.train, out, log=log)
+        last = trainer.fit(resume=resume)
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
-    if trainer.is_main:
+    if is_main:
         model.save_pretrained(out / "model")
     return result

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,8 +93,24 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """Where a Trainer's steps sit in a multi-stage run (mmfusion.train.stages): stage `index` (0-based)
+    named `name`, starting after `offset` steps of the earlier stages."""
+
+    index: int
+    name: str
+    offset: int
+    count: int = 1  # how many stages the run has (for messages)
+
+
 class Trainer:
-    """Runs `cfg.steps` optimizer steps of `model` on `data`, writing everything into `run_dir`."""
+    """Runs `cfg.steps` optimizer steps of `model` on `data`, writing everything into `run_dir`.
+
+    In a multi-stage run each stage gets its own Trainer with `stage` set: `step` counts the stage's
+    steps, checkpoints are named by the run's global step (offset + step) and record the stage.
+    `groups` replaces the default parameter groups (each may carry its own "lr").
+    """
 
     def __init__(
         self,
@@ -103,8 +120,12 @@ class Trainer:
         run_dir: str | Path,
         log: Callable[[str], None] = print,
         on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
+        stage: StageInfo | None = None,
+        groups: list[dict[str, Any]] | None = None,
     ):
         self.cfg = cfg
+        self.stage = stage
+        self.offset = stage.offset if stage is not None else 0
         self.run_dir = Path(run_dir)
         self.data = data
         self.on_eval = on_eval
@@ -127,7 +148,10 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-6
+            groups if groups is not None else param_groups(self.module, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=1e-6,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = grad_scaler(self.precision, self.device)
@@ -150,8 +174,16 @@ class Trainer:
         torch.distributed.all_gather_object(counts, dict(self.skipped))
         return sum((Counter(c) for c in counts), Counter())
 
+    @property
+    def global_step(self) -> int:
+        return self.offset + self.step
+
     def _state(self, skipped: Counter[str]) -> dict[str, Any]:
+        stage = {}
+        if self.stage is not None:
+            stage = {"stage": {**asdict(self.stage), "step": self.step, "steps": self.cfg.steps}}
         return {
+            **stage,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "scheduler": self.scheduler.state_dict(),
@@ -167,7 +199,7 @@ class Trainer:
         if self.is_main:
             save_checkpoint(
                 self.ckpt_dir,
-                self.step,
+                self.global_step,
                 self.module.state_dict(),
                 self.optimizer.state_dict(),
                 self._state(skipped),
@@ -176,20 +208,39 @@ class Trainer:
         if dist_utils.is_distributed():
             torch.distributed.barrier()
 
-    def resume(self) -> None:
-        """Load the newest checkpoint that verifies (falling back past damaged ones)."""
-        ckpt = require_latest(self.ckpt_dir, self.log)
+    def resume(self, ckpt=None) -> None:
+        """Load the newest checkpoint that verifies (falling back past damaged ones), or `ckpt`."""
+        ckpt = ckpt if ckpt is not None else require_latest(self.ckpt_dir, self.log)
         model_state, optim_state, state = ckpt.load()
+        saved_stage = state.get("stage")
+        if self.stage is None and saved_stage is not None:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(
+                f"{ckpt.path} was written by a multi-stage run (stage {saved_stage['name']!r}): resume it "
+                "with its train.stages"
+            )
+        if self.stage is not None and (saved_stage or {}).get("index") != self.stage.index:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(
+                f"{ckpt.path} is not a checkpoint of stage {self.stage.index} ({self.stage.name!r})"
+            )
         self.module.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.step, self.epoch, self.step_in_epoch = ckpt.step, state["epoch"], state["step_in_epoch"]
+        self.step = saved_stage["step"] if self.stage is not None else ckpt.step
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         # the checkpoint holds the global counts: rank 0 carries them on, the other ranks start from zero
         self.skipped = Counter(state.get("skipped", {}) if self.is_main else {})
-        self.log(f"resumed from {ckpt.path} (step {self.step}, epoch {self.epoch})")
+        where = f"step {self.global_step}"
+        if self.stage is not None:
+            s = self.stage
+            where += f" = stage {s.index + 1}/{s.count} {s.name!r} step {self.step}"
+        self.log(f"resumed from {ckpt.path} ({where}, epoch {self.epoch})")
 
     # ---- the loop ------------------------------------------------------------------------------------
     def _micro_step(self, batch: Batch, scale: float, sync: bool) -> tuple[float, dict[str, float]]:
@@ -210,15 +261,16 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
 
-    def fit(self, resume: bool = False) -> dict[str, float]:
-        """Train to `cfg.steps`; returns the last logged metrics."""
+    def fit(self, resume: bool = False, ckpt=None) -> dict[str, float]:
+        """Train to `cfg.steps` (resuming from the newest valid checkpoint, or `ckpt`); returns the last
+        logged metrics."""
         cfg = self.cfg
         if self.data.steps_per_epoch() < 1:
             from ..errors import DataError
 
             raise DataError(f"the training data is smaller than one batch of {cfg.batch_size} samples")
         if resume:
-            self.resume()
+            self.resume(ckpt)
         self.model.train()
         writer = None
         if self.is_main:
@@ -226,7 +278,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(
-                str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if resume else None
+                str(self.run_dir / "tensorboard"), purge_step=self.global_step + 1 if resume else None
             )
         jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         self.log(
@@ -239,7 +291,7 @@ class Trainer:
             initial=self.step,
             disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
-            desc="train",
+            desc="train" if self.stage is None else f"stage {self.stage.name}",
         )
         last: dict[str, float] = {}
         window_t, window_n = time.perf_counter(), 0
@@ -272,7 +324,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - window_t
                     last = {
-                        "step": self.step,
+                        "step": self.global_step,
+                        **({"stage": self.stage.name, "stage_step": self.step} if self.stage else {}),
                         "epoch": self.epoch,
                         "loss": dist_utils.all_reduce_mean(sum(losses) / len(losses)),
                         "lr": self.scheduler.get_last_lr()[0],
@@ -286,20 +339,23 @@ class Trainer:
                         jsonl.write(json.dumps(last) + "\n")
                         jsonl.flush()
                         for k, v in last.items():
-                            if k not in ("step", "epoch"):
-                                writer.add_scalar(f"train/{k}", v, self.step)
+                            if k not in ("step", "epoch", "stage", "stage_step"):
+                                writer.add_scalar(f"train/{k}", v, self.global_step)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.on_eval is not None:
                     self.model.eval()
-                    results = self.on_eval(self.module, self.step)
+                    results = self.on_eval(self.module, self.global_step)
                     self.model.train()
                     if self.is_main:
                         for k, v in results.items():
-                            writer.add_scalar(f"val/{k}", v, self.step)
-                        jsonl.write(
-                            json.dumps({"step": self.step, **{f"val/{k}": v for k, v in results.items()}})
-                            + "\n"
-                        )
-                if self.step == fault_step:
+                            writer.add_scalar(f"val/{k}", v, self.global_step)
+                        stage = {"stage": self.stage.name, "stage_step": self.step} if self.stage else {}
+                        record = {
+                            "step": self.global_step,
+                            **stage,
+                            **{f"val/{k}": v for k, v in results.items()},
+                        }
+                        jsonl.write(json.dumps(record) + "\n")
+                if self.global_step == fault_step:
                     _die()  # test hook (MMFUSION_FAULT_INJECT_STEP): die like a killed worker, no cleanup
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
