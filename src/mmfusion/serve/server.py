@@ -369,14 +369,7 @@ class LocalBackend:
                 out[i] = self.cache.get(k)
         misses = [(i, raws[i]) for i in range(len(raws)) if out[i] is None]
         prepared = await self._prepare(modality, misses)  # all validated before any is queued
-        results = await asyncio.gather(
-            *(self.batchers[modality].submit(p) for p in prepared), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, Overloaded):
-                raise overloaded(r)
-            if isinstance(r, BaseException):
-                raise r
+        results = await self._submit_all(modality, prepared)
         for (i, _), vec in zip(misses, results):
             out[i] = vec
             if self.cache is not None:
@@ -399,8 +392,13 @@ class LocalBackend:
             ]
 
         prepared = await asyncio.to_thread(prep)
+        return await self._submit_all("classify", prepared)
+
+    async def _submit_all(self, batcher: str, items: list[Any]) -> list[Any]:
+        """Queue every item on one batcher and wait for all; overload becomes a 503, other errors re-raise (after
+        every item has finished, so none is left running unobserved)."""
         results = await asyncio.gather(
-            *(self.batchers["classify"].submit(p) for p in prepared), return_exceptions=True
+            *(self.batchers[batcher].submit(p) for p in items), return_exceptions=True
         )
         for r in results:
             if isinstance(r, Overloaded):

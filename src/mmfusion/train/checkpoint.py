@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,14 @@ def save_checkpoint(
     opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}))
-    files = ("model.safetensors", "optimizer.safetensors", "state.json")
+    publish(tmp, final, step, ("model.safetensors", "optimizer.safetensors", "state.json"), keep)
+    return final
+
+
+def publish(tmp: Path, final: Path, step: int, files: Iterable[str], keep: int | None) -> None:
+    """Make a fully written checkpoint folder visible atomically: fsync `files`, write the SHA-256 MANIFEST last,
+    rename `tmp` to `final`, then keep only the newest `keep` checkpoints of final's parent (None keeps all)."""
+    files = list(files)
     for name in files:
         _fsync_file(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": {n: sha256(tmp / n) for n in files}}))
@@ -111,10 +119,10 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
+    if keep:
+        for old in list_checkpoints(final.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -20,7 +20,6 @@ stored whole and re-sharded on load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +34,8 @@ from ..errors import CheckpointError
 from .checkpoint import (
     MANIFEST,
     Checkpoint,
-    _fsync_dir,
-    _fsync_file,
     latest_valid,
-    list_checkpoints,
-    sha256,
+    publish,
     verify,
 )
 
@@ -118,19 +114,7 @@ def save_sharded(
     if _rank() == 0:
         world = dist.get_world_size() if _dist() else 1
         (tmp / STATE).write_text(json.dumps({**(extra or {}), "step": step, "world_size": world}))
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        for name in files:
-            _fsync_file(tmp / name)
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": {n: sha256(tmp / n) for n in files}}))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        if keep:
-            for old in list_checkpoints(ckpt_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, step, sorted(p.name for p in tmp.iterdir() if p.is_file()), keep)
     _barrier()
     return final
 
