@@ -3,7 +3,9 @@
 
 Variants, all from one model folder: fp32 PyTorch (the reference), fp32 ONNX (`mmfusion.serve.export`),
 int8 ONNX (ONNX Runtime dynamic quantization), 50% globally magnitude-pruned PyTorch Linear weights
-(no fine-tuning), and with `--torchao` torchao int8 weight-only PyTorch.
+(no fine-tuning), the same pruned model fine-tuned `--finetune-steps` steps with its masks kept (on the
+run's training data, with the run's train config: `serve.quantize.finetune_pruned`), and with
+`--torchao` torchao int8 weight-only PyTorch.
 
 * size: bytes on disk — model.safetensors for PyTorch variants (pruned weights are stored dense, so
   pruning alone does not shrink the file), the two encoder files for ONNX. torchao has no file here.
@@ -37,7 +39,14 @@ from mmfusion.eval.report import evaluate_contrastive
 from mmfusion.eval.retrieval import embed_dataset, retrieval_metrics
 from mmfusion.run import load_split, train
 from mmfusion.serve.export import OnnxEncoders, example_inputs, export_onnx
-from mmfusion.serve.quantize import prune_model, quantize_onnx, quantize_torchao_int8
+from mmfusion.serve.quantize import (
+    finetune_pruned,
+    make_permanent,
+    prune_model,
+    quantize_onnx,
+    quantize_torchao_int8,
+    weight_sparsity,
+)
 
 KS = (1, 5)
 METRICS = ("t2i_recall@1", "t2i_recall@5", "i2t_recall@1", "i2t_recall@5")
@@ -61,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-steps", type=int, default=150, help="steps for the small model trained without --model"
     )
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of Linear weights pruned")
+    p.add_argument(
+        "--finetune-steps", type=int, default=50, help="fine-tuning steps after pruning (0: no such row)"
+    )
     p.add_argument("--torchao", action="store_true", help="add a torchao int8 weight-only PyTorch row")
     p.add_argument("--batch-size", type=int, default=32, help="samples per timed batch")
     p.add_argument("--repeats", type=int, default=30, help="timed batches per variant")
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir = args.model / "model" if (args.model / "model").is_dir() else args.model
     model = load_model(model_dir)
-    test = load_split(eval_config(args, model_dir, model), "test")
+    cfg = eval_config(args, model_dir, model)
+    test = load_split(cfg, "test")
     inputs = example_inputs(model, args.batch_size, model.text_encoder.context_length, seed=0)
 
     rows = []
@@ -202,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             label, pruned, (pruned_dir / "model.safetensors").stat().st_size, quality, inputs, args.repeats
         )
     )
+
+    if args.finetune_steps:
+        tuned = copy.deepcopy(model)
+        prune_model(tuned, args.sparsity, permanent=False)
+        finetune_pruned(tuned, cfg, args.finetune_steps, work / "finetune", log=lambda *a: None)
+        torch.set_num_threads(args.threads)
+        achieved = weight_sparsity(make_permanent(tuned))  # unchanged by fine-tuning
+        tuned_dir = tuned.save_pretrained(work / "pruned-finetuned")
+        quality, _ = evaluate_contrastive(tuned, test, recall_at=KS)
+        size = (tuned_dir / "model.safetensors").stat().st_size
+        label = f"pruned {achieved:.0%} + ft {args.finetune_steps}"
+        rows.append(measure(label, tuned, size, quality, inputs, args.repeats))
 
     if args.torchao:
         quantized = quantize_torchao_int8(copy.deepcopy(model))

@@ -257,6 +257,70 @@ def test_export_onnx_int8_and_prune(tiny_run, tmp_path):
     assert bad.returncode == 2 and "sparsity" in bad.stderr
 
 
+def test_quantize_prints_sizes_and_cosine(tiny_run, tmp_path):
+    cwd, run, _ = tiny_run
+    assert "--method" in mmfusion("quantize", "--help", cwd=cwd).stdout
+    out = mmfusion("quantize", str(run), "--out", str(tmp_path / "q"), cwd=cwd).stdout
+    assert (tmp_path / "q" / "text_encoder.int8.onnx").is_file()
+    ratios = [float(line.rsplit("(", 1)[1].rstrip("x)")) for line in out.splitlines() if "size: fp32" in line]
+    assert len(ratios) == 2 and max(ratios) < 0.6
+    cos = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if "min cosine" in line]
+    assert len(cos) == 2 and min(cos) >= 0.98
+
+
+def test_prune_with_finetuning(tiny_run, tmp_path):
+    cwd, run, _ = tiny_run
+    out = mmfusion(
+        "prune", str(run), "--sparsity", "0.5", "--finetune-steps", "3", "--out", str(tmp_path / "p"), cwd=cwd
+    ).stdout
+    assert "fine-tuned 3 steps" in out and out.count("sparsity 0.5000") == 2
+    weights = load_file(tmp_path / "p" / "model.safetensors")
+    assert not any(k.endswith(("_orig", "_mask")) for k in weights)
+    bare = mmfusion(
+        "prune",
+        str(run / "model"),
+        "--sparsity",
+        "0.5",
+        "--finetune-steps",
+        "3",
+        "--out",
+        str(tmp_path / "p2"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert bare.returncode == 0  # a run's model folder: its config.yaml is one level up
+    (tmp_path / "bare").mkdir()
+    for f in (run / "model").iterdir():
+        (tmp_path / "bare" / f.name).write_bytes(f.read_bytes())
+    bad = mmfusion(
+        "prune",
+        str(tmp_path / "bare"),
+        "--sparsity",
+        "0.5",
+        "--finetune-steps",
+        "3",
+        "--out",
+        "x",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--config" in bad.stderr
+    ok = mmfusion(
+        "prune",
+        str(tmp_path / "bare"),
+        "--sparsity",
+        "0.5",
+        "--finetune-steps",
+        "3",
+        "--config",
+        str(run / "config.yaml"),
+        "--out",
+        str(tmp_path / "p3"),
+        cwd=cwd,
+    )
+    assert "fine-tuned 3 steps" in ok.stdout
+
+
 def test_fusion_model_on_a_task_from_yaml(tmp_path):
     recipe = Path(__file__).parents[2] / "configs" / "vqa_fusion.yaml"
     small = [

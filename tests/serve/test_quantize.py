@@ -5,7 +5,16 @@ from torch import nn
 
 from mmfusion.errors import CheckpointError, ConfigError
 from mmfusion.serve.export import OnnxEncoders, example_inputs, export_onnx
-from mmfusion.serve.quantize import prune_model, quantize_onnx, quantize_torchao_int8, weight_sparsity
+from mmfusion.serve.quantize import (
+    finetune_pruned,
+    make_permanent,
+    onnx_cosine,
+    prune_model,
+    quantize_onnx,
+    quantize_torchao_int8,
+    tensor_bytes,
+    weight_sparsity,
+)
 
 MIN_COSINE = 0.98  # int8 vs fp32 embeddings of the same inputs, per row (measured >= 0.99 on this model)
 
@@ -27,6 +36,8 @@ def test_int8_onnx_is_smaller_and_close_to_fp32(model, tmp_path):
             x = example_inputs(model, batch, length, seed=7)[name]
             cos = F.cosine_similarity(a.run(name, x), b.run(name, x), dim=1)
             assert cos.min() >= MIN_COSINE, (name, cos)
+    cos = onnx_cosine(model, int8)
+    assert set(cos) == {"text", "image"} and min(cos.values()) >= MIN_COSINE
 
 
 def test_quantize_onnx_needs_the_exported_files(tmp_path):
@@ -34,13 +45,16 @@ def test_quantize_onnx_needs_the_exported_files(tmp_path):
         quantize_onnx({"text": tmp_path / "text_encoder.onnx"})
 
 
-def test_torchao_int8_weight_only_keeps_embeddings_close(model, make_tiny_model):
+def test_torchao_int8_weight_only_keeps_embeddings_close(model, make_tiny_model, tmp_path):
     ids = model.tokenizer.encode(["a small red circle", "a large blue square"])
     ref = model.embed_text_ids(ids).detach()
     q = quantize_torchao_int8(make_tiny_model())
     with torch.no_grad():
         cos = F.cosine_similarity(q.embed_text_ids(ids), ref, dim=1)
     assert cos.min() >= MIN_COSINE
+    assert tensor_bytes(q) < 0.75 * tensor_bytes(model)  # int8 Linear weights (+ scales)
+    with pytest.raises(RuntimeError):  # why `quantize --method torchao` saves only the ONNX files
+        q.save_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
@@ -66,3 +80,62 @@ def test_prune_rejects_bad_arguments(make_tiny_model):
         prune_model(make_tiny_model(), 1.5)
     with pytest.raises(ConfigError, match="no Conv3d module"):
         prune_model(make_tiny_model(), 0.5, modules=nn.Conv3d)
+
+
+def test_finetune_after_pruning_keeps_the_sparsity_and_lowers_the_loss(make_tiny_model, tmp_path):
+    from mmfusion.config import config_from_dict
+    from mmfusion.run import build_train_data, load_split
+
+    cfg = config_from_dict(
+        {
+            "name": "ft",
+            "out_dir": str(tmp_path),
+            "seed": 0,
+            "data": {"source": "synthetic", "synthetic": {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 8}},
+            "model": {"image": {"image_size": 16}},
+            "train": {
+                "steps": 100,
+                "batch_size": 32,
+                "lr": 3.0e-3,
+                "warmup_steps": 0,
+                "precision": "fp32",
+                "device": "cpu",
+                "threads": 1,
+                "progress": False,
+            },
+        }
+    )
+    m = make_tiny_model()
+    fixed = next(
+        iter(build_train_data(cfg, load_split(cfg, "train"), m.tokenizer).step_batches(0, 0, 0, 1, 1))
+    )[0]
+
+    def loss() -> float:
+        m.eval()
+        with torch.no_grad():
+            return float(m(fixed).loss)
+
+    linear = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    n = sum(mod.weight.numel() for mod in linear)
+    achieved = prune_model(m, 0.5, permanent=False)
+    assert achieved == round(0.5 * n) / n
+    masks = [mod.weight_mask.clone() for mod in linear]
+    pruned_loss = loss()
+    last = finetune_pruned(m, cfg, 6, tmp_path / "ft", log=lambda *a: None)
+    assert last["step"] == 6
+    make_permanent(m)
+    assert all(not hasattr(mod, "weight_orig") and not hasattr(mod, "weight_mask") for mod in linear)
+    # the same weights are zero as right after pruning, and only those
+    assert weight_sparsity(m) == achieved
+    for mod, mask in zip(linear, masks, strict=True):
+        assert torch.equal(mod.weight != 0, mask.bool())
+    assert loss() < pruned_loss
+
+
+def test_finetune_needs_pruning_masks(make_tiny_model, tmp_path):
+    from mmfusion.config import load_config
+
+    m = make_tiny_model()
+    prune_model(m, 0.5)  # permanent: nothing to keep during fine-tuning
+    with pytest.raises(ConfigError, match="no pruning masks"):
+        finetune_pruned(m, load_config(None), 2, tmp_path)

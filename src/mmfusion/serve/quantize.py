@@ -3,9 +3,13 @@
 * `quantize_onnx`: ONNX Runtime dynamic quantization of the exported encoders — int8 weights (QInt8,
   per tensor), activations quantized on the fly per batch; the maintained CPU path for Transformers.
 * `quantize_torchao_int8`: torchao int8 weight-only quantization of the PyTorch model in place.
-* `prune_model`: global L1 unstructured pruning of Linear weights (torch.nn.utils.prune), made permanent.
+* `prune_model`: global L1 unstructured pruning of Linear weights (torch.nn.utils.prune), made permanent
+  or (``permanent=False``) left as masks for `finetune_pruned`, which trains the masked model on its run's
+  training data so pruned weights stay exactly zero; `make_permanent` then drops the masks.
+* `onnx_cosine`: per-row cosine of ONNX (e.g. int8) embeddings to the fp32 PyTorch ones.
 
-Nothing here fine-tunes: pruning a trained model usually costs accuracy that only retraining recovers.
+torchao int8 weights are tensor subclasses (`Int8Tensor`): safetensors cannot store them (save_pretrained
+fails), so a torchao-quantized model stays in memory; the saved INT8 artefact is the ONNX one.
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import CheckpointError, ConfigError
-from .export import require
+from .export import compare_onnx, require
+
+TORCHAO_SAVE_NOTE = (
+    "torchao int8 weights are tensor subclasses that safetensors cannot store (save_pretrained fails), "
+    "so a torchao-quantized model cannot be saved as a model folder"
+)
 
 
 def int8_path(path: Path) -> Path:
@@ -66,12 +77,37 @@ def quantize_torchao_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def onnx_cosine(model: nn.Module, paths: dict[str, Path]) -> dict[str, float]:
+    """Lowest per-row cosine similarity of the ONNX files' embeddings to the PyTorch model's, per encoder,
+    on the random inputs of `export.compare_onnx` (several batch sizes and text lengths)."""
+    emb = compare_onnx(model, paths)
+    return {n: float(F.cosine_similarity(e["onnx"], e["torch"], dim=1).min()) for n, e in emb.items()}
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers, counting a tensor subclass (a torchao int8 weight) by
+    its inner tensors (int8 data + scales)."""
+
+    def size(t: torch.Tensor) -> int:
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    return sum(size(t) for t in [*model.parameters(), *model.buffers()])
+
+
 def prune_model(
-    model: nn.Module, sparsity: float, modules: type[nn.Module] | Sequence[type[nn.Module]] = nn.Linear
+    model: nn.Module,
+    sparsity: float,
+    modules: type[nn.Module] | Sequence[type[nn.Module]] = nn.Linear,
+    permanent: bool = True,
 ) -> float:
     """Zero the `sparsity` fraction of smallest-|w| weights, ranked globally over the `weight` of every
-    module of the given type(s) (Zhu & Gupta 2017, global magnitude pruning), in place and permanent
-    (no mask or re-parametrisation is left). Returns the achieved sparsity over those weights.
+    module of the given type(s) (Zhu & Gupta 2017, global magnitude pruning), in place. Permanent by
+    default (no mask or re-parametrisation is left); with `permanent=False` each pruned module keeps
+    torch.nn.utils.prune's `weight_orig` parameter and `weight_mask` buffer (weight = orig * mask), for
+    `finetune_pruned`. Returns the achieved sparsity over those weights.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ConfigError(f"sparsity is {sparsity}; expected a fraction in [0, 1]")
@@ -85,17 +121,68 @@ def prune_model(
         names = ", ".join(k.__name__ for k in kinds)
         raise ConfigError(f"the model has no {names} module with a weight to prune")
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    for module, name in targets:
-        prune.remove(module, name)
+    if permanent:
+        make_permanent(model)
     return weight_sparsity(model, kinds)
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold every torch.nn.utils.prune mask into its weight (weight = orig * mask) and drop the mask,
+    the `_orig` parameter and the hook: plain parameters, the state-dict keys of the unpruned model."""
+    for module in model.modules():
+        hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+        for hook in hooks:
+            prune.remove(module, hook._tensor_name)
+    return model
+
+
+def finetune_pruned(model: nn.Module, cfg, steps: int, work_dir: str | Path, log=print) -> dict[str, float]:
+    """Train a model pruned with `prune_model(..., permanent=False)` for `steps` optimizer steps on its run's
+    image–text training split, with the run's train config (lr, batch size, precision, device; warm-up
+    capped at `steps`, no stages, one checkpoint at the end in `work_dir`). The masks stay attached, so the
+    pruned weights stay exactly zero (their `_orig` entries get no gradient and are multiplied by 0).
+    Returns the Trainer's last logged metrics; the masks are still there: call `make_permanent` next.
+    """
+    from ..run import build_train_data, load_split
+    from ..train.rng import seed_everything
+    from ..train.trainer import Trainer
+
+    if steps < 1:
+        raise ConfigError(f"fine-tuning steps = {steps}: expected a positive number")
+    if not prune.is_pruned(model):
+        raise ConfigError("the model has no pruning masks: prune it with prune_model(..., permanent=False)")
+    if cfg.task is not None or cfg.model.probe is not None:
+        raise ConfigError(
+            "fine-tuning after pruning supports image–text contrastive runs only (no task/probe)"
+        )
+    cfg = cfg.model_copy(update={"model": model.config})  # the image size and tokenizer of the model
+    train_cfg = cfg.train.model_copy(
+        update={
+            "steps": steps,
+            "stages": None,
+            "warmup_steps": min(cfg.train.warmup_steps, steps),
+            "checkpoint_every": steps,
+            "keep_checkpoints": 1,
+            "eval_every": 0,
+            "log_every": min(cfg.train.log_every, steps),
+        }
+    )
+    seed_everything(cfg.seed)
+    data = build_train_data(cfg, load_split(cfg, "train"), model.tokenizer)
+    last = Trainer(model, data, train_cfg, work_dir, log=log).fit()
+    model.cpu().eval()
+    return last
 
 
 def weight_sparsity(
     model: nn.Module, modules: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear
 ) -> float:
-    """Fraction of exactly-zero entries over the `weight` of every module of the given type(s)."""
+    """Fraction of exactly-zero entries over the `weight` of every module of the given type(s) (with a
+    pruning mask attached: of weight_orig * weight_mask, the weight the next forward uses)."""
     weights = [
-        m.weight for m in model.modules() if isinstance(m, modules) and getattr(m, "weight", None) is not None
+        m.weight_orig * m.weight_mask if hasattr(m, "weight_mask") else m.weight
+        for m in model.modules()
+        if isinstance(m, modules) and getattr(m, "weight", None) is not None
     ]
     total = sum(w.numel() for w in weights)
     return float(sum(int((w == 0).sum()) for w in weights) / total) if total else 0.0
