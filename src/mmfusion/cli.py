@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a model's encoders to ONNX (optionally INT8)",
-        description="Export the text and image encoders of a saved model to ONNX (dynamic batch "
-        "and text length), check them against PyTorch with onnxruntime, and optionally quantize "
-        "them to INT8 (ONNX Runtime dynamic quantization). A safetensors copy is save_pretrained.",
+        help="export a model's encoders (or a fusion model) to ONNX (optionally INT8)",
+        description="Export the text and image encoders of a saved two-tower model to ONNX (dynamic batch "
+        "and text length), or a fusion model (a MultiModalModel folder: one graph from per-modality inputs "
+        "and presence masks to logits; the moe fusion cannot be exported), check against PyTorch with "
+        "onnxruntime, and optionally quantize to INT8 (ONNX Runtime dynamic quantization). A safetensors "
+        "copy is save_pretrained.",
     )
     p.add_argument("model", help="a run directory or a save_pretrained model folder")
     p.add_argument("--out", required=True, help="output folder for the .onnx files")
@@ -333,8 +335,20 @@ def cmd_export(args) -> int:
     if args.format == "safetensors":
         print(f"wrote {model.save_pretrained(args.out)}")
         return 0
-    from .serve.export import export_onnx, verify_onnx
+    from .models.multimodal import MultiModalModel
+    from .serve.export import export_fusion_onnx, export_onnx, verify_fusion_onnx, verify_onnx
 
+    if isinstance(model, MultiModalModel):
+        path = export_fusion_onnx(model, args.out, opset=args.opset)
+        print(f"fusion model: {path}")
+        if not args.no_verify:
+            print(f"fusion model: max |onnxruntime - PyTorch| = {verify_fusion_onnx(model, path):.2e}")
+        if args.int8:
+            from .serve.quantize import quantize_onnx
+
+            for name, p in quantize_onnx({"fusion": path}).items():
+                print(f"{name} model int8: {p}")
+        return 0
     paths = export_onnx(model, args.out, opset=args.opset)
     for name, path in paths.items():
         print(f"{name} encoder: {path}")

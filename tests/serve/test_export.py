@@ -43,3 +43,29 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json not found"):
         export_onnx(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.mark.parametrize("fusion", ["early", "late", "cross_attention", "router"])
+def test_fusion_model_exports_to_one_onnx_graph_that_honours_masks(fusion, tmp_path):
+    from mmfusion.modalities.text import TextTokenizer
+    from mmfusion.models.multimodal import MultiModalModel
+    from mmfusion.serve.export import export_fusion_onnx, verify_fusion_onnx
+
+    tok = TextTokenizer.train(CAPTIONS, 64, 16)
+    torch.manual_seed(0)
+    model = MultiModalModel(
+        {"image": "tiny", "text": "tiny"}, fusion=fusion, n_classes=3, dim=16, tokenizer=tok
+    )
+    path = export_fusion_onnx(model, tmp_path)
+    # batch 5 (exported at 2: the batch axis is dynamic), every modality absent from some rows
+    assert verify_fusion_onnx(model, path, batch=5) < TOL
+
+
+def test_moe_fusion_export_is_refused_with_the_reason(tmp_path):
+    from mmfusion.errors import ConfigError
+    from mmfusion.models.multimodal import MultiModalModel
+    from mmfusion.serve.export import export_fusion_onnx
+
+    model = MultiModalModel({"image": "tiny", "audio": "tiny"}, fusion="moe", dim=16)
+    with pytest.raises(ConfigError, match="data-dependent"):
+        export_fusion_onnx(model, tmp_path)

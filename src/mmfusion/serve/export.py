@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models.contrastive import ContrastiveModel
 
 OPSET = 18
@@ -213,3 +213,100 @@ def verify_onnx(
     sizes and text lengths (default: 3 tokens and the full context length)."""
     emb = compare_onnx(model, paths, batch_sizes, lengths)
     return {n: float(np.abs((e["onnx"] - e["torch"]).numpy()).max()) for n, e in emb.items()}
+
+
+class FusionGraph(nn.Module):
+    """MultiModalModel as one exportable graph: (one input per modality, then one bool mask per modality, in
+    `model.modalities` order) -> head logits. Every row goes through every encoder (no data-dependent row
+    selection); the fusion masks absent rows, so the outputs equal the model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        names = m.modalities
+        inputs, masks = args[: len(names)], args[len(names) :]
+        feats = {k: m.projections[k](m.encoders[k].forward_tokens(x)) for k, x in zip(names, inputs)}
+        return m._head(m.fusion(feats, dict(zip(names, masks))))
+
+
+def export_fusion_onnx(model, out_dir: str | Path, opset: int = OPSET) -> Path:
+    """Write fusion_model.onnx for a MultiModalModel: inputs `<modality>` (batch, ...) and `<modality>_mask`
+    (batch,) bool, output `logits` ((batch, n_classes) classify, (batch,) match); batch is dynamic.
+
+    The MoE fusion routes tokens with data-dependent shapes and is not exportable: ConfigError.
+    """
+    from ..models.multimodal import MultiModalModel
+
+    if not isinstance(model, MultiModalModel):
+        raise CheckpointError(f"export_fusion_onnx needs a MultiModalModel, got {type(model).__name__}")
+    if model.config.fusion == "moe":
+        raise ConfigError(
+            "the moe fusion routes tokens with data-dependent shapes: it cannot be exported to ONNX"
+        )
+    require("onnx", "onnxscript")
+    model = copy.deepcopy(model).cpu().eval()
+    path = Path(out_dir) / "fusion_model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = fusion_example_inputs(model, batch=2)
+    batch = torch.export.Dim("batch", min=1)
+    names = model.modalities
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            FusionGraph(model).eval(),
+            tuple(example),
+            str(path),
+            input_names=[*names, *(f"{k}_mask" for k in names)],
+            output_names=["logits"],
+            dynamic_shapes=(tuple({0: batch} for _ in example),),  # one entry: the *args tuple
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    strip_debug_metadata(path)
+    return path
+
+
+def fusion_example_inputs(model, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs for FusionGraph: one tensor per modality (shapes from the encoder configs), then masks."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in model.modalities:
+        cfg = model.config.encoders[k]
+        if cfg.kind == "text":
+            out.append(torch.randint(3, cfg.vocab_size, (batch, min(8, cfg.context_length)), generator=g))
+        elif cfg.kind == "image":
+            out.append(torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1)
+        elif cfg.kind == "audio":
+            out.append(torch.randn(batch, cfg.n_mels, min(51, cfg.max_frames), generator=g))
+        else:
+            out.append(
+                torch.rand(batch, cfg.num_frames, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+            )
+    return out + [torch.ones(batch, dtype=torch.bool) for _ in model.modalities]
+
+
+def verify_fusion_onnx(model, path: str | Path, batch: int = 5, seed: int = 1) -> float:
+    """Max |onnxruntime - PyTorch| of the exported fusion model's logits on random inputs in which every
+    modality is absent from some rows (each row keeps at least one)."""
+    from ..batch import Batch
+
+    session = onnx_session(path)
+    inputs = fusion_example_inputs(model, batch=batch, seed=seed)
+    names = model.modalities
+    for i in range(len(names)):  # row r lacks modality r % M (rows keep the others)
+        inputs[len(names) + i] = torch.tensor([r % len(names) != i for r in range(batch)])
+    feed = {spec.name: t.numpy() for spec, t in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feed)[0]
+    data = dict(zip(names, inputs[: len(names)]))
+    masks = dict(zip(names, inputs[len(names) :]))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model.logits(Batch(data, masks))[0].cpu().numpy()
+    model.train(was_training)
+    return float(np.abs(got - ref).max())
