@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -456,18 +457,25 @@ def _wait(url: str, proc: subprocess.Popen, seconds: float) -> dict:
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (its own session's process group)."""
     proc.terminate()
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children left behind, if any
+    except ProcessLookupError:
+        pass
 
 
 def _serve(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "mmfusion.cli", "serve", *args, "--threads", "1"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def _serve_split(args, settings) -> int:
     ]  # fmt: skip
     if args.no_batching:
         encoder_cmd.append("--no-batching")
-    children = [subprocess.Popen(encoder_cmd)]
+    children = [subprocess.Popen(encoder_cmd, preexec_fn=_die_with_parent)]
     cache_url = None
     if not args.no_cache:
         cache_cmd = common + [
@@ -199,7 +199,7 @@ def _serve_split(args, settings) -> int:
             "--cache-size",
             str(args.cache_size),
         ]
-        children.append(subprocess.Popen(cache_cmd))
+        children.append(subprocess.Popen(cache_cmd, preexec_fn=_die_with_parent))
         cache_url = f"http://127.0.0.1:{cache_port}"
     try:
         backend = RemoteBackend.connect(f"http://127.0.0.1:{enc_port}", cache_url, settings)
@@ -223,6 +223,16 @@ def _serve_split(args, settings) -> int:
             except subprocess.TimeoutExpired:
                 c.kill()
     return 0
+
+
+def _die_with_parent() -> None:
+    """In a child service, before exec: ask Linux to SIGTERM it when the front process dies, so a killed front
+    (SIGKILL skips its `finally`) never leaves the encoder and cache services running. No-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _wait_healthy(url: str, wait_s: float) -> None:

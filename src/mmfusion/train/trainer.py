@@ -331,6 +331,7 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "samples_per_s": window_n / max(elapsed, 1e-9),
+                        "time": time.time(),  # wall clock (Unix s): recovery time after a restart
                         **metrics,
                     }
                     window_t, window_n = time.perf_counter(), 0
@@ -339,7 +340,7 @@ class Trainer:
                         jsonl.write(json.dumps(last) + "\n")
                         jsonl.flush()
                         for k, v in last.items():
-                            if k not in ("step", "epoch", "stage", "stage_step"):
+                            if k not in ("step", "epoch", "stage", "stage_step", "time"):
                                 writer.add_scalar(f"train/{k}", v, self.global_step)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.on_eval is not None:
                     self.model.eval()
