@@ -163,7 +163,11 @@ def cmd_train(args) -> int:
         return _launch_torchrun(args)
     from . import run as run_mod
 
-    result = run_mod.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    # a worker restarted by torchrun (--max-restarts) continues from the newest valid checkpoint
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted:
+        print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} (torchrun): resuming", flush=True)
+    result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
     from .train import distributed as dist_utils
 
     if dist_utils.rank() != 0:
@@ -200,7 +204,10 @@ def _launch_torchrun(args) -> int:
         "mmfusion.cli",
         *argv,
     ]
-    return subprocess.call(cmd)
+    # gloo connects the full mesh lazily: after a restart the ranks come up at different times, and the eager
+    # connect (3 quick retries) failed with "Connection refused" here
+    env = {"TORCH_GLOO_LAZY_INIT": "1", **os.environ}
+    return subprocess.call(cmd, env=env)
 
 
 def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:

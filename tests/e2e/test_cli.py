@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 TINY = Path(__file__).with_name("tiny.yaml")
@@ -359,3 +360,35 @@ def test_fusion_model_on_a_task_from_yaml(tmp_path):
         "train", "--config", str(recipe), "--set", "fusion_model.fusion=concat", cwd=tmp_path, check=False
     )
     assert bad.returncode == 2 and "fusion_model.fusion: unknown fusion 'concat'" in bad.stderr
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(tiny_run, tmp_path):
+    """Issue 7 (S5): rank 1 is SIGKILLed after step 7 of a 2-process run; torchrun restarts both ranks, they
+    resume from the step-6 checkpoint and finish with weights bitwise equal to an uninterrupted 2-process run."""
+    cwd, run, _ = tiny_run
+    pin = f"model.text.tokenizer={run / 'tokenizer.json'}"
+    common = ["train", "--config", str(TINY), "--set", pin, "--nproc", "2", "--no-eval"]
+    mmfusion(*common, "--set", "name=ddp_ref", cwd=cwd, timeout=180)
+    marker = tmp_path / "killed"
+    env = {
+        "MMFUSION_FAULT_INJECT_STEP": "7",
+        "MMFUSION_FAULT_INJECT_RANK": "1",
+        "MMFUSION_FAULT_INJECT_MARKER": str(marker),
+    }
+    killed = mmfusion(
+        *common, "--set", "name=ddp_killed", "--max-restarts", "1", cwd=cwd, env=env, timeout=180
+    )
+    assert marker.exists(), "the fault was not injected"
+    assert "restart 1 (torchrun): resuming" in killed.stdout, killed.stdout
+    assert "resumed from" in killed.stdout and "(step 6," in killed.stdout, killed.stdout
+    a = load_file(str(cwd / "runs" / "ddp_ref" / "model" / "model.safetensors"))
+    b = load_file(str(cwd / "runs" / "ddp_killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [
+        json.loads(line) for line in (cwd / "runs" / "ddp_killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    died = marker.stat().st_mtime
+    after = [r for r in rows if "time" in r and r["time"] > died]
+    assert after and after[0]["step"] == 8  # the first logged step after the restart (log_every 2)
+    print(f"recovery: SIGKILL -> step 8 logged after the restart: {after[0]['time'] - died:.1f} s")
