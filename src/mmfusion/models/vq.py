@@ -1,0 +1,468 @@
+"""Discrete image tokenizers: EMA vector quantization, residual VQ, finite scalar quantization, and a VQ-VAE.
+
+Every quantizer maps z (..., D) -> (z_q, indices, info) with a straight-through estimator (gradients pass
+from z_q to z unchanged), exposes `indices_to_codes(indices)` (the exact inverse of the code lookup) and
+`usage_stats(indices)` (perplexity and fraction of codes used).
+
+VectorQuantizer: codebook updated by exponential moving averages (no gradient), k-means initialisation from
+the first training batch, dead-code replacement (a code whose EMA count falls below `dead_code_threshold`,
+or that has been unused for `dead_code_patience` steps, is reset to a random encoder output of the current
+batch), commitment loss `commitment * ||z - sg(z_q)||^2`.
+ResidualVQ: `num_levels` VectorQuantizers, level l quantizes what levels < l left over.
+FSQ: each of len(levels) channels is bounded with tanh and rounded to one of levels[i] values; no codebook.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from .persistence import load_weights, read_config, save_folder
+
+MODEL_TYPE = "vqvae"
+QUANTIZERS = ("vq", "rvq", "fsq")
+
+
+def codebook_usage(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Usage of a codebook by `indices` (any shape, ints in [0, codebook_size)).
+
+    perplexity = exp(entropy of the code histogram) (1 .. codebook_size); usage = fraction of codes hit at
+    least once; normalized_perplexity = perplexity / codebook_size.
+    """
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=codebook_size).double()
+    total = counts.sum().clamp_min(1.0)
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    perplexity = math.exp(entropy)
+    return {
+        "perplexity": perplexity,
+        "normalized_perplexity": perplexity / codebook_size,
+        "usage": (counts > 0).double().mean().item(),
+    }
+
+
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on x (N, D): (centres (k, D), counts (k,)). Seeds are random rows of x (with
+    replacement if N < k); a cluster that empties keeps its previous centre."""
+    n = x.shape[0]
+    if n >= k:
+        pick = torch.randperm(n, generator=generator, device="cpu")[:k]
+    else:
+        pick = torch.randint(0, n, (k,), generator=generator, device="cpu")
+    centres = x[pick.to(x.device)].clone()
+    counts = torch.zeros(k, dtype=x.dtype, device=x.device)
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres, counts
+
+
+class VectorQuantizer(nn.Module):
+    """EMA vector quantizer over `codebook_size` codes of dimension `dim`.
+
+    Codebook buffers (all saved): embed (K, D), cluster_size (K,) EMA of per-step counts, embed_avg (K, D) EMA
+    of per-step sums, unused_steps (K,), initted. The EMA update, with n_k / s_k the batch count / sum of
+    the vectors assigned to code k and Laplace smoothing eps:
+        cluster_size = decay * cluster_size + (1 - decay) * n
+        embed_avg    = decay * embed_avg    + (1 - decay) * s
+        embed        = embed_avg / ((cluster_size + eps) / (N + K eps) * N),  N = cluster_size.sum()
+    The batch is quantized with the codebook as it was before the update. Updates happen only in training
+    mode; k-means initialisation (if `kmeans_init`) happens on the first training batch.
+
+    Dead codes (training only, after the update): cluster_size < dead_code_threshold, or (if
+    dead_code_patience) unused for >= dead_code_patience consecutive steps. Each is reset to a random
+    vector of the current batch, with cluster_size = max(dead_code_threshold, 1) and a fresh patience.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment: float = 0.25,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 1.0,
+        dead_code_patience: int | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"decay must be in [0, 1); got {decay}")
+        if codebook_size < 1 or dim < 1:
+            raise ConfigError(f"codebook_size and dim must be >= 1; got {codebook_size}, {dim}")
+        self.dim, self.codebook_size = dim, codebook_size
+        self.decay, self.eps, self.commitment = decay, eps, commitment
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold, self.dead_code_patience = dead_code_threshold, dead_code_patience
+        embed = torch.randn(codebook_size, dim)
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) -> codes (..., D) from the current codebook."""
+        return F.embedding(indices.long(), self.embed)
+
+    def usage_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        return codebook_usage(indices, self.codebook_size)
+
+    @torch.no_grad()
+    def _init_kmeans(self, flat: torch.Tensor) -> None:
+        centres, counts = kmeans(flat, self.codebook_size, self.kmeans_iters)
+        self.embed.copy_(centres)
+        self.cluster_size.copy_(counts)
+        self.embed_avg.copy_(centres * counts[:, None])
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        counts = torch.bincount(idx, minlength=self.codebook_size).to(flat.dtype)
+        sums = torch.zeros_like(self.embed).index_add_(0, idx, flat)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
+        self.embed.copy_(self.embed_avg / smoothed[:, None])
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+
+    @torch.no_grad()
+    def _replace_dead(self, flat: torch.Tensor) -> int:
+        dead = self.cluster_size < self.dead_code_threshold
+        if self.dead_code_patience is not None:
+            dead |= self.unused_steps >= self.dead_code_patience
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        n = flat.shape[0]
+        pick = torch.randperm(n)[:n_dead] if n >= n_dead else torch.randint(0, n, (n_dead,))
+        fresh = flat[pick.to(flat.device)]
+        size = max(self.dead_code_threshold, 1.0)
+        self.embed[dead] = fresh
+        self.embed_avg[dead] = fresh * size
+        self.cluster_size[dead] = size
+        self.unused_steps[dead] = 0
+        return n_dead
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """z (..., D) -> z_q (..., D) (straight-through), indices (...), info: commit_loss (tensor),
+        perplexity, usage, normalized_perplexity (this batch), replaced (dead codes reset this step)."""
+        if z.shape[-1] != self.dim:
+            raise DataError(f"VectorQuantizer expects last dim {self.dim}; got shape {tuple(z.shape)}")
+        flat = z.detach().reshape(-1, self.dim).float()
+        if self.training and not bool(self.initted):
+            self._init_kmeans(flat)
+        dist = (
+            flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None, :]
+        )
+        idx = dist.argmin(dim=1)
+        codes = F.embedding(idx, self.embed).view_as(z).to(z.dtype)
+        replaced = 0
+        if self.training:
+            self._ema_update(flat, idx)
+            if self.dead_code_threshold > 0 or self.dead_code_patience is not None:
+                replaced = self._replace_dead(flat)
+        commit = self.commitment * F.mse_loss(z, codes.detach())
+        z_q = z + (codes - z).detach()
+        indices = idx.view(z.shape[:-1])
+        info: dict[str, Any] = {"commit_loss": commit, "replaced": replaced}
+        info.update(self.usage_stats(idx))
+        return z_q, indices, info
+
+
+class ResidualVQ(nn.Module):
+    """`num_levels` EMA VectorQuantizers; level l quantizes the residual z - (codes of levels < l).
+
+    indices are (..., num_levels); z_q = sum of the level codes (straight-through to z as a whole);
+    info["commit_loss"] sums the levels' commitment losses; `forward(z, num_levels=n)` uses the first n
+    levels only (coarser reconstruction, same codebooks).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, num_levels: int = 4, **vq_kwargs: Any):
+        super().__init__()
+        if num_levels < 1:
+            raise ConfigError(f"num_levels must be >= 1; got {num_levels}")
+        self.dim, self.codebook_size, self.num_levels = dim, codebook_size, num_levels
+        self.levels = nn.ModuleList(
+            VectorQuantizer(dim, codebook_size, **vq_kwargs) for _ in range(num_levels)
+        )
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (..., n) with n <= num_levels -> summed codes (..., D)."""
+        out = None
+        for level in range(indices.shape[-1]):
+            c = self.levels[level].indices_to_codes(indices[..., level])
+            out = c if out is None else out + c
+        return out
+
+    def usage_stats(self, indices: torch.Tensor) -> dict[str, Any]:
+        """Per-level stats plus their mean under the plain keys."""
+        per = [codebook_usage(indices[..., i], self.codebook_size) for i in range(indices.shape[-1])]
+        out: dict[str, Any] = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
+        out["levels"] = per
+        return out
+
+    def forward(
+        self, z: torch.Tensor, num_levels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        n = self.num_levels if num_levels is None else num_levels
+        if not 1 <= n <= self.num_levels:
+            raise ConfigError(f"num_levels must be in [1, {self.num_levels}]; got {n}")
+        residual, total = z, torch.zeros_like(z)
+        all_idx, commit, replaced = [], z.new_zeros(()), 0
+        for level in self.levels[:n]:
+            q, idx, info = level(residual)
+            q = q.detach()
+            residual = residual - q
+            total = total + q
+            all_idx.append(idx)
+            commit = commit + info["commit_loss"]
+            replaced += info["replaced"]
+        indices = torch.stack(all_idx, dim=-1)
+        z_q = z + (total - z).detach()
+        info = {"commit_loss": commit, "replaced": replaced}
+        info.update(self.usage_stats(indices))
+        return z_q, indices, info
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023): z (..., len(levels)) -> each channel i bounded by
+    tanh and rounded to one of levels[i] values in [-1, 1]; codebook_size = prod(levels) (implicit).
+
+    Channel i takes values (q - L_i // 2) / (L_i // 2), q in 0..L_i-1; index = sum_i q_i * prod(levels[:i]).
+    """
+
+    def __init__(self, levels: Sequence[int] = (8, 6, 5), eps: float = 1e-3):
+        super().__init__()
+        levels = [int(v) for v in levels]
+        if not levels or min(levels) < 2:
+            raise ConfigError(f"FSQ levels must be a non-empty list of ints >= 2; got {levels}")
+        self.levels_list, self.eps = levels, eps
+        self.dim = len(levels)
+        self.codebook_size = math.prod(levels)
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.long)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        lv = self.levels.to(z.dtype)
+        half_l = (lv - 1) * (1 - self.eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        digits = (indices.long()[..., None] // self.basis) % self.levels
+        half = (self.levels // 2).float()
+        return (digits.float() - half) / half
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        half = (self.levels // 2).to(codes.dtype)
+        digits = (codes * half + half).round().long()
+        return (digits * self.basis).sum(dim=-1)
+
+    def usage_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        return codebook_usage(indices, self.codebook_size)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if z.shape[-1] != self.dim:
+            raise DataError(f"FSQ expects last dim {self.dim} (= len(levels)); got shape {tuple(z.shape)}")
+        bounded = self._bound(z.float())
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half = (self.levels // 2).float()
+        z_q = (rounded / half).to(z.dtype)
+        indices = self.codes_to_indices(z_q.detach().float())
+        info: dict[str, Any] = {"commit_loss": z.new_zeros(()), "replaced": 0}
+        info.update(self.usage_stats(indices))
+        return z_q, indices, info
+
+
+# ---- VQ-VAE -----------------------------------------------------------------------------------------------
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@dataclass
+class VQVAEOutput:
+    recon: torch.Tensor  # (B, 3, H, W) in roughly [-1, 1]
+    indices: torch.Tensor  # (B, h, w) or (B, h, w, levels) for rvq
+    loss: torch.Tensor  # recon_loss + commit_loss
+    recon_loss: torch.Tensor
+    commit_loss: torch.Tensor
+    info: dict[str, Any]
+
+
+def check_image_range(images: torch.Tensor) -> None:
+    """Raise DataError unless `images` is a float (B, 3, H, W) batch that looks like [-1, 1] pixels."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DataError(f"VQVAE expects a (B, 3, H, W) float tensor in [-1, 1]; got {shape}")
+    if not images.is_floating_point():
+        raise DataError(
+            f"VQVAE expects float images in [-1, 1]; got dtype {images.dtype} "
+            "(use mmfusion.modalities.image.preprocess_images to convert [0, 255] pixels)"
+        )
+    hi, lo = images.max().item(), images.min().item()
+    if hi > 1.5 or lo < -1.5:
+        raise DataError(
+            f"VQVAE expects images in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}], which looks like "
+            "[0, 255] pixels (use mmfusion.modalities.image.preprocess_images)"
+        )
+
+
+class VQVAE(nn.Module):
+    """Small conv VQ-VAE: (B, 3, S, S) in [-1, 1] -> (S/4)^2 tokens -> (B, 3, S, S).
+
+    Encoder: conv3x3 -> 2 stride-2 conv4x4 (S -> S/4) -> `num_res` residual blocks -> 1x1 to the quantizer
+    dim (code_dim, or len(fsq_levels) for "fsq"); the decoder mirrors it with transposed convs.
+    quantizer: "vq" (VectorQuantizer), "rvq" (ResidualVQ with rvq_levels), "fsq" (FSQ with fsq_levels;
+    codebook_size is then prod(fsq_levels)).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 64,
+        codebook_size: int = 256,
+        quantizer: str = "vq",
+        code_dim: int = 32,
+        num_res: int = 1,
+        rvq_levels: int = 4,
+        fsq_levels: Sequence[int] = (8, 6, 5),
+        decay: float = 0.99,
+        commitment: float = 0.25,
+        kmeans_init: bool = True,
+        dead_code_threshold: float = 1.0,
+        dead_code_patience: int | None = None,
+    ):
+        super().__init__()
+        if quantizer not in QUANTIZERS:
+            raise ConfigError(f"quantizer must be one of {QUANTIZERS}; got {quantizer!r}")
+        if image_size % 4:
+            raise ConfigError(f"image_size must be divisible by 4; got {image_size}")
+        self.config = {
+            "image_size": image_size,
+            "channels": channels,
+            "codebook_size": codebook_size,
+            "quantizer": quantizer,
+            "code_dim": code_dim,
+            "num_res": num_res,
+            "rvq_levels": rvq_levels,
+            "fsq_levels": [int(v) for v in fsq_levels],
+            "decay": decay,
+            "commitment": commitment,
+            "kmeans_init": kmeans_init,
+            "dead_code_threshold": dead_code_threshold,
+            "dead_code_patience": dead_code_patience,
+        }
+        self.image_size, self.quantizer_type = image_size, quantizer
+        self.grid = image_size // 4
+        vq_kw = dict(
+            decay=decay,
+            commitment=commitment,
+            kmeans_init=kmeans_init,
+            dead_code_threshold=dead_code_threshold,
+            dead_code_patience=dead_code_patience,
+        )
+        if quantizer == "vq":
+            self.quantizer: nn.Module = VectorQuantizer(code_dim, codebook_size, **vq_kw)
+        elif quantizer == "rvq":
+            self.quantizer = ResidualVQ(code_dim, codebook_size, rvq_levels, **vq_kw)
+        else:
+            self.quantizer = FSQ(fsq_levels)
+        qdim = self.quantizer.dim
+        c, c2 = channels, 2 * channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, c2, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c2, c2, 4, stride=2, padding=1),
+            *[_ResBlock(c2) for _ in range(num_res)],
+            nn.SiLU(),
+            nn.Conv2d(c2, qdim, 1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(qdim, c2, 3, padding=1),
+            *[_ResBlock(c2) for _ in range(num_res)],
+            nn.SiLU(),
+            nn.ConvTranspose2d(c2, c, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(c, c, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, 3, 3, padding=1),
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    def _quantize(self, images: torch.Tensor, **kw: Any):
+        check_image_range(images)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise DataError(
+                f"VQVAE expects {self.image_size}x{self.image_size} images; got {tuple(images.shape[-2:])}"
+            )
+        z = self.encoder(images).permute(0, 2, 3, 1)  # (B, h, w, D)
+        return self.quantizer(z, **kw)
+
+    def _decode_codes(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z_q.permute(0, 3, 1, 2).contiguous())
+
+    def forward(self, images: torch.Tensor, **quantizer_kw: Any) -> VQVAEOutput:
+        z_q, indices, info = self._quantize(images, **quantizer_kw)
+        recon = self._decode_codes(z_q)
+        recon_loss = F.mse_loss(recon, images)
+        commit = info.pop("commit_loss")
+        return VQVAEOutput(recon, indices, recon_loss + commit, recon_loss, commit, info)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) in [-1, 1] -> indices (B, S/4, S/4) ((B, S/4, S/4, levels) for rvq).
+        Uses the quantizer as it is (call .eval() first to leave the codebook untouched)."""
+        return self._quantize(images)[1]
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices from `encode` -> images (B, 3, S, S), clamped to [-1, 1]."""
+        return self._decode_codes(self.quantizer.indices_to_codes(indices)).clamp(-1, 1)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_folder(self, directory, MODEL_TYPE, self.config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
+        """Rebuild from config.json and load model.safetensors; returned in eval mode."""
+        return load_weights(cls(**read_config(directory, MODEL_TYPE)), directory, map_location)
+
+
+def psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2, i.e. the usual PSNR on [0, 1] pixels)."""
+    mse = F.mse_loss(recon.clamp(-1, 1).float(), target.float()).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))

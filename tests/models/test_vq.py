@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+
+from mmfusion.data.synthetic import SyntheticWorld
+from mmfusion.errors import DataError
+from mmfusion.models.vq import FSQ, VQVAE, ResidualVQ, VectorQuantizer, codebook_usage, psnr
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def _images(n: int, split: str = "train") -> torch.Tensor:
+    world = SyntheticWorld()
+    arr = np.stack([world.sample(split, i, ("image",))["image"] for i in range(n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@pytest.mark.parametrize("kind", ["vq", "rvq", "fsq"])
+def test_indices_to_codes_round_trip(kind):
+    z = torch.randn(4, 5, 3)
+    q = {"vq": lambda: VectorQuantizer(3, 16), "rvq": lambda: ResidualVQ(3, 16, 3), "fsq": FSQ}[kind]()
+    q.train()
+    q(z)  # k-means init / EMA update
+    q.eval()
+    z_q, indices, info = q(z)
+    assert indices.shape[:2] == (4, 5)
+    assert (q.indices_to_codes(indices) - z_q).abs().max().item() < 1e-6
+    assert 1.0 <= info["perplexity"] <= q.codebook_size
+    assert 0.0 < info["usage"] <= 1.0
+
+
+def test_straight_through_and_commitment():
+    vq = VectorQuantizer(4, 8, commitment=0.5)
+    z = torch.randn(10, 4, requires_grad=True)
+    z_q, _, info = vq(z)
+    z_q.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+    expected = 0.5 * ((z.detach() - vq.indices_to_codes(vq.eval()(z)[1])) ** 2).mean()
+    assert info["commit_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_ema_update_hand_made():
+    vq = VectorQuantizer(2, 2, decay=0.5, eps=0.0, kmeans_init=False, dead_code_threshold=0.0)
+    vq.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    vq.embed_avg.copy_(vq.embed)
+    vq.cluster_size.fill_(1.0)
+    z = torch.tensor([[0.2, 0.0], [0.8, 1.0], [1.0, 1.2]])
+    _, idx, _ = vq(z)
+    assert idx.tolist() == [0, 1, 1]  # quantized with the pre-update codebook
+    # counts [1, 2]; cluster_size = .5*[1,1] + .5*[1,2]; embed_avg = .5*old + .5*sums
+    assert torch.allclose(vq.cluster_size, torch.tensor([1.0, 1.5]))
+    assert torch.allclose(vq.embed_avg, torch.tensor([[0.1, 0.0], [1.4, 1.6]]))
+    assert torch.allclose(vq.embed, torch.tensor([[0.1, 0.0], [1.4 / 1.5, 1.6 / 1.5]]), atol=1e-6)
+    vq.eval()
+    before = vq.embed.clone()
+    vq(z)
+    assert torch.equal(vq.embed, before)  # no update in eval mode
+
+
+def _set_codebook(vq, embed, counts):
+    vq.embed.copy_(embed)
+    vq.cluster_size.copy_(counts)
+    vq.embed_avg.copy_(embed * counts[:, None])
+
+
+def test_dead_code_replacement_revives_unused_codes():
+    z = 0.1 * torch.randn(64, 3)
+    vq = VectorQuantizer(3, 8, kmeans_init=False, dead_code_threshold=1.0)
+    far = torch.full((8, 3), 100.0)
+    far[0] = 0.0
+    _set_codebook(vq, far, torch.tensor([64.0] + [0.0] * 7))
+    _, idx, info = vq(z)
+    assert set(idx.tolist()) == {0} and info["replaced"] == 7
+    for k in range(1, 8):  # each revived code is one of the batch vectors
+        assert (vq.embed[k] == z).all(dim=1).any()
+    _, idx, _ = vq(z)
+    assert len(set(idx.tolist())) > 4
+
+    # control: without replacement the far codes stay dead
+    dead = VectorQuantizer(3, 8, kmeans_init=False, dead_code_threshold=0.0)
+    _set_codebook(dead, far, torch.tensor([64.0] + [1.0] * 7))
+    for _ in range(3):
+        _, idx, info = dead(z)
+    assert set(idx.tolist()) == {0} and info["replaced"] == 0
+
+
+def test_dead_code_patience():
+    z = 0.1 * torch.randn(32, 2)
+    vq = VectorQuantizer(2, 4, kmeans_init=False, dead_code_threshold=0.0, dead_code_patience=2)
+    far = torch.tensor([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]])
+    _set_codebook(vq, far, torch.tensor([32.0, 1.0, 1.0, 1.0]))
+    vq(z)
+    assert torch.all(vq.embed[1:] > 10)  # unused for 1 step: kept
+    _, _, info = vq(z)
+    assert info["replaced"] == 3 and torch.all(vq.embed[1:].abs() < 1)
+
+
+def test_kmeans_init_puts_codes_on_data():
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    z = (centres[:, None, :] + 0.05 * torch.randn(4, 50, 2)).reshape(-1, 2)
+    vq = VectorQuantizer(2, 4, dead_code_threshold=0.0)
+    assert not bool(vq.initted)
+    _, idx, info = vq(z[torch.randperm(200)])
+    assert bool(vq.initted)
+    d = torch.cdist(vq.embed, centres)
+    assert d.min(dim=1).values.max().item() < 0.1  # every code sits on a cluster
+    assert sorted(d.argmin(dim=1).tolist()) == [0, 1, 2, 3]  # one code per cluster
+    assert info["usage"] == 1.0
+
+
+def test_fsq_levels_and_code_count():
+    fsq = FSQ([8, 6, 5])
+    assert fsq.codebook_size == 240 and fsq.dim == 3
+    codes = fsq.indices_to_codes(torch.arange(240))
+    assert len({tuple(c.tolist()) for c in codes}) == 240
+    for ch, lv in enumerate([8, 6, 5]):
+        assert len(codes[:, ch].unique()) == lv
+        assert codes[:, ch].min() == -1.0 and codes[:, ch].max() <= 1.0
+    assert torch.equal(fsq.codes_to_indices(codes), torch.arange(240))
+    z_q, idx, _ = fsq(1.5 * torch.randn(5000, 3))
+    assert idx.min() >= 0 and idx.max() < 240
+    assert len(idx.unique()) > 200  # wide inputs reach (nearly) every code
+    z = torch.randn(6, 3, requires_grad=True)
+    fsq(z)[0].sum().backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_rvq_error_non_increasing_with_depth():
+    z = torch.randn(512, 8)
+    rvq = ResidualVQ(8, 16, num_levels=4, dead_code_threshold=0.0)
+    rvq(z)  # k-means init of every level on this input's residuals
+    rvq.eval()
+    errors = [((rvq(z, num_levels=n)[0] - z) ** 2).mean().item() for n in range(1, 5)]
+    assert all(b <= a + 1e-7 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.8 * errors[0]
+    _, idx, info = rvq(z)
+    assert idx.shape == (512, 4) and len(info["levels"]) == 4
+
+
+def test_usage_stats():
+    s = codebook_usage(torch.tensor([0, 1, 2, 3]), 8)
+    assert s["usage"] == 0.5 and s["perplexity"] == pytest.approx(4.0)
+    assert s["normalized_perplexity"] == pytest.approx(0.5)
+
+
+def test_range_check_names_the_range():
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4)
+    with pytest.raises(DataError, match=r"\[-1, 1\].*\[0, 255\]"):
+        model.encode(torch.full((1, 3, 32, 32), 200.0))
+    with pytest.raises(DataError, match=r"\[-1, 1\]"):
+        model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert model.encode(torch.zeros(2, 3, 32, 32)).shape == (2, 8, 8)
+    assert model.tokens_per_image == 64
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "rvq", "fsq"])
+def test_save_load_round_trip(tmp_path, quantizer):
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4, quantizer=quantizer, rvq_levels=2)
+    x = _images(4)
+    model(x)  # initialise / update the codebook
+    model.eval()
+    idx = model.encode(x)
+    model.save_pretrained(tmp_path)
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config == model.config and not loaded.training
+    assert torch.equal(loaded.encode(x), idx)
+    assert torch.equal(loaded.decode(idx), model.decode(idx))
+
+
+def test_short_training_improves_psnr():
+    x = _images(64)
+    model = VQVAE(channels=16, codebook_size=32, code_dim=8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for step in range(60):
+        batch = x[torch.randint(0, 64, (16,), generator=g)]
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        if step == 0:
+            first = psnr(out.recon.detach(), batch)
+    model.eval()
+    with torch.no_grad():
+        final = psnr(model.decode(model.encode(x)), x)
+    assert final > first + 3.0, (first, final)
