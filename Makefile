@@ -29,7 +29,7 @@ browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } || \
-	  echo "chromium not installed (needs root + apt): the demo page screenshot test will be skipped"
+	  echo "chromium not installed (needs root + apt): the demo page browser test will fail"
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks

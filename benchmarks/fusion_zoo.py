@@ -75,15 +75,15 @@ def _chunks(batch, size: int):
     return [_rows(batch, torch.arange(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
 
 
-def _best_time(fn, repeats: int = 3) -> float:
-    """Fastest of `repeats` timed calls (after one untimed warm-up), in seconds."""
-    fn()
+def _best_time(fn, repeats: int = 3) -> tuple[float, Any]:
+    """(fastest of `repeats` timed calls after one untimed warm-up, in seconds; the warm-up call's result)."""
+    result = fn()
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
-    return best
+    return best, result
 
 
 def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
             model.predict(b)
             times.append(time.perf_counter() - t)
         result["latency_ms_batch1"] = 1e3 * statistics.median(times[5:])
-        full_s = _best_time(lambda: [model.predict(b) for b in batches])
+        full_s, _ = _best_time(lambda: [model.predict(b) for b in batches])
         result["infer_samples_per_s_batch64"] = len(test) / full_s
         if fusion == "moe":
             load = sum(model.encode(b).info["tokens_per_expert"] for b in batches)
@@ -149,15 +149,15 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
         if fusion == "router" and len(mods) > 1:
             gates = torch.cat([model.encode(b).info["gates"] for b in batches])
             result["router_mean_gates"] = dict(zip(model.fusion.modalities, gates.mean(0).tolist()))
-            model.calibrate_pruning(_chunks(_rows(train, torch.arange(256)), 64))
+            model.calibrate_pruning(_chunks(_rows(train, torch.arange(min(256, len(train)))), 64))
             labels = test.data["label"]
             prune = []
             for candidate in mods:
                 for thr in PRUNE_THRESHOLDS:
-                    preds, skipped = zip(*(model.predict_pruned(b, thr, [candidate]) for b in batches))
-                    pruned_s = _best_time(
+                    pruned_s, outs = _best_time(
                         lambda thr=thr, c=candidate: [model.predict_pruned(b, thr, [c]) for b in batches]
                     )
+                    preds, skipped = zip(*outs)
                     acc = float((torch.cat(preds) == labels).float().mean())
                     frac = float(torch.cat([s[candidate] for s in skipped]).float().mean())
                     prune.append(

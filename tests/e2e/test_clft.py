@@ -3,9 +3,6 @@ on the frozen image tower; test accuracy above chance in metrics.json; SIGKILL i
 bitwise the same weights."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,21 +41,6 @@ TINY = [
 ]
 
 
-def mmfusion(*argv, cwd, env=None, check=True):
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmfusion.cli", *argv],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mmfusion exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def args(*extra):
     out = ["train", "--config", str(RECIPE)]
     for item in [*TINY, *extra]:
@@ -67,7 +49,7 @@ def args(*extra):
 
 
 @pytest.fixture(scope="module")
-def clft_run(tmp_path_factory):
+def clft_run(mmfusion, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("clft")
     proc = mmfusion(*args(), cwd=cwd)
     return cwd, cwd / "runs" / "clft", proc
@@ -92,7 +74,7 @@ def test_clft_recipe_beats_chance_and_logs_its_stages(clft_run):
     assert state["stage"]["name"] == "pretrain" and state["stage"]["step"] == 80
 
 
-def test_sigkill_in_stage_2_and_resume_is_bitwise_identical(clft_run):
+def test_sigkill_in_stage_2_and_resume_is_bitwise_identical(mmfusion, clft_run):
     cwd, run, _ = clft_run
     pin = f"model.text.tokenizer={run / 'tokenizer.json'}"  # BPE ties differ between processes
     killed = mmfusion(

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,31 +11,14 @@ from safetensors.torch import load_file
 TINY = Path(__file__).with_name("tiny.yaml")
 
 
-def mmfusion(*args, cwd, env=None, timeout=240, check=True):
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmfusion.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"mmfusion {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(mmfusion, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
     proc = mmfusion("train", "--config", str(TINY), cwd=cwd)
     return cwd, cwd / "runs" / "tiny", proc
 
 
-def test_help_on_every_command(tmp_path):
+def test_help_on_every_command(mmfusion, tmp_path):
     for args in (
         ["--help"],
         ["train", "--help"],
@@ -81,14 +62,14 @@ def test_train_writes_a_complete_run_directory(tiny_run):
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
-def test_existing_run_needs_resume_or_overwrite(tiny_run):
+def test_existing_run_needs_resume_or_overwrite(mmfusion, tiny_run):
     cwd, _, _ = tiny_run
     proc = mmfusion("train", "--config", str(TINY), cwd=cwd, check=False)
     assert proc.returncode == 2
     assert "pass --resume to continue it or --overwrite" in proc.stderr
 
 
-def test_eval_and_info_on_a_model_folder(tiny_run, tmp_path):
+def test_eval_and_info_on_a_model_folder(mmfusion, tiny_run, tmp_path):
     cwd, run, _ = tiny_run
     proc = mmfusion("eval", str(run / "model"), "--config", str(TINY), "--out", str(tmp_path / "ev"), cwd=cwd)
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -98,7 +79,7 @@ def test_eval_and_info_on_a_model_folder(tiny_run, tmp_path):
     assert "checkpoint step-00000012: ok" in info and "parameters" in info
 
 
-def test_config_error_is_one_line_exit_2_before_any_work(tmp_path):
+def test_config_error_is_one_line_exit_2_before_any_work(mmfusion, tmp_path):
     proc = mmfusion("train", "--config", str(TINY), "--set", "train.lr=fast", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
@@ -107,7 +88,7 @@ def test_config_error_is_one_line_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
+def test_sigkill_and_resume_gives_bitwise_identical_weights(mmfusion, tiny_run, tmp_path):
     cwd, run, _ = tiny_run
     # killed (SIGKILL, no cleanup) right after step 7: checkpoints at 3 and 6 exist, step 7 is lost
     # the same tokenizer as the reference run (BPE training breaks ties differently in every process)
@@ -140,7 +121,7 @@ def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_run, tmp_path):
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def test_training_on_messy_jsonl_skips_and_counts(tmp_path):
+def test_training_on_messy_jsonl_skips_and_counts(mmfusion, tmp_path):
     mmfusion("data", "synth", "--out", "data", "--n", "64", "--modalities", "image,text", cwd=tmp_path)
     mmfusion(
         "data",
@@ -197,7 +178,7 @@ def test_training_on_messy_jsonl_skips_and_counts(tmp_path):
     assert failing.stderr.strip().count("\n") == 0
 
 
-def test_training_on_webdataset_shards(tmp_path):
+def test_training_on_webdataset_shards(mmfusion, tmp_path):
     for split, n in (("train", 96), ("test", 32)):
         mmfusion(
             "data",
@@ -237,7 +218,7 @@ def test_training_on_webdataset_shards(tmp_path):
     assert steps == [2, 4]
 
 
-def test_export_onnx_int8_and_prune(tiny_run, tmp_path):
+def test_export_onnx_int8_and_prune(mmfusion, tiny_run, tmp_path):
     cwd, run, _ = tiny_run
     out = mmfusion("export", str(run), "--out", str(tmp_path / "onnx"), "--int8", cwd=cwd).stdout
     for name in (
@@ -258,7 +239,7 @@ def test_export_onnx_int8_and_prune(tiny_run, tmp_path):
     assert bad.returncode == 2 and "sparsity" in bad.stderr
 
 
-def test_quantize_prints_sizes_and_cosine(tiny_run, tmp_path):
+def test_quantize_prints_sizes_and_cosine(mmfusion, tiny_run, tmp_path):
     cwd, run, _ = tiny_run
     assert "--method" in mmfusion("quantize", "--help", cwd=cwd).stdout
     out = mmfusion("quantize", str(run), "--out", str(tmp_path / "q"), cwd=cwd).stdout
@@ -269,7 +250,7 @@ def test_quantize_prints_sizes_and_cosine(tiny_run, tmp_path):
     assert len(cos) == 2 and min(cos) >= 0.98
 
 
-def test_prune_with_finetuning(tiny_run, tmp_path):
+def test_prune_with_finetuning(mmfusion, tiny_run, tmp_path):
     cwd, run, _ = tiny_run
     out = mmfusion(
         "prune", str(run), "--sparsity", "0.5", "--finetune-steps", "3", "--out", str(tmp_path / "p"), cwd=cwd
@@ -322,7 +303,7 @@ def test_prune_with_finetuning(tiny_run, tmp_path):
     assert "fine-tuned 3 steps" in ok.stdout
 
 
-def test_fusion_model_on_a_task_from_yaml(tmp_path):
+def test_fusion_model_on_a_task_from_yaml(mmfusion, tmp_path):
     recipe = Path(__file__).parents[2] / "configs" / "vqa_fusion.yaml"
     small = [
         "--set",
@@ -363,7 +344,7 @@ def test_fusion_model_on_a_task_from_yaml(tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(tiny_run, tmp_path):
+def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(mmfusion, tiny_run, tmp_path):
     """Issue 7 (S5): rank 1 is SIGKILLed after step 7 of a 2-process run; torchrun restarts both ranks, they
     resume from the step-6 checkpoint and finish with weights bitwise equal to an uninterrupted 2-process run."""
     cwd, run, _ = tiny_run

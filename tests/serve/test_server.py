@@ -537,8 +537,11 @@ def test_demo_page_headless_screenshot(saved, tmp_path):
     import shutil
 
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed: the headless screenshot of the demo page is not taken")
+    if exe is None:  # `make test` installs it (Debian package) when run as root
+        pytest.fail(
+            "chromium is not installed: the demo page cannot be checked in a browser; "
+            "install it (`make browser` as root, or `apt-get install chromium`)"
+        )
     folder, index_dir = saved
     port = _free_port()
     proc = _serve([str(folder), "--port", str(port), "--index", str(index_dir)])
