@@ -330,3 +330,30 @@ def test_router_pruning_skips_encoders_under_the_threshold(tok):
         model.predict_pruned(batch, 0.5, candidates=["image", "text"])
     with pytest.raises(ConfigError, match="router"):
         build(tok, fusion="late").calibrate_pruning([batch])
+
+
+def test_encode_each_modality_from_raw_inputs(tok):
+    import numpy as np
+
+    model = build(tok, encoders={"image": "tiny", "text": "tiny", "audio": "tiny", "video": "tiny"})
+    rng = np.random.default_rng(0)
+    text = model.encode_text(["a small red circle", "is there a blue cross?"])
+    image = model.encode_image([rng.integers(0, 255, (40, 24, 3), dtype=np.uint8)] * 2)
+    # the same tone at 8 kHz and at 16 kHz: resampled to the model's rate, nearly the same embedding
+    t8, t16 = np.arange(8000) / 8000, np.arange(16000) / 16000
+    audio = model.encode_audio(
+        [np.sin(2 * np.pi * 440 * t8).astype(np.float32), np.sin(2 * np.pi * 440 * t16).astype(np.float32)],
+        [8000, 16000],
+    )
+    video = model.encode_video([rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)])
+    for emb, n in ((text, 2), (image, 2), (audio, 2), (video, 1)):
+        assert emb.shape == (n, 32)
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(n))
+    assert torch.equal(image[0], image[1])
+    assert torch.nn.functional.cosine_similarity(audio[0], audio[1], dim=0) > 0.99
+    # the embedding is the mean of the projected tokens that the fusion sees
+    ids = tok.encode(["a small red circle"])
+    tokens = model.projections["text"](model.encoders["text"].forward_tokens(ids))
+    torch.testing.assert_close(text[:1], torch.nn.functional.normalize(tokens.mean(1), dim=-1))
+    with pytest.raises(ConfigError, match="no audio encoder"):
+        build(tok).encode_audio([np.zeros(100, np.float32)], 16000)

@@ -23,10 +23,10 @@ from ..batch import Batch
 from ..config import Section
 from ..errors import CheckpointError, ConfigError
 from ..fusion import FUSIONS, FusionOutput, build_fusion
-from ..modalities.audio import AudioEncoder
-from ..modalities.image import ImageEncoder
+from ..modalities.audio import AudioEncoder, preprocess_audios
+from ..modalities.image import ImageEncoder, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
-from ..modalities.video import VideoEncoder
+from ..modalities.video import VideoEncoder, preprocess_videos
 from .contrastive import ModelOutput
 from .persistence import load_weights, read_config, save_folder
 
@@ -468,6 +468,61 @@ class MultiModalModel(nn.Module):
         """Predicted labels (B,) int64: the argmax class, or 1 where the match logit is positive."""
         logits, _ = self.logits(batch)
         return (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
+
+    # ---- per-modality embeddings ------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_modality(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed inputs of encoder `key` -> (B, dim) L2-normalised mean of its projected tokens (the
+        fusion's input; text averages over non-padding tokens). Each modality has its own space: these are
+        for retrieval within a modality, caching and probes, not cross-modal similarity."""
+        if key not in self.encoders:
+            raise ConfigError(f"this model has no {key!r} encoder; it has {self.modalities}")
+        was_training = self.training
+        self.eval()
+        try:
+            x = x.to(self.device)
+            tokens = self.projections[key](self.encoders[key].forward_tokens(x))
+            if self.config.encoders[key].kind == "text":
+                valid = (x != 0).to(tokens.dtype)[..., None]  # pad id 0
+                pooled = (tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
+            else:
+                pooled = tokens.mean(1)
+        finally:
+            self.train(was_training)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _key(self, kind: str) -> str:
+        keys = [k for k, c in sorted(self.config.encoders.items()) if c.kind == kind]
+        if not keys:
+            raise ConfigError(f"this model has no {kind} encoder; it has {self.modalities}")
+        return keys[0]
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (B, dim) L2-normalised embeddings (embed_modality on the tokenizer's ids)."""
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer: it cannot encode raw text")
+        return self.embed_modality(self._key("text"), self.tokenizer.encode(list(texts)))
+
+    def encode_image(self, images) -> torch.Tensor:
+        """PIL images / uint8 arrays / tensors of any size -> (B, dim) L2-normalised embeddings."""
+        key = self._key("image")
+        return self.embed_modality(key, preprocess_images(images, self.config.encoders[key].image_size))
+
+    def encode_audio(self, waves, sample_rate: int | list[int]) -> torch.Tensor:
+        """Waveforms ((n,) or (n, channels) arrays) at any sample rate (resampled to 16 kHz) -> (B, dim)
+        L2-normalised embeddings; clips are cut or padded to the encoder's max_frames."""
+        key = self._key("audio")
+        cfg = self.config.encoders[key]
+        seconds = max(cfg.max_frames - 1, 1) / 100.0  # hop 160 at 16 kHz: 100 frames per second
+        mels, _ = preprocess_audios(list(waves), sample_rate, seconds=seconds, n_mels=cfg.n_mels)
+        return self.embed_modality(key, mels)
+
+    def encode_video(self, videos) -> torch.Tensor:
+        """Clips ((T, H, W, 3) uint8 arrays or lists of frames; T resampled to num_frames) -> (B, dim)
+        L2-normalised embeddings."""
+        key = self._key("video")
+        cfg = self.config.encoders[key]
+        return self.embed_modality(key, preprocess_videos(list(videos), cfg.num_frames, cfg.image_size))
 
     # ---- inference-time modality pruning (A11) -----------------------------------------------------------
     @torch.no_grad()

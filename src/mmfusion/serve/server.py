@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 try:  # the `serve` extra
     from fastapi import APIRouter, Depends, FastAPI, Request
@@ -283,16 +282,7 @@ class Engine:
         if self.contrastive:
             emb = self.model.embed_text_ids(x) if modality == "text" else self.model.embed_image_tensor(x)
         else:
-            key = self.keys[modality]
-            tokens = self.model.projections[key](
-                self.model.encoders[key].forward_tokens(x.to(self.model.device))
-            )
-            if modality == "text":
-                valid = (x != 0).to(tokens.device, tokens.dtype)[..., None]
-                pooled = (tokens * valid).sum(1) / valid.sum(1).clamp(min=1)
-            else:
-                pooled = tokens.mean(1)
-            emb = F.normalize(pooled, dim=-1)
+            emb = self.model.embed_modality(self.keys[modality], x)
         arr = emb.float().cpu().numpy()
         return [arr[i] for i in range(arr.shape[0])]
 
