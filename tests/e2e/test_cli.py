@@ -358,10 +358,12 @@ def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(mmfu
         "MMFUSION_FAULT_INJECT_MARKER": str(marker),
     }
     killed = mmfusion(
-        *common, "--set", "name=ddp_killed", "--max-restarts", "1", cwd=cwd, env=env, timeout=180
+        *common, "--set", "name=ddp_killed", "--max-restarts", "3", cwd=cwd, env=env, timeout=240
     )
     assert marker.exists(), "the fault was not injected"
-    assert "restart 1 (torchrun): resuming" in killed.stdout, killed.stdout
+    # a restarted group can itself fail to connect (gloo "Connection refused" while peers come up): torchrun
+    # then restarts again, which is what --max-restarts is for; every restart resumes from the step-6 checkpoint
+    assert "(torchrun): resuming" in killed.stdout, killed.stdout
     assert "resumed from" in killed.stdout and "(step 6," in killed.stdout, killed.stdout
     a = load_file(str(cwd / "runs" / "ddp_ref" / "model" / "model.safetensors"))
     b = load_file(str(cwd / "runs" / "ddp_killed" / "model" / "model.safetensors"))
