@@ -148,9 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="image,text,audio,video,vqa",
         help="comma-separated subset of image,text,audio,video,vqa",
     )
+    # `data build|info|diff` (the data engine), handlers via set_defaults(func=)
+    from .data.engine.commands import add_data_commands
+
+    add_data_commands(dsub)
     from .serve.commands import add_commands  # `serve`, `index build` (handlers via set_defaults(func=))
 
     add_commands(sub)
+    from .unified.commands import add_commands as add_unified_commands  # `tokenize`, `generate`
+
+    add_unified_commands(sub)
     return parser
 
 
@@ -472,7 +479,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return (COMMANDS.get(args.command) or args.func)(args)
+        return (getattr(args, "func", None) or COMMANDS[args.command])(args)
     except ConfigError as e:
         print(f"mmfusion: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

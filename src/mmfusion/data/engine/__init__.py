@@ -1,0 +1,1 @@
+"""The data engine: build, check, de-duplicate, version and stream multimodal datasets."""

@@ -1,0 +1,1 @@
+"""The unified autoregressive model: one decoder over text tokens and VQ codes."""
