@@ -173,8 +173,21 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     progress: bool = True
+    # per-modality gradient accumulation (T7, seed 002): modality -> k; that modality's parameters (its encoder
+    # and projection, as the model's `modality_parameters()` names them) are updated every k optimizer steps
+    # with the mean of the k steps' gradients; the rest of the model every step
+    modality_accumulation: dict[str, int] = {}
     # multi-stage runs (T3): the run goes through these in order; `steps` is then their sum
     stages: list[StageConfig] | None = None
+
+    @model_validator(mode="after")
+    def _modality_accumulation(self) -> TrainConfig:
+        for key, k in self.modality_accumulation.items():
+            if k < 1:
+                raise ValueError(
+                    f"modality_accumulation[{key!r}] = {k}: expected a whole number of steps >= 1"
+                )
+        return self
 
     @model_validator(mode="after")
     def _stages(self) -> TrainConfig:

@@ -57,6 +57,10 @@ class ContrastiveModel(nn.Module):
     def image_size(self) -> int:
         return self.config.image.image_size
 
+    def modality_parameters(self) -> dict[str, list[str]]:
+        """Modality -> its parameter-name prefixes (per-modality gradient accumulation)."""
+        return {"text": ["text_encoder."], "image": ["image_encoder."]}
+
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at 100 as in CLIP."""
         return self.logit_scale.exp().clamp(max=100.0)

@@ -134,6 +134,11 @@ class MultiModalConfig(Section):
               with two modalities: InfoNCE between the two modalities' mean-pooled, projected tokens over the
               positive pairs (label 1) of the batch. It gives each encoder a first-order signal; a match label
               alone is independent of either modality, and from scratch that plateaus at chance.
+    precision: encoder key -> "fp32" | "bf16" | "fp16": the precision that encoder runs in (T6, seed 002's
+              `"precision": {"text": "bf16", "image": "fp16"}`), under the one autocast policy of the run: a listed
+              encoder runs in its own autocast region (fp32 = autocast off), its tokens return as fp32, and the
+              projections, fusion and head follow the run's `train.precision`. Unlisted encoders follow it too.
+              After a forward, `MultiModalModel.precision_report()` says what each part actually ran in.
     """
 
     encoders: dict[str, EncoderConfig]
@@ -144,6 +149,7 @@ class MultiModalConfig(Section):
     n_classes: int = Field(2, ge=2)
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     align_loss: float = Field(0.0, ge=0.0)
+    precision: dict[str, Literal["fp32", "bf16", "fp16"]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +189,11 @@ class MultiModalConfig(Section):
             raise ValueError(
                 f"align_loss={self.align_loss} needs head='match' and exactly two encoders; "
                 f"got head={self.head!r} and encoders {sorted(self.encoders)}"
+            )
+        unknown = sorted(set(self.precision) - set(self.encoders))
+        if unknown:
+            raise ValueError(
+                f"precision: {unknown} are not encoders of this model; its encoders are {sorted(self.encoders)}"
             )
         if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
             kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
@@ -273,6 +284,13 @@ class Head(nn.Module):
         return self.net(x)
 
 
+def _compute_dtype(device_type: str) -> str:
+    """The dtype autocast runs matmuls in here and now: "bfloat16" / "float16", or "float32" when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+    return "float32"
+
+
 # ---- the model --------------------------------------------------------------------------------------------
 class MultiModalModel(nn.Module):
     """Encoders (one per batch key) -> per-modality LayerNorm + Linear to `dim` -> fusion -> head (A12).
@@ -296,6 +314,7 @@ class MultiModalModel(nn.Module):
         modality_dropout: float = 0.0,
         tokenizer: TextTokenizer | None = None,
         align_loss: float = 0.0,
+        precision: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if not encoders:
@@ -336,6 +355,7 @@ class MultiModalModel(nn.Module):
                 "n_classes": n_classes,
                 "modality_dropout": modality_dropout,
                 "align_loss": align_loss,
+                "precision": dict(precision or {}),
             },
         )
         self.config = config
@@ -353,6 +373,7 @@ class MultiModalModel(nn.Module):
         )
         self.fusion = build_fusion(config.fusion, names, config.dim, **config.fusion_kwargs)
         self.head = Head(config.dim, config.n_classes if config.head == "classify" else 1)
+        self._ran_in: dict[str, str] = {}  # part -> dtype name of its output in the last forward
         if config.align_loss > 0:
             self.align_proj = nn.ModuleDict({k: nn.Linear(config.dim, config.dim) for k in names})
             self.align_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -374,6 +395,7 @@ class MultiModalModel(nn.Module):
             modality_dropout=config.modality_dropout,
             tokenizer=tokenizer,
             align_loss=config.align_loss,
+            precision=dict(config.precision),
         )
 
     @property
@@ -385,17 +407,45 @@ class MultiModalModel(nn.Module):
         return next(self.parameters()).device
 
     # ---- forward ----------------------------------------------------------------------------------------
+    def _encoder_tokens(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """encoders[key].forward_tokens(x) (B, N, width), in the encoder's own precision when one is set."""
+        enc, precision = self.encoders[key], self.config.precision.get(key)
+        device_type = x.device.type
+        if precision is None:
+            self._ran_in[f"encoders.{key}"] = _compute_dtype(device_type)
+            return enc.forward_tokens(x)
+        if precision == "fp32":
+            scope = torch.autocast(device_type, enabled=False)
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            scope = torch.autocast(device_type, dtype=dtype)
+        with scope:
+            self._ran_in[f"encoders.{key}"] = _compute_dtype(device_type)
+            y = enc.forward_tokens(x)
+        return y.float()  # the projection runs under the run's policy (which casts again if it is not fp32)
+
     def _tokens(self, key: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Encode the present rows of modality `key` and project them: (B, ...) -> (B, N, dim), absent rows 0."""
-        enc, proj = self.encoders[key], self.projections[key]
+        proj = self.projections[key]
         if bool(present.all()):
-            return proj(enc.forward_tokens(x))
+            return proj(self._encoder_tokens(key, x))
         if not bool(present.any()):  # one placeholder row only to learn N; its values are discarded
-            shape = proj(enc.forward_tokens(x[:1])).shape
+            shape = proj(self._encoder_tokens(key, x[:1])).shape
             return x.new_zeros((x.shape[0], *shape[1:]), dtype=torch.get_default_dtype())
         idx = present.nonzero().flatten()
-        y = proj(enc.forward_tokens(x[idx]))  # (P, N, dim)
+        y = proj(self._encoder_tokens(key, x[idx]))  # (P, N, dim)
         return y.new_zeros((x.shape[0], *y.shape[1:])).index_copy(0, idx, y)
+
+    def precision_report(self) -> dict[str, str]:
+        """What each part ran in during the last forward: {"encoders.text": "bfloat16", ..., "fusion": ...,
+        "head": ...}: the dtype autocast gave that part's matmuls (float32 where autocast was off); empty
+        before the first forward. (Autocast keeps norms and softmax in fp32 whatever the region's dtype.)"""
+        return dict(self._ran_in)
+
+    def modality_parameters(self) -> dict[str, list[str]]:
+        """Modality key -> the parameter-name prefixes that belong to it (its encoder and projection); used by
+        per-modality gradient accumulation (train.modality_accumulation)."""
+        return {k: [f"encoders.{k}.", f"projections.{k}."] for k in self.encoders}
 
     def encode(self, batch: Batch) -> FusionOutput:
         """Batch -> FusionOutput (pooled (B, dim), tokens, aux_loss, info). Applies modality dropout in training."""
@@ -416,7 +466,9 @@ class MultiModalModel(nn.Module):
         if self.training and self.config.modality_dropout > 0:
             masks = modality_dropout(masks, self.config.modality_dropout)
         feats = {k: self._tokens(k, batch.data[k].to(device), masks[k]) for k in self.encoders}
-        return self.fusion(feats, masks), feats, masks
+        fused = self.fusion(feats, masks)
+        self._ran_in["fusion"] = _compute_dtype(device.type)
+        return fused, feats, masks
 
     def logits(self, batch: Batch) -> tuple[torch.Tensor, FusionOutput]:
         """(B, n_classes) for head="classify", (B,) for head="match"; and the fusion output."""
@@ -425,6 +477,7 @@ class MultiModalModel(nn.Module):
 
     def _head(self, fused: FusionOutput) -> torch.Tensor:
         out = self.head(fused.pooled)
+        self._ran_in["head"] = _compute_dtype(out.device.type)
         return out.squeeze(-1) if self.config.head == "match" else out
 
     def alignment_loss(
@@ -448,14 +501,20 @@ class MultiModalModel(nn.Module):
         logits = self._head(fused)
         labels = batch.data["label"].to(logits.device)
         if self.config.head == "match":
-            task = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            per_sample = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
             pred = (logits > 0).long()
         else:
-            task = F.cross_entropy(logits.float(), labels.long())
+            per_sample = F.cross_entropy(logits.float(), labels.long(), reduction="none")
             pred = logits.argmax(dim=-1)
+        task = per_sample.mean()
         aux = fused.aux_loss.float()
         acc = (pred == labels.long()).float().mean().detach()
         metrics = {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
+        # per-modality monitoring (S7): the task loss over the samples in which each modality took part
+        with torch.no_grad():
+            for key, present in masks.items():
+                if bool(present.any()) and len(masks) > 1:
+                    metrics[f"loss/{key}"] = per_sample[present].mean()
         loss = task + aux
         if self.config.align_loss > 0 and self.training:
             align = self.alignment_loss(feats, masks, labels)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
+EXTRA = "extra.safetensors"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,6 +82,11 @@ class Checkpoint:
         )
         return model, optim, state
 
+    def load_extra(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The checkpoint's extra tensors (e.g. held per-modality gradients); {} when it has none."""
+        path = self.path / EXTRA
+        return load_file(str(path), device=str(device)) if path.is_file() else {}
+
 
 def save_checkpoint(
     ckpt_dir: Path,
@@ -89,8 +95,10 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and delete all but the newest `keep`."""
+    """Write one checkpoint atomically and delete all but the newest `keep`. `extra`: further tensors of the
+    training state (Checkpoint.load_extra)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
     tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -103,7 +111,11 @@ def save_checkpoint(
     opt_tensors, opt_rest = flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_rest}))
-    publish(tmp, final, step, ("model.safetensors", "optimizer.safetensors", "state.json"), keep)
+    files = ["model.safetensors", "optimizer.safetensors", "state.json"]
+    if extra:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA))
+        files.append(EXTRA)
+    publish(tmp, final, step, files, keep)
     return final
 
 

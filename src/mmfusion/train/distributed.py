@@ -45,13 +45,27 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def _reduce_device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(value: float) -> float:
     """Average a Python float over ranks (for logging)."""
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    return all_reduce_sum([value])[0] / dist.get_world_size()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a list of Python floats over ranks (for logging); every rank passes the same length."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
     dist.all_reduce(t)
-    return float(t.item() / dist.get_world_size())
+    return [float(v) for v in t.cpu()]
 
 
 def barrier() -> None:

@@ -104,6 +104,69 @@ class StageInfo:
     count: int = 1  # how many stages the run has (for messages)
 
 
+class ModalityAccumulator:
+    """Per-modality gradient accumulation (T7, seed 002: "accumulation steps by modality"): the parameters of
+    a modality with k > 1 are updated every k-th optimizer step, with the mean of the k steps' gradients.
+
+    Call `hold(step)` after the gradients are final (all-reduced, unscaled) and before clipping and the
+    optimizer step. On steps that are not due it moves the group's gradients into a buffer and sets them to
+    None, so the optimizer skips those parameters (AdamW leaves parameters without a gradient untouched,
+    weight decay included) and clipping measures the rest. On a due step it puts back (buffer + grad) / k.
+    The buffers are part of the checkpoint (`state_dict`), so a resumed run continues the same windows.
+    """
+
+    def __init__(self, model: nn.Module, accumulation: dict[str, int]):
+        self.groups: list[tuple[str, int, list[tuple[str, nn.Parameter]]]] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+        if not any(k > 1 for k in accumulation.values()):
+            return
+        prefixes_of = getattr(model, "modality_parameters", None)
+        if prefixes_of is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"train.modality_accumulation: {type(model).__name__} does not name its modalities' parameters "
+                "(no modality_parameters())"
+            )
+        prefixes = prefixes_of()
+        named = list(model.named_parameters())
+        for key, k in sorted(accumulation.items()):
+            if key not in prefixes:
+                from ..errors import ConfigError
+
+                raise ConfigError(
+                    f"train.modality_accumulation[{key!r}]: the model has no modality {key!r}; "
+                    f"its modalities are {sorted(prefixes)}"
+                )
+            if k > 1:
+                params = [(n, p) for n, p in named if p.requires_grad and n.startswith(tuple(prefixes[key]))]
+                self.groups.append((key, k, params))
+
+    def hold(self, step: int) -> None:
+        """`step`: the 1-based number of the optimizer step about to be taken."""
+        for _key, k, params in self.groups:
+            due = step % k == 0
+            for name, p in params:
+                if p.grad is None:
+                    continue
+                held = self.buffers.pop(name, None)
+                total = p.grad if held is None else p.grad + held
+                if due:
+                    p.grad = total / k
+                else:
+                    self.buffers[name] = total.detach().clone()
+                    p.grad = None
+
+    def describe(self) -> str:
+        return ", ".join(f"{key} every {k} steps ({len(ps)} tensors)" for key, k, ps in self.groups)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.buffers = {n: t.to(device) for n, t in state.items()}
+
+
 class Trainer:
     """Runs `cfg.steps` optimizer steps of `model` on `data`, writing everything into `run_dir`.
 
@@ -155,6 +218,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = grad_scaler(self.precision, self.device)
+        self.accumulator = ModalityAccumulator(self.module, cfg.modality_accumulation)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -204,6 +268,7 @@ class Trainer:
                 self.optimizer.state_dict(),
                 self._state(skipped),
                 self.cfg.keep_checkpoints,
+                extra={f"held_grad.{k}": v for k, v in self.accumulator.state_dict().items()},
             )
         if dist_utils.is_distributed():
             torch.distributed.barrier()
@@ -232,6 +297,12 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        held = {
+            k.removeprefix("held_grad."): v
+            for k, v in ckpt.load_extra().items()
+            if k.startswith("held_grad.")
+        }
+        self.accumulator.load_state_dict(held, self.device)
         self.step = saved_stage["step"] if self.stage is not None else ckpt.step
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         # the checkpoint holds the global counts: rank 0 carries them on, the other ranks start from zero
@@ -252,6 +323,28 @@ class Trainer:
             self.scaler.scale(out.loss * scale).backward()
         metrics = {k: float(v) for k, v in out.metrics.items()}
         return float(out.loss.detach()), metrics
+
+    def _log_precision(self) -> None:
+        """Log (and write precision.json) what each part of the model ran in on the first step (T6)."""
+        report = self.module.precision_report()
+        if not report:
+            return
+        self.log(f"precision ({self.precision} policy): " + ", ".join(f"{k}={v}" for k, v in report.items()))
+        (self.run_dir / "precision.json").write_text(
+            json.dumps({"policy": self.precision, "ran_in": report}, indent=2)
+        )
+
+    def _modality_window(self, counts: Counter[str], n_samples: int, elapsed: float) -> dict[str, float]:
+        """Per-modality data mix and throughput over a logging window (S7): mix/<m> = share of the window's
+        samples that carried modality m; samples_per_s/<m> = those samples per second (all ranks)."""
+        if not counts:
+            return {}
+        keys = sorted(counts)
+        totals = dist_utils.all_reduce_sum([float(counts[k]) for k in keys])
+        return {
+            **{f"mix/{k}": c / max(n_samples, 1) for k, c in zip(keys, totals)},
+            **{f"samples_per_s/{k}": c / max(elapsed, 1e-9) for k, c in zip(keys, totals)},
+        }
 
     def _batches(self) -> Iterator[list[Batch]]:
         while True:
@@ -293,8 +386,12 @@ class Trainer:
             dynamic_ncols=True,
             desc="train" if self.stage is None else f"stage {self.stage.name}",
         )
+        if self.accumulator.groups:
+            self.log(f"per-modality gradient accumulation: {self.accumulator.describe()}")
         last: dict[str, float] = {}
         window_t, window_n = time.perf_counter(), 0
+        window_mod: Counter[str] = Counter()  # samples per modality in the logging window (S7)
+        report_precision = self.is_main and hasattr(self.module, "precision_report")
         batches = self._batches()
         fault_step = _fault_step()
         try:
@@ -305,9 +402,15 @@ class Trainer:
                 for i, b in enumerate(micro):
                     for _sid, reason in b.meta.get("skipped", []):
                         self.skipped[reason] += 1
+                    for key, present in b.mask.items():
+                        window_mod[key] += int(present.sum())
                     loss, metrics = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
                     losses.append(loss)
+                if report_precision:
+                    report_precision = False
+                    self._log_precision()
                 self.scaler.unscale_(self.optimizer)
+                self.accumulator.hold(self.step + 1)
                 grad_norm = (
                     float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
                     if cfg.grad_clip > 0
@@ -333,8 +436,10 @@ class Trainer:
                         "samples_per_s": window_n / max(elapsed, 1e-9),
                         "time": time.time(),  # wall clock (Unix s): recovery time after a restart
                         **metrics,
+                        **self._modality_window(window_mod, window_n, elapsed),
                     }
                     window_t, window_n = time.perf_counter(), 0
+                    window_mod.clear()
                     bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.0f}")
                     if self.is_main:
                         jsonl.write(json.dumps(last) + "\n")
