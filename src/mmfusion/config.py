@@ -215,8 +215,61 @@ class EvalConfig(Section):
     grid_queries: int = Field(4, ge=0, le=32)
 
 
+class MixtureSourceConfig(Section):
+    """One training source of a mixture: `n` task samples that keep only `modalities` (the rest absent)."""
+
+    name: str = Field(min_length=1)
+    n: int = Field(ge=1)
+    modalities: list[str] | None = None  # None: all of the task's modalities
+
+
+class CurriculumPoint(Section):
+    step: int = Field(ge=0)
+    weights: list[float]
+
+
+class MixtureConfig(Section):
+    """Training on several sources (modality combinations) mixed by mmfusion.data.samplers (D3, T9).
+
+    weighting: "proportional" (p_i ∝ n_i), "uniform", "temperature" (p_i ∝ n_i^(1/T)), "mas" (the
+    modality-aware sampler, p_i ∝ c_i^alpha with c_i measured from the source's data: tokens + frames + audio
+    seconds, each times `units`), or "curriculum" (piecewise-linear between `curriculum` milestones).
+    The realised mixture is logged per step window (source/<name>, target/<name>) and plotted to
+    <run>/mixture.png.
+    """
+
+    sources: list[MixtureSourceConfig] = Field(min_length=1)
+    weighting: Literal["proportional", "uniform", "temperature", "mas", "curriculum"] = "temperature"
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = 1.0
+    units: dict[str, float] | None = None
+    curriculum: list[CurriculumPoint] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MixtureConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicate source name {dup[0]!r}")
+        if self.weighting == "curriculum":
+            if not self.curriculum:
+                raise ValueError("weighting = 'curriculum' needs curriculum: [{step, weights}, ...]")
+            for i, point in enumerate(self.curriculum):
+                if len(point.weights) != len(self.sources):
+                    raise ValueError(
+                        f"curriculum.{i}.weights has {len(point.weights)} entries; there are "
+                        f"{len(self.sources)} sources"
+                    )
+        elif self.curriculum:
+            raise ValueError(f"curriculum is set but weighting = {self.weighting!r}; use weighting: curriculum")
+        return self
+
+
 class TaskConfig(Section):
-    """A multimodal task on the synthetic world (mmfusion.tasks.TASKS), trained with `fusion_model`."""
+    """A multimodal task on the synthetic world (mmfusion.tasks.TASKS), trained with `fusion_model`.
+
+    mixture: train on several sources of the task (e.g. full pairs plus audio-only samples) mixed by a
+    sampler instead of on `n_train` samples with every modality."""
 
     name: str
     n_train: int = Field(2000, ge=4)
@@ -227,6 +280,7 @@ class TaskConfig(Section):
     context_length: int = Field(32, ge=4)
     image_size: int = Field(32, ge=8)
     num_frames: int = Field(4, ge=1)
+    mixture: MixtureConfig | None = None
 
     @model_validator(mode="after")
     def _known(self) -> TaskConfig:
@@ -234,6 +288,14 @@ class TaskConfig(Section):
 
         if self.name not in TASKS:
             raise ValueError(f"name = {self.name!r}: unknown task; allowed: {', '.join(sorted(TASKS))}")
+        have = TASKS[self.name].modalities
+        for i, source in enumerate(self.mixture.sources if self.mixture else []):
+            bad = [m for m in source.modalities or [] if m not in have]
+            if bad or source.modalities == []:
+                raise ValueError(
+                    f"mixture.sources.{i}.modalities = {source.modalities}: pick a non-empty subset of the "
+                    f"task's modalities {list(have)}"
+                )
         return self
 
 

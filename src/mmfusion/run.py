@@ -10,6 +10,7 @@ runs/<name>/config.yaml        resolved config snapshot
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,53 @@ def task_collate(cfg: RunConfig, tokenizer: TextTokenizer | None):
     )
 
 
+def mixture_sources(cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
+    """The training sources of `task.mixture`: disjoint consecutive slices of the task's training samples,
+    each keeping only its `modalities` (the others set to None, i.e. absent)."""
+    from .data.synthetic import SyntheticWorld, WorldConfig
+    from .tasks import TASKS, make_task_data
+
+    t = cfg.task
+    world = SyntheticWorld(WorldConfig(seed=cfg.data.synthetic.seed, image_size=t.image_size))
+    total = sum(s.n for s in t.mixture.sources)
+    samples = make_task_data(t.name, world, "train", total, seed=t.seed)
+    out, start = {}, 0
+    for source in t.mixture.sources:
+        keep = set(source.modalities or TASKS[t.name].modalities)
+        drop = [m for m in TASKS[t.name].modalities if m not in keep]
+        out[source.name] = [{**s, **dict.fromkeys(drop)} for s in samples[start : start + source.n]]
+        start += source.n
+    return out
+
+
+def mixture_weights(cfg: RunConfig, sources: dict[str, list[dict[str, Any]]]):
+    """The target mixture `task.mixture.weighting` describes: K floats or a CurriculumSchedule."""
+    from .data import samplers
+
+    mix = cfg.task.mixture
+    sizes = [len(v) for v in sources.values()]
+    if mix.weighting == "proportional":
+        return samplers.temperature_weights(sizes, 1.0)
+    if mix.weighting == "uniform":
+        return [1.0 / len(sizes)] * len(sizes)
+    if mix.weighting == "temperature":
+        return samplers.temperature_weights(sizes, mix.temperature)
+    if mix.weighting == "mas":
+        complexities = [samplers.source_complexity(v, mix.units) for v in sources.values()]
+        return samplers.mas_weights(complexities, mix.alpha)
+    return samplers.CurriculumSchedule([(p.step, p.weights) for p in mix.curriculum])
+
+
+def plot_run_mixture(run: Path, names: list[str]) -> Path | None:
+    """<run>/mixture.png: realised vs target share per source over training, from metrics.jsonl."""
+    from .data.samplers import history_from_metrics, plot_mixture
+
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    history = history_from_metrics(rows, names)
+    return plot_mixture(history, run / "mixture.png", names) if history else None
+
+
 def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """Create (or check, on --resume) the run directory; returns it and whether this is the main process."""
     from .train.trainer import resolve_device
@@ -150,7 +198,8 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
 
     out, is_main = _prepare_run_dir(cfg, resume, overwrite)
     seed_everything(cfg.seed)
-    train_set = task_samples(cfg, "train")
+    sources = mixture_sources(cfg) if cfg.task.mixture else None
+    train_set = [s for v in sources.values() for s in v] if sources else task_samples(cfg, "train")
     has_text = "text" in TASKS[cfg.task.name].modalities
     if not resume and is_main:
         if has_text:
@@ -167,22 +216,44 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             f"parameters; task {cfg.task.name}; run directory {out}"
         )
     collate = task_collate(cfg, tokenizer)
+    if sources is not None:
+        from .data.loader import MixtureData
+
+        weights = mixture_weights(cfg, sources)
+        if is_main:
+            target = weights(0) if callable(weights) else weights
+            log("mixture (target at step 0): " + ", ".join(f"{n}={p:.3f}" for n, p in zip(sources, target)))
     if cfg.train.stages:
         from .train.stages import fit_stages
 
         def make_data(i, stage):
-            subset = stage_subset(ListDataset(train_set), i, stage.n_train)
             bs = stage.batch_size or cfg.train.batch_size
+            if sources is not None:
+                if stage.n_train is not None:
+                    raise ConfigError(f"train.stages.{i}.n_train: a task.mixture run sizes its sources there")
+                return MixtureData(sources, weights, collate, bs, cfg.seed, cfg.data.num_workers)
+            subset = stage_subset(ListDataset(train_set), i, stage.n_train)
             return MapData(subset, collate, bs, cfg.seed, cfg.data.num_workers)
 
         last = fit_stages(model, cfg.train, out, make_data, resume=resume, log=log, is_main=is_main)
     else:
-        data = MapData(ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers)
+        if sources is not None:
+            data = MixtureData(
+                sources, weights, collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers
+            )
+        else:
+            data = MapData(
+                ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers
+            )
         trainer = Trainer(model, data, cfg.train, out, log=log)
         last = trainer.fit(resume=resume)
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
     if is_main:
         model.save_pretrained(out / "model")
+        if sources is not None:
+            plot = plot_run_mixture(out, list(sources))
+            if plot is not None:
+                log(f"realised vs target mixture: {plot}")
     return result
 
 

@@ -467,6 +467,25 @@ def plot_mixture(
     return out
 
 
+def history_from_metrics(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows (with source/<name> realised and target/<name> shares per logging window,
+    as the Trainer logs them for MixtureData) -> the `history` format of `plot_mixture`."""
+    history = []
+    for r in rows:
+        if f"source/{names[0]}" not in r:
+            continue
+        real = [float(r[f"source/{n}"]) for n in names]
+        history.append(
+            {
+                "step": r["step"],
+                "counts": real,
+                "window_counts": real,
+                "window_expected": [float(r[f"target/{n}"]) for n in names],
+            }
+        )
+    return history
+
+
 # ---- DDWA ---------------------------------------------------------------------------------------------------
 
 

@@ -346,6 +346,22 @@ class Trainer:
             **{f"samples_per_s/{k}": c / max(elapsed, 1e-9) for k, c in zip(keys, totals)},
         }
 
+    def _source_window(self, counts: Counter[str], first_step: int) -> dict[str, float]:
+        """Realised share of each mixture source over the logging window (source/<name>, all ranks) and the
+        sampler's mean target over the window's steps (target/<name>), when the data is a mixture
+        (MixtureData, whose steps count like this Trainer's)."""
+        names = getattr(self.data, "source_names", None)
+        if not names:
+            return {}
+        totals = dist_utils.all_reduce_sum([float(counts[n]) for n in names])
+        drawn = max(sum(totals), 1.0)
+        steps = range(first_step, self.step)  # the steps of the window (self.step: the next one)
+        targets = [self.data.target_mixture(t) for t in steps]
+        return {
+            **{f"source/{n}": c / drawn for n, c in zip(names, totals)},
+            **{f"target/{n}": sum(t[n] for t in targets) / len(targets) for n in names},
+        }
+
     def _batches(self) -> Iterator[list[Batch]]:
         while True:
             yield from self.data.step_batches(
@@ -391,6 +407,8 @@ class Trainer:
         last: dict[str, float] = {}
         window_t, window_n = time.perf_counter(), 0
         window_mod: Counter[str] = Counter()  # samples per modality in the logging window (S7)
+        window_src: Counter[str] = Counter()  # samples per mixture source in the logging window (D3)
+        window_first = self.step
         report_precision = self.is_main and hasattr(self.module, "precision_report")
         batches = self._batches()
         fault_step = _fault_step()
@@ -404,6 +422,8 @@ class Trainer:
                         self.skipped[reason] += 1
                     for key, present in b.mask.items():
                         window_mod[key] += int(present.sum())
+                    for name in b.meta.get("source") or ():
+                        window_src[name] += 1
                     loss, metrics = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
                     losses.append(loss)
                 if report_precision:
@@ -437,9 +457,12 @@ class Trainer:
                         "time": time.time(),  # wall clock (Unix s): recovery time after a restart
                         **metrics,
                         **self._modality_window(window_mod, window_n, elapsed),
+                        **self._source_window(window_src, window_first),
                     }
                     window_t, window_n = time.perf_counter(), 0
                     window_mod.clear()
+                    window_src.clear()
+                    window_first = self.step
                     bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{last['samples_per_s']:.0f}")
                     if self.is_main:
                         jsonl.write(json.dumps(last) + "\n")
