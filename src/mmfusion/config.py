@@ -152,6 +152,66 @@ class StageConfig(Section):
         return out
 
 
+# ---- parallelism (mmfusion.train.parallel, mmfusion.train.comm) -------------------------------------------
+HookKind = Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"]
+
+
+class CommConfig(Section):
+    """How DDP gradients travel (`parallel.comm`)."""
+
+    hook: HookKind | None = None  # None: DDP's built-in C++ all-reduce
+    compress_ratio: float | None = Field(None, gt=0.0, le=1.0)  # PowerSGD: picks the rank (see module doc)
+    powersgd_rank: int | None = Field(None, ge=1)  # explicit rank; wins over compress_ratio
+    powersgd_start_iter: int = Field(2, ge=1)  # plain all-reduce before this many steps
+    local_sgd_period: int = Field(4, ge=1)  # average parameters every K optimizer steps
+    local_sgd_warmup: int = Field(2, ge=0)  # global gradient all-reduce for the first steps
+
+
+class FSDPConfig(Section):
+    """FSDP2 (`fully_shard`) over the "dp" mesh dimension."""
+
+    enabled: bool = False
+    reshard_after_forward: bool = True
+    param_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # MixedPrecisionPolicy.param_dtype
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # MixedPrecisionPolicy.reduce_dtype
+    cpu_offload: bool = False  # CPUOffloadPolicy; needs an accelerator (refused on CPU)
+
+
+class TensorConfig(Section):
+    """Tensor parallel over the "tp" mesh dimension (heads and MLP hidden units split)."""
+
+    size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+
+
+class PipelineConfig(Section):
+    """Pipeline parallel over the "pp" mesh dimension (`build_pipeline`)."""
+
+    size: int = Field(1, ge=1)
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "gpipe"
+    microbatches: int = Field(4, ge=1)
+    stages_per_rank: int = Field(1, ge=1)  # > 1 only with interleaved_1f1b
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if self.schedule == "interleaved_1f1b" and self.stages_per_rank < 2:
+            raise ValueError("pipeline.schedule=interleaved_1f1b needs pipeline.stages_per_rank >= 2")
+        if self.schedule != "interleaved_1f1b" and self.stages_per_rank != 1:
+            raise ValueError(f"pipeline.schedule={self.schedule} runs one stage per rank")
+        return self
+
+
+class ParallelConfig(Section):
+    """`parallel:` section — how a run is split over processes. Defaults = plain DDP when world > 1."""
+
+    data: bool = True  # DDP over "dp" (ignored when fsdp.enabled)
+    fsdp: FSDPConfig = FSDPConfig()
+    tensor: TensorConfig = TensorConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    comm: CommConfig = CommConfig()
+    timeout_s: float = Field(300.0, gt=0)  # process-group collective timeout
+
+
 class TrainConfig(Section):
     """Modality-agnostic trainer settings."""
 
@@ -179,6 +239,9 @@ class TrainConfig(Section):
     modality_accumulation: dict[str, int] = {}
     # multi-stage runs (T3): the run goes through these in order; `steps` is then their sum
     stages: list[StageConfig] | None = None
+    # how a multi-process run (mmfusion train --nproc N, torchrun) is split: DDP (default), FSDP2, tensor
+    # parallel, communication hooks (S1-S4); ignored in one process
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _modality_accumulation(self) -> TrainConfig:
@@ -187,6 +250,26 @@ class TrainConfig(Section):
                 raise ValueError(
                     f"modality_accumulation[{key!r}] = {k}: expected a whole number of steps >= 1"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self) -> TrainConfig:
+        par = self.parallel
+        sharded = par.fsdp.enabled or par.tensor.size > 1
+        if par.pipeline.size > 1:
+            raise ValueError(
+                "parallel.pipeline.size > 1: the Trainer does not drive pipeline schedules; pipeline parallel "
+                "is the library API mmfusion.train.parallel.build_pipeline (docs/distributed.md)"
+            )
+        if sharded and self.stages:
+            raise ValueError(
+                "parallel.fsdp / parallel.tensor with train.stages: a multi-stage run re-wraps the model per "
+                "stage, which sharded models do not support yet; use DDP (the default) for staged runs"
+            )
+        if sharded and any(k > 1 for k in self.modality_accumulation.values()):
+            raise ValueError(
+                "modality_accumulation with parallel.fsdp / parallel.tensor is not supported yet"
+            )
         return self
 
     @model_validator(mode="after")
@@ -261,7 +344,9 @@ class MixtureConfig(Section):
                         f"{len(self.sources)} sources"
                     )
         elif self.curriculum:
-            raise ValueError(f"curriculum is set but weighting = {self.weighting!r}; use weighting: curriculum")
+            raise ValueError(
+                f"curriculum is set but weighting = {self.weighting!r}; use weighting: curriculum"
+            )
         return self
 
 

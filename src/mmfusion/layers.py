@@ -99,3 +99,20 @@ def init_transformer_(module: nn.Module, width: int, depth: int) -> None:
             nn.init.normal_(p, std=proj_std)
         elif name.endswith("mlp.fc1.weight"):
             nn.init.normal_(p, std=fc_std)
+
+
+def scalar_parameter(value: float) -> nn.Parameter:
+    """A learnable scalar stored with shape (1,): FSDP2's fully_shard cannot shard 0-d parameters. Modules
+    holding one register `load_scalar_compat(module, name)` so checkpoints with the old 0-d shape still load."""
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def load_scalar_compat(module: nn.Module, name: str) -> None:
+    """Let `module.load_state_dict` accept a 0-d tensor for the (1,)-shaped scalar parameter `name`."""
+
+    def hook(state_dict, prefix, *args):
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+
+    module._register_load_state_dict_pre_hook(hook)

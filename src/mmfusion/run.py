@@ -167,6 +167,20 @@ def plot_run_mixture(run: Path, names: list[str]) -> Path | None:
     return plot_mixture(history, run / "mixture.png", names) if history else None
 
 
+def unsharded(trainer, model, fresh):
+    """The trained model as a plain module to save: `model` itself, unless the trainer sharded it (FSDP2 /
+    tensor parallel): then, on rank 0, `fresh()` loaded with the gathered full state (None on other ranks).
+    A collective in that case: every rank calls it."""
+    if not trainer.sharded:
+        return model
+    state = trainer.full_model_state()
+    if state is None:
+        return None
+    plain = fresh()
+    plain.load_state_dict(state)
+    return plain
+
+
 def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """Create (or check, on --resume) the run directory; returns it and whether this is the main process."""
     from .train.trainer import resolve_device
@@ -247,6 +261,7 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             )
         trainer = Trainer(model, data, cfg.train, out, log=log)
         last = trainer.fit(resume=resume)
+        model = unsharded(trainer, model, lambda: MultiModalModel.from_config(cfg.fusion_model, tokenizer))
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
     if is_main:
         model.save_pretrained(out / "model")
@@ -324,6 +339,11 @@ def train(
 
     if cfg.task is not None:
         return train_task(cfg, resume, overwrite, log)
+    if cfg.train.parallel.tensor.size > 1:
+        raise ConfigError(
+            "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
+            "which tensor-parallel groups would duplicate; tensor parallel is for task (fusion) runs"
+        )
     out, is_main = _prepare_run_dir(cfg, resume, overwrite)
     seed_everything(cfg.seed)
     train_set = load_split(cfg, "train", progress=is_main and cfg.train.progress)
@@ -374,6 +394,7 @@ def train(
     else:
         trainer = Trainer(model, build_train_data(cfg, train_set, tokenizer), cfg.train, out, log=log)
         last = trainer.fit(resume=resume)
+        model = unsharded(trainer, model, lambda: type(model)(cfg.model, tokenizer))
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
     if is_main:
         model.save_pretrained(out / "model")

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..batch import Batch
 from ..config import ModelConfig
+from ..layers import load_scalar_compat, scalar_parameter
 from ..losses import clip_loss, dual_contrastive_loss
 from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
@@ -47,7 +48,8 @@ class ContrastiveModel(nn.Module):
         self.image_encoder = ImageEncoder(
             i.image_size, i.patch_size, i.width, i.depth, i.heads, config.embed_dim, i.mlp_ratio, i.stem
         )
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.logit_scale = scalar_parameter(math.log(1.0 / config.init_temperature))  # (1,)
+        load_scalar_compat(self, "logit_scale")
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +65,7 @@ class ContrastiveModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        return self.logit_scale.exp().clamp(max=100.0).reshape(())
 
     # ---- public verbs ----------------------------------------------------------------------------
     def embed_text_ids(self, ids: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ..batch import Batch
 from ..config import Section
 from ..errors import CheckpointError, ConfigError
 from ..fusion import FUSIONS, FusionOutput, build_fusion
+from ..layers import load_scalar_compat, scalar_parameter
 from ..modalities.audio import AudioEncoder, preprocess_audios
 from ..modalities.image import ImageEncoder, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
@@ -376,7 +377,8 @@ class MultiModalModel(nn.Module):
         self._ran_in: dict[str, str] = {}  # part -> dtype name of its output in the last forward
         if config.align_loss > 0:
             self.align_proj = nn.ModuleDict({k: nn.Linear(config.dim, config.dim) for k in names})
-            self.align_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.align_scale = scalar_parameter(math.log(1 / 0.07))  # (1,)
+            load_scalar_compat(self, "align_scale")
 
     @classmethod
     def from_config(

@@ -21,27 +21,13 @@ import math
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 from torch import nn
 
-from ..config import Section
-
-HookKind = Literal["allreduce", "fp16", "bf16", "powersgd", "local_sgd"]
-
-
-class CommConfig(Section):
-    """How DDP gradients travel (`parallel.comm`)."""
-
-    hook: HookKind | None = None  # None: DDP's built-in C++ all-reduce
-    compress_ratio: float | None = Field(None, gt=0.0, le=1.0)  # PowerSGD: picks the rank (see module doc)
-    powersgd_rank: int | None = Field(None, ge=1)  # explicit rank; wins over compress_ratio
-    powersgd_start_iter: int = Field(2, ge=1)  # plain all-reduce before this many steps
-    local_sgd_period: int = Field(4, ge=1)  # average parameters every K optimizer steps
-    local_sgd_warmup: int = Field(2, ge=0)  # global gradient all-reduce for the first steps
+from ..config import CommConfig, HookKind  # noqa: F401 - defined in config.py, re-exported
 
 
 def _backend(group: Any = None) -> str:

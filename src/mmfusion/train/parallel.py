@@ -33,65 +33,25 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Section
+from ..config import (  # noqa: F401 - the parallel config classes live in config.py, re-exported here
+    CommConfig,
+    FSDPConfig,
+    ParallelConfig,
+    PipelineConfig,
+    TensorConfig,
+)
 from ..layers import Attention, Block, Transformer
-from .comm import CommConfig, CommHandle, register_comm_hook
+from .comm import CommHandle, register_comm_hook
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MESH_DIMS = ("pp", "dp", "tp")
-
-
-class FSDPConfig(Section):
-    """FSDP2 (`fully_shard`) over the "dp" mesh dimension."""
-
-    enabled: bool = False
-    reshard_after_forward: bool = True
-    param_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # MixedPrecisionPolicy.param_dtype
-    reduce_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # MixedPrecisionPolicy.reduce_dtype
-    cpu_offload: bool = False  # CPUOffloadPolicy; needs an accelerator (refused on CPU)
-
-
-class TensorConfig(Section):
-    """Tensor parallel over the "tp" mesh dimension (heads and MLP hidden units split)."""
-
-    size: int = Field(1, ge=1)
-    sequence_parallel: bool = False
-
-
-class PipelineConfig(Section):
-    """Pipeline parallel over the "pp" mesh dimension (`build_pipeline`)."""
-
-    size: int = Field(1, ge=1)
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "gpipe"
-    microbatches: int = Field(4, ge=1)
-    stages_per_rank: int = Field(1, ge=1)  # > 1 only with interleaved_1f1b
-
-    @model_validator(mode="after")
-    def _check(self) -> PipelineConfig:
-        if self.schedule == "interleaved_1f1b" and self.stages_per_rank < 2:
-            raise ValueError("pipeline.schedule=interleaved_1f1b needs pipeline.stages_per_rank >= 2")
-        if self.schedule != "interleaved_1f1b" and self.stages_per_rank != 1:
-            raise ValueError(f"pipeline.schedule={self.schedule} runs one stage per rank")
-        return self
-
-
-class ParallelConfig(Section):
-    """`parallel:` section — how a run is split over processes. Defaults = plain DDP when world > 1."""
-
-    data: bool = True  # DDP over "dp" (ignored when fsdp.enabled)
-    fsdp: FSDPConfig = FSDPConfig()
-    tensor: TensorConfig = TensorConfig()
-    pipeline: PipelineConfig = PipelineConfig()
-    comm: CommConfig = CommConfig()
-    timeout_s: float = Field(300.0, gt=0)  # process-group collective timeout
 
 
 # ----------------------------------------------------------------------------------------- meshes

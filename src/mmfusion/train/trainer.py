@@ -104,6 +104,29 @@ class StageInfo:
     count: int = 1  # how many stages the run has (for messages)
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients' global L2 norm to `max_norm`; returns the norm before clipping.
+
+    Works on plain tensors and on DTensors from several device meshes at once (FSDP2 over "dp" for some
+    modules, FSDP2 x tensor parallel over ("dp", "tp") for the Transformer blocks), which
+    `torch.nn.utils.clip_grad_norm_` refuses to stack: each mesh's norm is reduced to a full tensor first.
+    """
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if not groups:
+        return 0.0
+    norms = []
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    for group in groups.values():  # one mesh at a time: foreach kernels refuse to mix meshes
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
+
+
 class ModalityAccumulator:
     """Per-modality gradient accumulation (T7, seed 002: "accumulation steps by modality"): the parameters of
     a modality with k > 1 are updated every k-th optimizer step, with the mean of the k steps' gradients.
@@ -198,24 +221,38 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        dist_utils.init_from_env(self.device)
+        dist_utils.init_from_env(self.device, timeout_s=cfg.parallel.timeout_s)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.data_rank, self.data_world = self.rank, self.world  # how the data is split (see below)
         self.is_main = self.rank == 0
         self._log = log
         self.model = model.to(self.device)
-        self.module = model  # the unwrapped model (for saving)
+        self.module = model  # the unwrapped model (for saving; FSDP2 / TP shard it in place)
+        par = cfg.parallel
+        # FSDP2 / tensor parallel: parameters are DTensors, checkpoints are sharded (mmfusion.train.dcp)
+        self.sharded = dist_utils.is_distributed() and (par.fsdp.enabled or par.tensor.size > 1)
+        comm = None
         if dist_utils.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            from .parallel import apply_parallelism, build_mesh, comm_handle
 
-            self.model = DDP(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+            try:
+                mesh = build_mesh(par, device_type=self.device.type)
+                self.model = apply_parallelism(self.model, par, mesh, self.device)
+                # the ranks of one tensor-parallel group read the same data: data is split over "dp" only
+                self.data_rank, self.data_world = mesh["dp"].get_local_rank(), mesh["dp"].size()
+            except ValueError as e:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"train.parallel: {e}") from None
+            comm = comm_handle(self.model)
         self.optimizer = torch.optim.AdamW(
             groups if groups is not None else param_groups(self.module, cfg.weight_decay),
             lr=cfg.lr,
             betas=cfg.betas,
             eps=1e-6,
         )
+        if comm is not None:
+            self.optimizer = comm.wrap_optimizer(self.optimizer)  # local SGD: periodic model averaging
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = grad_scaler(self.precision, self.device)
         self.accumulator = ModalityAccumulator(self.module, cfg.modality_accumulation)
@@ -260,6 +297,18 @@ class Trainer:
 
     def save(self) -> None:
         skipped = self._global_skipped()  # a collective: every rank takes part
+        if self.sharded:
+            from .dcp import save_sharded
+
+            save_sharded(
+                self.ckpt_dir,
+                self.global_step,
+                self.model,
+                self.optimizer,
+                extra=self._state(skipped),
+                keep=self.cfg.keep_checkpoints,
+            )
+            return
         if self.is_main:
             save_checkpoint(
                 self.ckpt_dir,
@@ -275,8 +324,20 @@ class Trainer:
 
     def resume(self, ckpt=None) -> None:
         """Load the newest checkpoint that verifies (falling back past damaged ones), or `ckpt`."""
-        ckpt = ckpt if ckpt is not None else require_latest(self.ckpt_dir, self.log)
-        model_state, optim_state, state = ckpt.load()
+        if self.sharded:
+            from .dcp import load_sharded
+
+            got = load_sharded(
+                self.ckpt_dir if ckpt is None else ckpt.path, self.model, self.optimizer, self.log
+            )
+            if got is None:
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"no valid checkpoint under {self.ckpt_dir} to resume from")
+            ckpt, state = got
+        else:
+            ckpt = ckpt if ckpt is not None else require_latest(self.ckpt_dir, self.log)
+            model_state, optim_state, state = ckpt.load()
         saved_stage = state.get("stage")
         if self.stage is None and saved_stage is not None:
             from ..errors import CheckpointError
@@ -291,8 +352,9 @@ class Trainer:
             raise CheckpointError(
                 f"{ckpt.path} is not a checkpoint of stage {self.stage.index} ({self.stage.name!r})"
             )
-        self.module.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
+        if not self.sharded:  # (load_sharded has loaded them in place)
+            self.module.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -324,6 +386,26 @@ class Trainer:
         metrics = {k: float(v) for k, v in out.metrics.items()}
         return float(out.loss.detach()), metrics
 
+    def _layout(self) -> str:
+        if self.world == 1:
+            return ""
+        par = self.cfg.parallel
+        kind = "FSDP2" if par.fsdp.enabled else "DDP" if par.data else "no data parallel"
+        tp = f" x tensor parallel {par.tensor.size}" if par.tensor.size > 1 else ""
+        hook = f", comm hook {par.comm.hook}" if par.comm.hook else ""
+        return f" ({kind} over {self.data_world}{tp}{hook})"
+
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole (unsharded) model state dict on the CPU of rank 0 (None on the other ranks). A collective
+        under FSDP2 / tensor parallel: every rank must call it."""
+        if not self.sharded:
+            return self.module.state_dict() if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=opts)
+        return state if self.is_main else None
+
     def _log_precision(self) -> None:
         """Log (and write precision.json) what each part of the model ran in on the first step (T6)."""
         report = self.module.precision_report()
@@ -340,7 +422,8 @@ class Trainer:
         if not counts:
             return {}
         keys = sorted(counts)
-        totals = dist_utils.all_reduce_sum([float(counts[k]) for k in keys])
+        copies = self.world // self.data_world  # tensor-parallel ranks see the same samples
+        totals = [c / copies for c in dist_utils.all_reduce_sum([float(counts[k]) for k in keys])]
         return {
             **{f"mix/{k}": c / max(n_samples, 1) for k, c in zip(keys, totals)},
             **{f"samples_per_s/{k}": c / max(elapsed, 1e-9) for k, c in zip(keys, totals)},
@@ -365,7 +448,7 @@ class Trainer:
     def _batches(self) -> Iterator[list[Batch]]:
         while True:
             yield from self.data.step_batches(
-                self.epoch, self.step_in_epoch, self.rank, self.world, self.cfg.accumulation
+                self.epoch, self.step_in_epoch, self.data_rank, self.data_world, self.cfg.accumulation
             )
             self.epoch += 1
             self.step_in_epoch = 0
@@ -391,9 +474,9 @@ class Trainer:
             )
         jsonl = open(self.run_dir / "metrics.jsonl", "a") if self.is_main else None
         self.log(
-            f"training on {self.device} in {self.precision}, {self.world} process(es), "
-            f"global batch {cfg.batch_size} = {self.world} x {cfg.accumulation} x "
-            f"{cfg.batch_size // (self.world * cfg.accumulation)}"
+            f"training on {self.device} in {self.precision}, {self.world} process(es){self._layout()}, "
+            f"global batch {cfg.batch_size} = {self.data_world} x {cfg.accumulation} x "
+            f"{cfg.batch_size // (self.data_world * cfg.accumulation)}"
         )
         bar = tqdm(
             total=cfg.steps,
@@ -431,18 +514,16 @@ class Trainer:
                     self._log_precision()
                 self.scaler.unscale_(self.optimizer)
                 self.accumulator.hold(self.step + 1)
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-                    if cfg.grad_clip > 0
-                    else float("nan")
-                )
+                grad_norm = float("nan")
+                if cfg.grad_clip > 0:
+                    grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
                 self.step_in_epoch += 1
-                window_n += n_samples * self.world
+                window_n += n_samples * self.data_world
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - window_t
