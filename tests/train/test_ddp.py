@@ -37,3 +37,43 @@ def test_two_processes_match_one_process(tmp_path):
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (one, two)
     assert one[-1] < one[0]
+
+
+@pytest.mark.timeout(420)
+def test_two_process_multi_stage_run_matches_one_process(tmp_path):
+    """CL-FT's two stages (contrastive, then the probe on a frozen encoder) under DDP: each stage wraps the
+    model anew; the loss curve across the stage switch equals one process's."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    recipe = Path(__file__).parents[2] / "configs" / "clft.yaml"
+    small = {
+        "data.synthetic.n_train": 512,
+        "data.synthetic.n_val": 64,
+        "data.synthetic.n_test": 64,
+        "train.stages.0.steps": 6,
+        "train.stages.1.steps": 4,
+        "train.stages.1.n_train": 100,
+        "train.stages.1.batch_size": 20,
+        "train.stages.1.eval_every": 2,
+        "train.progress": "false",
+        "train.log_every": 1,
+        "model.text.vocab_size": 200,
+    }
+    common = ["--config", str(recipe), "--no-eval"] + [
+        a for k, v in small.items() for a in ("--set", f"{k}={v}")
+    ]
+    pin = ["--set", f"model.text.tokenizer={tmp_path / 'runs' / 'one' / 'tokenizer.json'}"]
+    for name, extra in (("one", []), ("two", ["--nproc", "2", *pin])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mmfusion.cli", "train", *common, "--set", f"name={name}", *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = loss_curve(tmp_path / "runs" / "one"), loss_curve(tmp_path / "runs" / "two")
+    assert len(one) == len(two) == 10
+    assert one[6] < one[5] / 2  # the switch to the probe's cross-entropy is visible
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (one, two)
