@@ -48,11 +48,31 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     on_error: Literal["skip", "fail"] = "skip"
     num_workers: int = Field(0, ge=0, le=64)
+    # webdataset: the shuffle-buffer size of the training stream; without data.val, the validation split is a
+    # stratified hold-out of the training shards (every modality combination present, D8) of this fraction
+    shuffle_buffer: int = Field(1000, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    # training-time augmentation (mmfusion.data.engine.augment.AugmentConfig), webdataset training data only;
+    # never applied to val/test
+    augment: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
         if self.source != "synthetic" and not self.train:
             raise ValueError(f"data.source={self.source} needs data.train (a manifest path or shard pattern)")
+        if self.augment is not None:
+            if self.source != "webdataset":
+                raise ValueError(
+                    "augment: augmentation applies to the streaming loader (data.source=webdataset)"
+                )
+            from .data.engine.augment import AugmentConfig
+
+            try:
+                AugmentConfig.model_validate(self.augment)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"augment.{where}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
 
 

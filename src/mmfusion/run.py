@@ -42,6 +42,24 @@ def load_split(cfg: RunConfig, split: str, progress: bool = False):
         n = {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
         return ListDataset(make_split(world, split, n, modalities=("image", "text"), progress=progress))
     path = getattr(data, split)
+    if data.source == "webdataset" and (path or split == "val"):
+        # the streaming loader: lazy shards, shuffle buffer, split over ranks and workers exactly once;
+        # without data.val the validation split is a stratified hold-out of the training shards (D8)
+        from .data.engine.stream import StreamingDataset
+
+        which = "all" if path else "val"
+        if split == "train" and not data.val:
+            which = "train"
+        return StreamingDataset(
+            path or data.train,
+            split=which,
+            val_fraction=data.val_fraction,
+            modalities=("image", "text"),
+            on_error=data.on_error,
+            shuffle=data.shuffle_buffer if split == "train" else 0,
+            seed=cfg.seed,
+            augment=data.augment if split == "train" else None,
+        )
     if not path:
         raise ConfigError(
             f"data.{split} is not set: data.source={data.source} needs a path for the {split} split"
@@ -77,7 +95,8 @@ def build_train_data(
     if isinstance(dataset, IterableDataset):
         from .data.sources import count_samples
 
-        return StreamData(dataset, collate, batch_size, count_samples(cfg.data.train), cfg.data.num_workers)
+        n = dataset.num_samples() if hasattr(dataset, "num_samples") else count_samples(cfg.data.train)
+        return StreamData(dataset, collate, batch_size, n, cfg.data.num_workers)
     return MapData(dataset, collate, batch_size, cfg.seed, cfg.data.num_workers)
 
 

@@ -40,7 +40,7 @@ import os
 import random
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +383,9 @@ class WebDatasetSource(_Reader, IterableDataset):
     otherwise every rank reads all shards and keeps every world-th sample; within a rank, shards go to
     DataLoader workers (every k-th sample when there are fewer shards than workers). shuffle > 0 permutes
     the shard order per epoch (the same on every rank) and shuffles samples in a buffer of that size; call
-    set_epoch(e) before each epoch.
+    set_epoch(e) before each epoch. ``keep(url, key)``, when given, drops the samples it rejects before
+    decoding and before the split (so the split stays exactly-once and the per-rank balance counts only
+    kept samples); it must be picklable for DataLoader workers (a module-level class, not a lambda).
     """
 
     def __init__(
@@ -393,9 +395,11 @@ class WebDatasetSource(_Reader, IterableDataset):
         on_error: str = "skip",
         shuffle: int = 0,
         seed: int = 0,
+        keep: Callable[[str, str], bool] | None = None,
     ):
         self.modalities = _check_args(modalities, on_error)
         self.on_error, self.shuffle, self.seed, self.epoch = on_error, int(shuffle), int(seed), 0
+        self.keep = keep
         self.urls = shard_list(urls)
         self._sizes: dict[str, int] | None = None
         if pytorch_worker_info()[1] > 1:
@@ -407,15 +411,15 @@ class WebDatasetSource(_Reader, IterableDataset):
     def shard_sizes(self) -> dict[str, int] | None:
         """Samples per shard from tar headers (cached); None when a shard is remote."""
         if self._sizes is None and not any(map(_is_remote, self.urls)):
-            self._sizes = {url: _count_shard(url) for url in self.urls}
+            self._sizes = {url: _count_shard(url, self.keep) for url in self.urls}
         return self._sizes
 
     def texts(self) -> Iterator[str]:
-        """Every caption (.txt member) of every shard, without decoding media."""
+        """Every caption (.txt member) of every shard (that `keep` accepts), without decoding media."""
         for url in self.urls:
             try:
                 for raw in _shard_samples(url, lambda f: f.endswith(".txt")):
-                    if "txt" in raw:
+                    if "txt" in raw and (self.keep is None or self.keep(url, raw["__key__"])):
                         yield raw["txt"].decode("utf-8", errors="replace")
             except Exception:  # unreadable shards are reported when the samples are read
                 continue
@@ -449,6 +453,8 @@ class WebDatasetSource(_Reader, IterableDataset):
         k = 0
         for url in shards:
             for raw in self._raw(url):
+                if self.keep is not None and isinstance(raw, dict) and not self.keep(url, raw["__key__"]):
+                    continue
                 if k % stride == offset:
                     yield raw if isinstance(raw, SkippedSample) else self._decode(raw)
                 k += 1
@@ -510,15 +516,16 @@ class WebDatasetSource(_Reader, IterableDataset):
         return sample
 
 
-def _count_shard(url: str) -> int:
-    """Samples in one local shard (consecutive member keys, as webdataset groups them), from tar headers."""
+def _count_shard(url: str, keep: Callable[[str, str], bool] | None = None) -> int:
+    """Samples in one local shard (consecutive member keys, as webdataset groups them), from tar headers;
+    with `keep`, only those keep(url, key) accepts."""
     total, prev = 0, None
     try:
         with tarfile.open(url, "r:*") as tf:
             for m in tf:
                 key = base_plus_ext(m.name)[0] if m.isreg() and not m.name.startswith("__") else None
                 if key is not None and key != prev:
-                    total, prev = total + 1, key
+                    total, prev = total + (keep is None or keep(url, key)), key
     except (OSError, tarfile.TarError) as e:
         warnings.warn(f"counting samples: cannot read all of {url}: {e}", stacklevel=3)
     return total

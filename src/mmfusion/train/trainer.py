@@ -488,7 +488,7 @@ class Trainer:
         if self.accumulator.groups:
             self.log(f"per-modality gradient accumulation: {self.accumulator.describe()}")
         last: dict[str, float] = {}
-        window_t, window_n = time.perf_counter(), 0
+        window_t, window_n, window_wait = time.perf_counter(), 0, 0.0
         window_mod: Counter[str] = Counter()  # samples per modality in the logging window (S7)
         window_src: Counter[str] = Counter()  # samples per mixture source in the logging window (D3)
         window_first = self.step
@@ -497,7 +497,9 @@ class Trainer:
         fault_step = _fault_step()
         try:
             while self.step < cfg.steps:
+                t_wait = time.perf_counter()
                 micro = next(batches)
+                window_wait += time.perf_counter() - t_wait
                 n_samples = sum(len(b) for b in micro)
                 losses, metrics = [], {}
                 for i, b in enumerate(micro):
@@ -535,12 +537,14 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "samples_per_s": window_n / max(elapsed, 1e-9),
+                        # share of the window's wall time spent waiting for the next batch (data loading)
+                        "data_wait_frac": window_wait / max(elapsed, 1e-9),
                         "time": time.time(),  # wall clock (Unix s): recovery time after a restart
                         **metrics,
                         **self._modality_window(window_mod, window_n, elapsed),
                         **self._source_window(window_src, window_first),
                     }
-                    window_t, window_n = time.perf_counter(), 0
+                    window_t, window_n, window_wait = time.perf_counter(), 0, 0.0
                     window_mod.clear()
                     window_src.clear()
                     window_first = self.step

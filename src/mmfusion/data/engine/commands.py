@@ -66,6 +66,25 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
     s.add_argument("a", help="the older built dataset folder")
     s.add_argument("b", help="the newer built dataset folder")
     s.set_defaults(func=cmd_diff)
+    from . import pseudo, topup  # light imports: torch and the synthetic world load in the handlers
+
+    s = dsub.add_parser(
+        "pseudo-label",
+        help="label unlabelled images by cross-modal similarity with a trained model",
+        description="Score each image against class prototypes (the mean caption embedding of the labelled "
+        "samples of each label) and keep labels with probability >= --threshold; writes pseudo-*.tar and "
+        "pseudo_report.json (precision per threshold when the images carry true labels).",
+    )
+    pseudo.add_arguments(s)
+    s.set_defaults(func=pseudo.pseudo_label_main)
+    s = dsub.add_parser(
+        "topup",
+        help="render synthetic samples for modality combinations below a target count",
+        description="Count the modality combinations of a shard set and write synthetic paired samples "
+        "(SyntheticWorld) for each combination below --target as topup-<combination>-*.tar shards.",
+    )
+    topup.add_arguments(s)
+    s.set_defaults(func=topup.topup_main)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
