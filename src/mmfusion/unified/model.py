@@ -1,0 +1,372 @@
+"""One decoder-only Transformer over one vocabulary of text tokens, VQ codes and boundary/task tokens (A7, T11).
+
+Inputs are token ids (batch, T) with a modality id per token (batch, T): TEXT=0, IMAGE=1, AUDIO=2 (special,
+boundary and task-prefix tokens count as TEXT). The output is next-token logits (batch, T, vocab).
+
+Each block is pre-norm: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)); a final RMSNorm precedes the (tied)
+output projection.
+
+- Causal self-attention through `torch.nn.functional.scaled_dot_product_attention` (`is_causal` when no mask
+  is needed, so the fused / flash kernels run on GPU; an explicit boolean mask, True = may attend, for KV-cache
+  chunks and sliding windows).
+- Rotary positions on q and k (RoPE, Su et al. 2021); with a KV cache the new tokens continue the positions.
+- QK-norm: RMSNorm of q and k per head before RoPE (Dehghani et al. 2023, ViT-22B; Chameleon team 2024;
+  OLMo-2), which bounds the attention logits at high learning rates.
+- z-loss (PaLM, Chowdhery et al. 2022): `z_loss * mean(log Z)^2` over the trained positions keeps the softmax
+  normaliser near 1 (see `unified_loss`).
+- `image_window`: a query at an IMAGE token sees only the last `image_window` keys (itself included); text
+  and audio queries see their whole causal prefix (seed 003: per-modality context windows). With
+  `window_layers="alternate"` only layers 0, 2, 4, ... use the window. Long sequences without a cache use the
+  block-sparse `blocked_window_attention`, which skips the work outside the window.
+- `modality_aware`: separate q/k/v, output and MLP weights per modality (modality-aware attention, MoMa-lite:
+  Lin et al. 2024), each token going through its own modality's weights.
+- `sparse_topk`: top-k dynamic sparse attention (Gupta et al. 2021; seed 003 A10); see `attention.py` for what
+  it costs.
+
+`max_attn_logit` (max |q·k|/sqrt(head_dim) over layers, heads and allowed query-key pairs) costs one extra
+score matrix per layer, so it is computed only when asked: by default in training mode (`model.train()`),
+or with `forward(..., attn_logit=True)`; otherwise it is NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from ..models.persistence import load_weights, read_config, save_folder
+from .attention import (
+    apply_rope,
+    attention_mask,
+    blocked_window_attention,
+    max_abs_logit,
+    rope_cos_sin,
+    topk_attention,
+)
+
+TEXT, IMAGE, AUDIO = 0, 1, 2
+MODALITY_NAMES = ("text", "image", "audio")
+MODEL_TYPE = "unified_decoder"
+WINDOW_BLOCK = 128  # query block of the block-sparse sliding-window path (used when T >= 2 * WINDOW_BLOCK)
+
+
+@dataclass
+class UnifiedConfig:
+    """Hyper-parameters of `UnifiedDecoder`; validated on construction (`ConfigError` names the field)."""
+
+    vocab_size: int
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_len: int = 512
+    qk_norm: bool = True
+    z_loss: float = 1e-4
+    image_window: int | None = None
+    window_layers: str = "all"
+    modality_aware: bool = False
+    sparse_topk: int | None = None
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str) -> ConfigError:
+            return ConfigError(f"UnifiedConfig.{field} = {getattr(self, field)!r}: expected {expected}")
+
+        for name in ("vocab_size", "dim", "depth", "heads", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise bad("dim", f"a multiple of heads ({self.heads}) with an even head dimension")
+        if self.mlp_ratio <= 0:
+            raise bad("mlp_ratio", "> 0")
+        if self.z_loss < 0:
+            raise bad("z_loss", ">= 0")
+        if self.image_window is not None and (
+            not isinstance(self.image_window, int) or self.image_window < 1
+        ):
+            raise bad("image_window", "None or a positive integer")
+        if self.window_layers not in ("all", "alternate"):
+            raise bad("window_layers", "'all' or 'alternate'")
+        if self.sparse_topk is not None and (not isinstance(self.sparse_topk, int) or self.sparse_topk < 1):
+            raise bad("sparse_topk", "None or a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "in [0, 1)")
+        if self.rope_base <= 1.0:
+            raise bad("rope_base", "> 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The image sliding window of `layer` (None = full causal)."""
+        if self.image_window is None or (self.window_layers == "alternate" and layer % 2):
+            return None
+        return self.image_window
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifiedConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown UnifiedConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[-2] if self.keys else 0
+
+
+class UnifiedOutput(NamedTuple):
+    """logits (batch, T, vocab); cache (when use_cache); max_attn_logit (float, NaN when not computed)."""
+
+    logits: torch.Tensor
+    cache: KVCache | None
+    max_attn_logit: float
+
+
+class ModalityLinear(nn.Module):
+    """A Linear layer, or one per modality (modality-aware weights): row t goes through modality[t]'s weights."""
+
+    def __init__(self, d_in: int, d_out: int, per_modality: bool, bias: bool = False):
+        super().__init__()
+        n = len(MODALITY_NAMES) if per_modality else 1
+        self.linears = nn.ModuleList(nn.Linear(d_in, d_out, bias=bias) for _ in range(n))
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        # x: (batch, T, d_in); modality: (batch, T)
+        if len(self.linears) == 1:
+            return self.linears[0](x)
+        out = x.new_zeros(*x.shape[:-1], self.linears[0].out_features)
+        for m, linear in enumerate(self.linears):
+            sel = modality == m
+            if sel.any():
+                out[sel] = linear(x[sel])
+        return out
+
+
+class DecoderAttention(nn.Module):
+    """Causal multi-head attention with QK-norm, RoPE, a KV cache, an image window and optional top-k sparsity."""
+
+    def __init__(self, cfg: UnifiedConfig, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        self.qkv = ModalityLinear(cfg.dim, 3 * cfg.dim, cfg.modality_aware)
+        self.out = ModalityLinear(cfg.dim, cfg.dim, cfg.modality_aware)
+        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (batch, T, dim), the new tokens
+        modality: torch.Tensor,  # (batch, T)
+        cos: torch.Tensor,  # (T, head_dim) at the new tokens' positions
+        sin: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        want_logit: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x, modality).view(b, t, 3, cfg.heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        k_len = k.shape[2]
+        dropout_p = cfg.dropout if self.training else 0.0
+        blocked = (
+            cfg.sparse_topk is None
+            and self.window is not None
+            and k_len == t >= 2 * WINDOW_BLOCK
+            and not dropout_p
+        )
+        need_mask = cfg.sparse_topk is not None or self.window is not None or (t > 1 and k_len > t)
+        mask = attention_mask(modality, k_len, self.window) if need_mask and not blocked else None
+        if cfg.sparse_topk is not None:
+            y, _ = topk_attention(q, k, v, mask, cfg.sparse_topk, dropout_p)
+        elif blocked:  # long sequence, no cache: skip the work outside the image window
+            y = blocked_window_attention(q, k, v, modality, self.window, WINDOW_BLOCK)
+        elif mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:  # no cache chunk and no window: plain causal (t == 1 with a cache attends to everything)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=dropout_p)
+        if want_logit:
+            logit_mask = attention_mask(modality, k_len, self.window) if blocked else mask
+            logit = max_abs_logit(q, k, logit_mask)
+        else:
+            logit = None
+        y = self.out(y.transpose(1, 2).reshape(b, t, cfg.dim), modality)
+        return y, (k, v), logit
+
+
+class DecoderMLP(nn.Module):
+    """Two-layer GELU feed-forward block, shared or per modality."""
+
+    def __init__(self, cfg: UnifiedConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.fc1 = ModalityLinear(cfg.dim, hidden, cfg.modality_aware, bias=True)
+        self.fc2 = ModalityLinear(hidden, cfg.dim, cfg.modality_aware, bias=True)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x, modality)), modality)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x))."""
+
+    def __init__(self, cfg: UnifiedConfig, window: int | None):
+        super().__init__()
+        self.norm_1 = nn.RMSNorm(cfg.dim)
+        self.attn = DecoderAttention(cfg, window)
+        self.norm_2 = nn.RMSNorm(cfg.dim)
+        self.mlp = DecoderMLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, modality, cos, sin, past, want_logit):
+        a, kv, logit = self.attn(self.norm_1(x), modality, cos, sin, past, want_logit)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.norm_2(x), modality)), kv, logit
+
+
+class UnifiedDecoder(nn.Module):
+    """Decoder-only Transformer over mixed text / image / audio token sequences (see the module docstring)."""
+
+    def __init__(self, cfg: UnifiedConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, cfg.layer_window(i)) for i in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim)
+        # tied: logits use embed.weight directly, so no shared tensor ends up in the safetensors file
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * depth)
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue
+            std = 0.02
+            if ".attn.out." in name or ".mlp.fc2." in name:
+                std /= math.sqrt(2 * self.cfg.depth)
+            nn.init.normal_(p, std=std)
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        modality: torch.Tensor,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        attn_logit: bool | None = None,
+    ) -> UnifiedOutput:
+        """ids, modality: (batch, T) long — with a cache, the NEW tokens only (positions continue after it).
+
+        Returns logits (batch, T, vocab) for the given tokens, the extended cache when `use_cache`, and
+        max_attn_logit (computed when `attn_logit`, default: in training mode).
+        """
+        if ids.ndim != 2 or modality.shape != ids.shape:
+            raise DataError(
+                f"ids and modality must both be (batch, T); got {tuple(ids.shape)} and {tuple(modality.shape)}"
+            )
+        past_len = cache.length if cache is not None else 0
+        total = past_len + ids.shape[1]
+        if total > self.cfg.max_len:
+            raise DataError(
+                f"sequence length {total} (cache {past_len} + {ids.shape[1]} new) exceeds "
+                f"max_len {self.cfg.max_len}"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise DataError(
+                f"token ids must lie in [0, {self.cfg.vocab_size}); got [{int(ids.min())}, {int(ids.max())}]"
+            )
+        want_logit = self.training if attn_logit is None else attn_logit
+        positions = torch.arange(past_len, total, device=ids.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
+        x = self.embed(ids)
+        keys, values, logits_max = [], [], []
+        for i, block in enumerate(self.blocks):
+            past = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x, (k, v), logit = block(x, modality, cos.to(x.dtype), sin.to(x.dtype), past, want_logit)
+            keys.append(k)
+            values.append(v)
+            if logit is not None:
+                logits_max.append(logit)
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        max_logit = float(torch.stack(logits_max).max()) if logits_max else float("nan")
+        return UnifiedOutput(logits, KVCache(keys, values) if use_cache else None, max_logit)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json (model_type "unified_decoder") and model.safetensors into `directory`."""
+        return save_folder(self, directory, MODEL_TYPE, self.cfg.to_dict())
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> UnifiedDecoder:
+        """Load a folder written by `save_pretrained` (JSON + safetensors only); returned in eval mode."""
+        model = cls(UnifiedConfig.from_dict(read_config(directory, MODEL_TYPE)))
+        return load_weights(model, directory, map_location)
+
+
+def unified_loss(
+    logits: torch.Tensor, ids: torch.Tensor, modality: torch.Tensor, loss_mask: torch.Tensor, z_loss: float
+) -> dict[str, torch.Tensor]:
+    """Next-token cross-entropy with shifted labels, z-loss and per-modality losses.
+
+    logits (batch, T, vocab); ids, modality (batch, T); loss_mask (batch, T) bool, True = target token ids[t]
+    is trained. Position t predicts ids[t+1], so the counted positions are loss_mask[:, 1:] (the same mask
+    for ce and the z term; padding and prompt targets count in neither).
+    Returns "loss" = ce + z_loss * mean(log Z)^2, "ce", "z_loss" (the unscaled mean (log Z)^2), "log_z_abs"
+    (mean |log Z|), and per target modality "ce_text"/"ce_image"/"ce_audio" (0 where a modality has no
+    targets) with counts "n_text"/"n_image"/"n_audio"; sum(n_m * ce_m) / sum(n_m) == ce.
+    """
+    if logits.shape[:2] != ids.shape or ids.shape != modality.shape or ids.shape != loss_mask.shape:
+        raise DataError(
+            f"unified_loss: logits {tuple(logits.shape)}, ids {tuple(ids.shape)}, modality "
+            f"{tuple(modality.shape)} and loss_mask {tuple(loss_mask.shape)} must share (batch, T)"
+        )
+    pred = logits[:, :-1].float()  # (batch, T-1, vocab)
+    target = ids[:, 1:]
+    mask = loss_mask[:, 1:].bool()
+    target_mod = modality[:, 1:]
+    n = mask.sum()
+    if int(n) == 0:
+        raise DataError("unified_loss: loss_mask selects no target tokens after the first position")
+    log_z = pred.logsumexp(dim=-1)  # (batch, T-1)
+    ce_tok = log_z - pred.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    w = mask.float()
+    ce = (ce_tok * w).sum() / n
+    z = (log_z.square() * w).sum() / n
+    out = {"loss": ce + z_loss * z, "ce": ce, "z_loss": z, "log_z_abs": (log_z.abs() * w).sum() / n}
+    for m, name in enumerate(MODALITY_NAMES):
+        sel = mask & (target_mod == m)
+        n_m = sel.sum()
+        out[f"ce_{name}"] = (ce_tok * sel.float()).sum() / n_m.clamp(min=1)
+        out[f"n_{name}"] = n_m
+    return out
