@@ -11,6 +11,9 @@ async client, and prints a Markdown table:
   batching     closed loop with batching on vs --no-batching (throughput, mean batch size)
   cache        a repeating set of captions with the cache on vs --no-cache (throughput, hit rate)
   in-process   N simultaneous submits to the real model's text batcher -> model executions (no HTTP)
+  split        per-request latency of /v1/classify (one image + one question, one connection, sequential) on
+               a small multimodal model: `mmfusion serve` in one process vs `--split` (front/cache, encoder
+               service, fusion service), with the image new / cached / both inputs cached
 
 Without --model a small random-weight contrastive model is built and saved to a temporary folder (the
 numbers measure serving overhead, not model quality).
@@ -20,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
+import json
 import math
 import os
 import re
@@ -56,6 +62,25 @@ def small_model(folder: Path) -> Path:
     )
     torch.manual_seed(0)
     return ContrastiveModel(cfg, tok).save_pretrained(folder)
+
+
+def small_multimodal_model(folder: Path) -> Path:
+    """Text + image encoders (64 wide, 2 blocks), cross-attention fusion, 3 classes; random weights."""
+    import torch
+
+    from mmfusion.data.synthetic import SyntheticWorld, make_split
+    from mmfusion.modalities.text import TextTokenizer
+    from mmfusion.models.multimodal import MultiModalModel
+
+    captions = [s["text"] for s in make_split(SyntheticWorld(), "train", 200, ("text",))]
+    tok = TextTokenizer.train(captions, vocab_size=256, context_length=32)
+    torch.manual_seed(0)
+    encoders = {
+        "text": {"width": 64, "depth": 2, "heads": 4},
+        "image": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 4},
+    }
+    model = MultiModalModel(encoders, fusion="cross_attention", n_classes=3, dim=64, tokenizer=tok)
+    return model.save_pretrained(folder)
 
 
 def free_port() -> int:
@@ -195,6 +220,84 @@ def in_process(model: Path, n: int, max_batch: int) -> str:
     )
 
 
+def _png_b64(seed: int) -> str:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def split_overhead(n: int, threads: int, max_delay_ms: float) -> list[dict]:
+    """Sequential /v1/classify latency, in one process vs --split, for three cache situations."""
+    tmp = tempfile.TemporaryDirectory()
+    model = small_multimodal_model(Path(tmp.name) / "mm")
+    images = [_png_b64(i) for i in range(n)]
+    cases = {  # name -> the i-th request's one sample
+        "new image, new question": lambda i: {"image": images[i], "text": f"what is shape number {i}"},
+        "cached image, new question": lambda i: {"image": images[0], "text": f"what colour is item {i}"},
+        "cached image, same question": lambda i: {"image": images[0], "text": "what colour is it"},
+    }
+    out = []
+    delay = ["--max-delay-ms", str(max_delay_ms)]
+    for deployment, flags in (("one process", delay), ("split", [*delay, "--split"])):
+        with Server(model, flags, threads) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+            for case, sample in cases.items():
+                lat, status = [], set()
+                for i in range(n):
+                    t = time.perf_counter()
+                    r = c.post("/v1/classify", json={"inputs": [sample(i)]})
+                    lat.append(time.perf_counter() - t)
+                    status.add(r.status_code)
+                p50, p99 = np.percentile(lat, [50, 99]) * 1000
+                out.append(
+                    {"deployment": deployment, "case": case, "n": n, "p50_ms": p50, "p99_ms": p99,
+                     "status": sorted(status)}
+                )  # fmt: skip
+            if deployment == "split":
+                shapes = c.get("/healthz").json()  # the front's; token shapes are on the fusion service
+                fusion = httpx.get(f"{shapes['services']['fusion']}/healthz").json()["token_shapes"]
+                per_sample = sum(4 * n_tok * dim + 1 for n_tok, dim in fusion.values())
+                for row in out[-len(cases) :]:
+                    row["tokens_bytes_per_sample"] = per_sample
+    tmp.cleanup()
+    return out
+
+
+def split_table(rows: list[dict]) -> str:
+    base = {r["case"]: r["p50_ms"] for r in rows if r["deployment"] == "one process"}
+    lines = [
+        "| deployment | case | requests | p50 ms | p99 ms | p50 overhead vs one process | statuses |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        over = r["p50_ms"] - base[r["case"]]
+        lines.append(
+            f"| {r['deployment']} | {r['case']} | {r['n']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{over:+.1f} ms | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_split(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k, dep in enumerate(("one process", "split")):
+        vals = [next(r["p50_ms"] for r in rows if r["deployment"] == dep and r["case"] == c) for c in cases]
+        ax.bar(np.arange(len(cases)) + (k - 0.5) * 0.38, vals, 0.38, label=dep)
+    ax.set_xticks(range(len(cases)), cases, fontsize=8)
+    ax.set_ylabel("p50 latency per /v1/classify (ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder (default: a small random-weight contrastive model)")
@@ -208,8 +311,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument(
-        "--scenarios", default="open,closed,batching,cache,inprocess", help="comma-separated subset"
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        help="batching delay in the split scenario (server default 5)",
     )
+    ap.add_argument(
+        "--scenarios", default="open,closed,batching,cache,inprocess,split", help="comma-separated subset"
+    )
+    ap.add_argument("--split-requests", type=int, default=100, help="requests per case in the split scenario")
+    ap.add_argument("--json", type=Path, help="write every result here as JSON")
+    ap.add_argument("--plot", type=Path, help="write the split scenario's latency bars here (PNG)")
     args = ap.parse_args()
     if not 0 < args.duration <= MAX_DURATION_S:
         ap.error(f"--duration must be in (0, {MAX_DURATION_S:g}]")
@@ -217,7 +329,8 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     model = Path(args.model) if args.model else small_model(Path(tmp.name) / "model")
     mb = ["--max-batch", str(args.max_batch)]
-    rows = []
+    rows: list[str] = []
+    results: dict = {}
     header = (
         "| scenario | sent | 2xx | 503/429 | other 5xx | other | lost | 503 w/o Retry-After | 2xx/s | p50 ms | "
         "p99 ms | notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
@@ -248,11 +361,23 @@ def main() -> int:
                 rate = s.metric("mmfusion_cache_hit_rate")
                 note = f"hit rate {rate:.3f}" if not math.isnan(rate) else "cache disabled"
                 rows.append(t.row(f"{name}, 50 distinct captions", wall, note))
-    print(header)
-    print("\n".join(rows))
+    if rows:
+        print(header)
+        print("\n".join(rows))
+        results["load"] = rows
     if "inprocess" in which:
+        results["in_process"] = in_process(model, 100, args.max_batch)
         print()
-        print(in_process(model, 100, args.max_batch))
+        print(results["in_process"])
+    if "split" in which:
+        split = split_overhead(min(args.split_requests, MAX_REQUESTS), args.threads, args.max_delay_ms)
+        results["split"] = split
+        print()
+        print(split_table(split))
+        if args.plot:
+            plot_split(split, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     tmp.cleanup()
     return 0
 

@@ -6,7 +6,6 @@ import argparse
 import socket
 import subprocess
 import sys
-import time
 
 from ..errors import ConfigError, DataError
 
@@ -36,10 +35,11 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--split",
         action="store_true",
-        help="run the encoder service, the cache service and the front (search / API) as three processes "
-        "talking HTTP on loopback",
+        help="run the encoder service (encoders + projections), the fusion service (fusion + head) and the "
+        "front (API, index, feature cache) as three processes talking HTTP on loopback; without it, all run "
+        "in this one process",
     )
-    p.add_argument("--role", default="all", choices=["all", "encoder", "cache"], help=argparse.SUPPRESS)
+    p.add_argument("--role", default="all", choices=["all", "encoder", "fusion"], help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_serve)
 
@@ -139,17 +139,12 @@ def cmd_serve(args) -> int:
 
         torch.set_num_threads(args.threads)
     settings = _settings(args)
-    if args.role == "cache":
-        from .server import create_cache_app
-
-        _run(create_cache_app(settings.cache_size), args.host, args.port, args.log_level)
-        return 0
-    if args.role == "encoder":
+    if args.role in ("encoder", "fusion"):  # a child of `--split`: loopback only, no key, no cache
         from .. import load_model
-        from .server import ServeSettings, create_app
+        from .split import create_encoder_app, create_fusion_app
 
-        inner = ServeSettings(**{**settings.__dict__, "cache": False, "api_key": None})
-        _run(create_app(load_model(args.model), settings=inner), args.host, args.port, args.log_level)
+        make = create_encoder_app if args.role == "encoder" else create_fusion_app
+        _run(make(load_model(args.model), settings), args.host, args.port, args.log_level)
         return 0
     if args.split:
         return _serve_split(args, settings)
@@ -174,50 +169,49 @@ def _engine_from(model):
     return Engine(model)
 
 
-def _serve_split(args, settings) -> int:
-    """Start the encoder and cache services as child processes (loopback, free ports), then the front here."""
-    from .server import RemoteBackend, create_app
+def _model_type(path: str) -> str:
+    """model_type from the folder's config.json (as `load_model` reads it), without loading the weights."""
+    import json
+    from pathlib import Path
 
-    enc_port, cache_port = _free_port(), _free_port()
+    folder = Path(path) / "model" if (Path(path) / "model").is_dir() else Path(path)
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type", "contrastive")
+    except (OSError, ValueError):
+        return "contrastive"  # the encoder service's load names what is wrong
+
+
+def _serve_split(args, settings) -> int:
+    """Start the encoder service and (multimodal models) the fusion service as child processes on free
+    loopback ports, then the front (API, index, feature cache) in this process."""
+    from .server import create_app
+    from .split import RemoteBackend
+
     common = [sys.executable, "-m", "mmfusion.cli", "serve", args.model, "--host", "127.0.0.1"]
     common += ["--log-level", args.log_level, "--threads", str(args.threads)]
-    encoder_cmd = common + [
-        "--role", "encoder", "--port", str(enc_port), "--max-batch", str(args.max_batch),
-        "--max-delay-ms", str(args.max_delay_ms), "--queue-size", str(args.queue_size),
-        "--timeout-s", str(args.timeout_s), "--max-body-bytes", str(args.max_body_bytes),
-    ]  # fmt: skip
-    if args.no_batching:
-        encoder_cmd.append("--no-batching")
-    children = [subprocess.Popen(encoder_cmd, preexec_fn=_die_with_parent)]
-    cache_url = None
-    if not args.no_cache:
-        cache_cmd = common + [
-            "--role",
-            "cache",
-            "--port",
-            str(cache_port),
-            "--cache-size",
-            str(args.cache_size),
-        ]
-        children.append(subprocess.Popen(cache_cmd, preexec_fn=_die_with_parent))
-        cache_url = f"http://127.0.0.1:{cache_port}"
+    common += ["--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+    common += ["--queue-size", str(args.queue_size), "--timeout-s", str(args.timeout_s)]
+    common += ["--max-body-bytes", str(args.max_body_bytes)] + (["--no-batching"] if args.no_batching else [])
+    roles = ["encoder"] + (["fusion"] if _model_type(args.model) == "multimodal" else [])
+    ports = {role: _free_port() for role in roles}
+    children = {
+        role: subprocess.Popen(
+            common + ["--role", role, "--port", str(ports[role])], preexec_fn=_die_with_parent
+        )
+        for role in roles
+    }
+    urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
     try:
-        backend = RemoteBackend.connect(f"http://127.0.0.1:{enc_port}", cache_url, settings)
-        if cache_url:
-            _wait_healthy(cache_url, 30.0)
+        backend = RemoteBackend.connect(urls["encoder"], urls.get("fusion"), settings)
         index = _load_index(args.index, backend.info())
         app = create_app(backend=backend, index=index, settings=settings)
-        print(
-            f"mmfusion serve --split: front http://{args.host}:{args.port}/, encoder service :{enc_port} "
-            f"(pid {children[0].pid})"
-            + (f", cache service :{cache_port} (pid {children[1].pid})" if cache_url else ""),
-            flush=True,
-        )
+        where = ", ".join(f"{r} service :{ports[r]} (pid {children[r].pid})" for r in roles)
+        print(f"mmfusion serve --split: front http://{args.host}:{args.port}/, {where}", flush=True)
         _run(app, args.host, args.port, args.log_level)
     finally:
-        for c in children:
+        for c in children.values():
             c.terminate()
-        for c in children:
+        for c in children.values():
             try:
                 c.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -233,20 +227,6 @@ def _die_with_parent() -> None:
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def _wait_healthy(url: str, wait_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise DataError(f"{url} did not become healthy in {wait_s:g} s")
 
 
 __all__ = ["add_commands", "cmd_index_build", "cmd_serve"]

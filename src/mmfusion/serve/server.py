@@ -4,9 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)                                 # what `mmfusion serve` does
 
 Layers: `Engine` wraps a model (decode + validate raw inputs, one batched model call per modality);
-`LocalBackend` puts the feature cache and one DynamicBatcher per encoder in front of it; `RemoteBackend` (the
-`--split` deployment) does the same over HTTP against a separate encoder service and cache service. The
-app itself only parses requests, maps errors to status codes and records metrics.
+`LocalBackend` puts the feature cache and one DynamicBatcher per encoder in front of it; `split.RemoteBackend`
+(the `--split` deployment) keeps the cache and sends the model work over HTTP to an encoder service and a
+fusion service. The app itself only parses requests, maps errors to status codes and records metrics.
 
 Errors are JSON `{"error": {"status", "code", "message"}}`: 400 non-JSON body or undecodable media, 401 bad
 or missing API key, 404 unknown route / no index / no classifier, 413 body over the limit, 415 wrong
@@ -146,6 +146,7 @@ class Engine:
             self.keys = {cfg.kind: key for key, cfg in sorted(model.config.encoders.items())}
             self.dim = model.config.dim
         self.tokenizer = model.tokenizer
+        self._token_shapes: dict[str, tuple[int, int]] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -270,9 +271,13 @@ class Engine:
         return torch.zeros(cfg.num_frames, 3, cfg.image_size, cfg.image_size)
 
     # ---- model calls (run in a worker thread) ---------------------------------------------------------
-    def _stack(self, modality: str, items: Sequence[Any]) -> torch.Tensor:
+    def _stack(self, modality: str, items: Sequence[Any], fixed_length: bool = False) -> torch.Tensor:
+        """Prepared items -> one batch tensor. `fixed_length` pads text to the tokenizer's context length
+        (the fusion paths): the fusion attends over padding tokens, so padding to the batch's longest text
+        would make a prediction depend on which other requests share its batch."""
         if modality == "text":
-            return self.tokenizer.encode(list(items))
+            pad_to = self.tokenizer.context_length if fixed_length else None
+            return self.tokenizer.encode(list(items), pad_to=pad_to)
         return torch.stack(list(items))
 
     @torch.inference_mode()
@@ -287,51 +292,103 @@ class Engine:
         return [arr[i] for i in range(arr.shape[0])]
 
     @torch.inference_mode()
+    def tokens(self, modality: str, items: Sequence[Any]) -> list[np.ndarray]:
+        """Prepared items of one modality -> each its projected tokens (N, dim) float32: the fusion's input
+        (MultiModalModel._tokens, every row present; one encoder call). The encoder service's half of
+        `classify`."""
+        x = self._stack(modality, items, fixed_length=True).to(self.model.device)
+        present = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        arr = self.model._tokens(self.keys[modality], x, present).float().cpu().numpy()  # (B, N, dim)
+        return [arr[i] for i in range(arr.shape[0])]
+
+    def token_shape(self, modality: str) -> tuple[int, int]:
+        """(N, dim) of `tokens(modality, ...)` rows; measured once on the placeholder input."""
+        if modality not in self._token_shapes:
+            self._token_shapes[modality] = self.tokens(modality, [self.placeholder(modality)])[0].shape
+        return self._token_shapes[modality]
+
+    @torch.inference_mode()
+    def fuse(self, samples: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        """Samples (modality -> its tokens (N, dim), at least one) -> prediction dicts: fusion + head only
+        (one call; absent modalities are zero rows masked out, as in MultiModalModel._encode). The fusion
+        service's half of `classify`."""
+        device = self.model.device
+        feats, masks = {}, {}
+        for m in self.modalities:
+            present = torch.tensor([m in s for s in samples], dtype=torch.bool, device=device)
+            rows = np.zeros((len(samples), *self.token_shape(m)), dtype=np.float32)
+            for i, s in enumerate(samples):
+                if m in s:
+                    rows[i] = s[m]
+            feats[self.keys[m]] = torch.from_numpy(rows).to(device)  # (B, N_m, dim)
+            masks[self.keys[m]] = present  # (B,) True = present
+        logits = self.model._head(self.model.fusion(feats, masks))
+        return self.predictions(logits)
+
+    @torch.inference_mode()
     def classify(self, samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Samples (modality -> prepared item, at least one) -> prediction dicts (one model call)."""
         data, mask = {}, {}
         for m in self.modalities:
             present = [m in s for s in samples]
             fill = next((s[m] for s in samples if m in s), self.placeholder(m))
-            data[self.keys[m]] = self._stack(m, [s.get(m, fill) for s in samples])
+            data[self.keys[m]] = self._stack(m, [s.get(m, fill) for s in samples], fixed_length=True)
             mask[self.keys[m]] = torch.tensor(present, dtype=torch.bool)
         logits, _ = self.model.logits(Batch(data, mask))
+        return self.predictions(logits)
+
+    def predictions(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        """Head output ((B,) match logits or (B, C) class logits) -> one dict each: label, score, logits
+        (and class probabilities)."""
         logits = logits.float().cpu()
         out = []
         if self.model.config.head == "match":
-            for v in torch.sigmoid(logits).tolist():
-                out.append({"label": int(v > 0.5), "score": v})
+            for z in logits.tolist():
+                p = 1.0 / (1.0 + math.exp(-z))
+                out.append({"label": int(p > 0.5), "score": p, "logits": [z]})
         else:
-            probs = torch.softmax(logits, dim=-1)
-            for p in probs:
-                out.append({"label": int(p.argmax()), "score": float(p.max()), "probabilities": p.tolist()})
+            for z in logits:
+                p = torch.softmax(z, dim=-1)
+                out.append(
+                    {
+                        "label": int(p.argmax()),
+                        "score": float(p.max()),
+                        "probabilities": p.tolist(),
+                        "logits": z.tolist(),
+                    }
+                )
         return out
 
 
 # ---- backends: cache + batching around the engine (in process) or over HTTP (split) -----------------------
 class LocalBackend:
-    """Engine + feature cache + one DynamicBatcher per encoder (and one for classification)."""
+    """Engine + feature cache + one DynamicBatcher per encoder (and one for classification).
 
-    def __init__(self, engine: Engine, settings: ServeSettings):
+    `tokens=True` adds a batcher per encoder for projected tokens ("<modality>_tokens": the encoder
+    service of the split deployment); `fusion=True` one for fusion + head on given tokens ("fusion": the
+    fusion service)."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings, tokens: bool = False, fusion: bool = False):
         self.engine = engine
         self.settings = settings
         self.cache = FeatureCache(settings.cache_size) if settings.cache else None
         batch, delay = (settings.max_batch, settings.max_delay_ms) if settings.batching else (1, 0.0)
+
+        def batcher(name: str, fn) -> DynamicBatcher:
+            return DynamicBatcher(fn, batch, delay, settings.queue_size, settings.timeout_s, name=name)
+
         self.batchers: dict[str, DynamicBatcher] = {
-            m: DynamicBatcher(
-                lambda items, m=m: engine.embed(m, items),
-                batch,
-                delay,
-                settings.queue_size,
-                settings.timeout_s,
-                name=m,
-            )
-            for m in engine.modalities
+            m: batcher(m, lambda items, m=m: engine.embed(m, items)) for m in engine.modalities
         }
         if engine.can_classify:
-            self.batchers["classify"] = DynamicBatcher(
-                engine.classify, batch, delay, settings.queue_size, settings.timeout_s, name="classify"
-            )
+            self.batchers["classify"] = batcher("classify", engine.classify)
+            if tokens:
+                for m in engine.modalities:
+                    self.batchers[f"{m}_tokens"] = batcher(
+                        f"{m}_tokens", lambda items, m=m: engine.tokens(m, items)
+                    )
+            if fusion:
+                self.batchers["fusion"] = batcher("fusion", engine.fuse)
 
     def info(self) -> dict[str, Any]:
         return self.engine.info()
@@ -348,7 +405,7 @@ class LocalBackend:
 
     async def embed(self, modality: str, raws: list[bytes | str]) -> tuple[list[np.ndarray], int]:
         """Raw inputs -> embeddings (cache first, then the batcher); returns (vectors, cache hits)."""
-        if modality not in self.batchers or modality == "classify":
+        if modality not in self.engine.modalities:
             raise invalid(
                 f"this model has no {modality} encoder; it embeds {', '.join(self.engine.modalities)}"
             )
@@ -383,6 +440,20 @@ class LocalBackend:
 
         prepared = await asyncio.to_thread(prep)
         return await self._submit_all("classify", prepared)
+
+    async def tokens(self, modality: str, raws: list[bytes | str]) -> list[np.ndarray]:
+        """Raw inputs of one modality -> each its projected tokens (N, dim) (the encoder service; no cache:
+        the front caches)."""
+        if f"{modality}_tokens" not in self.batchers:
+            raise APIError(
+                404, "no_classifier", "this server does not serve tokens (a multimodal model only)"
+            )
+        prepared = await self._prepare(modality, list(enumerate(raws)))
+        return await self._submit_all(f"{modality}_tokens", prepared)
+
+    async def fuse(self, samples: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        """Per-sample tokens (modality -> (N, dim)) -> predictions (the fusion service)."""
+        return await self._submit_all("fusion", samples)
 
     async def _submit_all(self, batcher: str, items: list[Any]) -> list[Any]:
         """Queue every item on one batcher and wait for all; overload becomes a 503, other errors re-raise (after
@@ -623,24 +694,31 @@ def _raw_inputs(modality: str, values: list[Any], field: str) -> list[bytes | st
 
 # ---- the app ----------------------------------------------------------------------------------------------
 def _schemas() -> dict[str, dict[str, Any]]:
-    b64 = {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_ITEMS}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS, "pattern": r"\S"}  # not blank
+    b64 = {"type": "string", "format": "byte", "minLength": 1}
     return {
         "embed": {
             "type": "object",
             "description": "Exactly one modality key: text (strings), image (base64 PNG/JPEG), audio (base64 "
             "WAV), video (base64 .npy (T, H, W, 3) uint8).",
             "properties": {
-                "text": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
-                "image": b64,
-                "audio": b64,
-                "video": b64,
+                m: {
+                    "type": "array",
+                    "items": text if m == "text" else b64,
+                    "minItems": 1,
+                    "maxItems": MAX_ITEMS,
+                }
+                for m in MODALITIES
             },
+            "minProperties": 1,
+            "maxProperties": 1,
+            "additionalProperties": False,
         },
         "search": {
             "type": "object",
             "required": ["text"],
             "properties": {
-                "text": {"type": "string", "minLength": 1},
+                "text": text,
                 "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
                 "include_images": {"type": "boolean", "default": False},
             },
@@ -652,9 +730,12 @@ def _schemas() -> dict[str, dict[str, Any]]:
                 "inputs": {
                     "type": "array",
                     "minItems": 1,
+                    "maxItems": MAX_ITEMS,
                     "items": {
                         "type": "object",
-                        "properties": {m: {"type": "string"} for m in MODALITIES},
+                        "properties": {m: text if m == "text" else b64 for m in MODALITIES},
+                        "minProperties": 1,
+                        "additionalProperties": False,
                     },
                 }
             },
@@ -664,6 +745,36 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": message}}, status, headers=headers
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON {"error": {"status", "code", "message"}}: APIError with its status, routing errors
+    (404/405), validation errors as 422, and anything unexpected as a 500 naming the exception type."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return _error(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "invalid_input", f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e):
+        return _error(500, "internal_error", f"{type(e).__name__}: {e}")
 
 
 def create_app(
@@ -703,29 +814,7 @@ def create_app(
         metrics,
     )
 
-    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        return JSONResponse(
-            {"error": {"status": status, "code": code, "message": message}}, status, headers=headers
-        )
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return error(e.status, e.code, e.message, e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(422, "invalid_input", f"{where}: {first.get('msg', 'invalid request')}")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, e):
-        return error(500, "internal_error", f"{type(e).__name__}: {e}")
+    install_error_handlers(app)
 
     async def require_key(request: Request) -> None:
         if not settings.api_key:
@@ -900,164 +989,12 @@ def demo_page() -> str:
         return "<!doctype html><title>mmfusion</title><p>Demo page not installed; POST /v1/search.</p>"
 
 
-# ---- split deployment: encoder service + cache service + this front (fusion / search) -------------------
-def create_cache_app(max_entries: int = 4096):
-    """The cache as its own service: POST /v1/cache/get {"keys"} -> {"vectors": [list | null]},
-    POST /v1/cache/put {"items": {key: vector}}, GET /healthz, GET /metrics."""
-    cache = FeatureCache(max_entries)
-    app = FastAPI(title="mmfusion feature cache", version="1")
-    app.state.cache = cache
-
-    @app.post("/v1/cache/get")
-    async def get(payload: dict[str, Any]):
-        keys = payload.get("keys")
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            return JSONResponse(
-                {"error": {"status": 422, "message": "keys: expected a list of strings"}}, 422
-            )
-        vals = [cache.get(k) for k in keys]
-        return {"vectors": [None if v is None else v.tolist() for v in vals]}
-
-    @app.post("/v1/cache/put")
-    async def put(payload: dict[str, Any]):
-        items = payload.get("items")
-        if not isinstance(items, dict):
-            return JSONResponse({"error": {"status": 422, "message": "items: expected an object"}}, 422)
-        for k, v in items.items():
-            cache.put(k, v)
-        return {"stored": len(items)}
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "role": "cache", **cache.stats()}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus():
-        return PlainTextResponse("\n".join(_cache_lines(cache.stats())) + "\n")
-
-    return app
-
-
-class RemoteBackend:
-    """The front's view of the split deployment: cache lookups on the cache service, misses embedded by
-    the encoder service (which batches), results stored back. A cache service that is down counts as a
-    miss; an encoder service that is down or overloaded is a 503 with Retry-After."""
-
-    def __init__(self, encoder_url: str, cache_url: str | None, settings: ServeSettings):
-        import httpx
-
-        self.encoder_url, self.cache_url, self.settings = encoder_url.rstrip("/"), cache_url, settings
-        self.client = httpx.AsyncClient(
-            timeout=settings.timeout_s + 2,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
-        self._info: dict[str, Any] | None = None
-        self.cache_hits = self.cache_misses = self.cache_errors = 0
-
-    @classmethod
-    def connect(cls, encoder_url: str, cache_url: str | None, settings: ServeSettings, wait_s: float = 60.0):
-        """Wait for the encoder service's /healthz (it is loading its model) and read what it serves."""
-        import httpx
-
-        backend = cls(encoder_url, cache_url, settings)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                r = httpx.get(f"{backend.encoder_url}/healthz", timeout=2)
-                if r.status_code == 200:
-                    info = r.json()
-                    keys = ("model_type", "model_id", "modalities", "dim", "head", "n_classes")
-                    backend._info = {k: info[k] for k in keys if k in info}
-                    return backend
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise DataError(f"encoder service {encoder_url} did not become healthy in {wait_s:g} s")
-            time.sleep(0.2)
-
-    def info(self) -> dict[str, Any]:
-        assert self._info is not None
-        return dict(self._info)
-
-    async def _post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        try:
-            r = await self.client.post(url, json=payload)
-        except httpx.HTTPError as e:
-            raise APIError(
-                503, "upstream_unavailable", f"encoder service: {type(e).__name__}", {"Retry-After": "1"}
-            ) from None
-        if r.status_code != 200:
-            try:
-                err = r.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                err = {"code": "upstream_error", "message": r.text[:200]}
-            headers = {"Retry-After": r.headers["retry-after"]} if "retry-after" in r.headers else None
-            raise APIError(r.status_code, err.get("code", "upstream_error"), err.get("message", ""), headers)
-        return r.json()
-
-    async def embed(self, modality: str, raws: list[bytes | str]) -> tuple[list[np.ndarray], int]:
-        import httpx
-
-        info = self.info()
-        if modality not in info["modalities"]:
-            raise invalid(f"this model has no {modality} encoder; it embeds {', '.join(info['modalities'])}")
-        keys = [content_key(info["model_id"], modality, r) for r in raws]
-        out: list[np.ndarray | None] = [None] * len(raws)
-        if self.cache_url:
-            try:
-                r = await self.client.post(f"{self.cache_url}/v1/cache/get", json={"keys": keys})
-                for i, v in enumerate(r.json()["vectors"]):
-                    out[i] = None if v is None else np.asarray(v, dtype=np.float32)
-            except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                self.cache_errors += 1
-        miss = [i for i, v in enumerate(out) if v is None]
-        self.cache_hits += len(raws) - len(miss)
-        self.cache_misses += len(miss)
-        if miss:
-            wire = [raws[i] if modality == "text" else base64.b64encode(raws[i]).decode() for i in miss]
-            got = await self._post(f"{self.encoder_url}/v1/embed", {modality: wire})
-            for i, v in zip(miss, got["embeddings"]):
-                out[i] = np.asarray(v, dtype=np.float32)
-            if self.cache_url:
-                try:
-                    await self.client.post(
-                        f"{self.cache_url}/v1/cache/put",
-                        json={"items": {keys[i]: out[i].tolist() for i in miss}},  # type: ignore[union-attr]
-                    )
-                except httpx.HTTPError:
-                    self.cache_errors += 1
-        return out, len(raws) - len(miss)  # type: ignore[return-value]
-
-    async def classify(self, samples: list[dict[str, bytes | str]]) -> list[dict[str, Any]]:
-        wire = [
-            {m: (v if m == "text" else base64.b64encode(v).decode()) for m, v in s.items()} for s in samples
-        ]
-        return (await self._post(f"{self.encoder_url}/v1/classify", {"inputs": wire}))["predictions"]
-
-    def metric_lines(self) -> list[str]:
-        return [
-            "# split deployment: batching metrics are on the encoder service's /metrics",
-            "# TYPE mmfusion_front_cache_hits_total counter",
-            f"mmfusion_front_cache_hits_total {self.cache_hits}",
-            "# TYPE mmfusion_front_cache_misses_total counter",
-            f"mmfusion_front_cache_misses_total {self.cache_misses}",
-            "# TYPE mmfusion_front_cache_errors_total counter",
-            f"mmfusion_front_cache_errors_total {self.cache_errors}",
-        ]
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-
 __all__ = [
     "APIError",
     "Engine",
     "LocalBackend",
-    "RemoteBackend",
     "ServeSettings",
     "create_app",
-    "create_cache_app",
+    "install_error_handlers",
     "model_fingerprint",
 ]
