@@ -19,7 +19,7 @@ def world() -> SyntheticWorld:
 
 
 def test_tasks_table():
-    assert set(TASKS) == {"vqa", "audio_image", "video_text", "audio_visual"}
+    assert set(TASKS) == {"vqa", "audio_image", "video_text", "audio_visual", "paired_colour"}
     for name, spec in TASKS.items():
         assert spec.name == name and len(spec.modalities) >= 2
         assert spec.head in ("classify", "match")

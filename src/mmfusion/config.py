@@ -232,6 +232,26 @@ class ParallelConfig(Section):
     timeout_s: float = Field(300.0, gt=0)  # process-group collective timeout
 
 
+# ---- distillation (mmfusion.train.distill) -----------------------------------------------------------------
+class DistillConfig(Section):
+    """Distillation settings; maps 1:1 onto DistillationModel / wrap_for_distillation.
+
+    teacher:      folder of the teacher's save_pretrained (config.json + model.safetensors).
+    alpha:        weight of the KD term on labelled rows (1 - alpha on their CE); unlabelled rows use KD only.
+    temperature:  softening T of both distributions; the KD term is scaled by T^2 (Hinton 2015).
+    beta:         weight of feature matching (0 = off, and no projection is built).
+    feature_loss: "mse" or "cosine" (1 - cosine similarity) between projected student and teacher features.
+    n_labelled:   keep the labels of only the first n training samples (the rest become UNLABELLED).
+    """
+
+    teacher: str
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0)
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    n_labelled: int | None = Field(None, ge=0)
+
+
 class TrainConfig(Section):
     """Modality-agnostic trainer settings."""
 
@@ -262,6 +282,8 @@ class TrainConfig(Section):
     # how a multi-process run (mmfusion train --nproc N, torchrun) is split: DDP (default), FSDP2, tensor
     # parallel, communication hooks (S1-S4); ignored in one process
     parallel: ParallelConfig = ParallelConfig()
+    # knowledge distillation (T5): the run's model is the student of a trained teacher (task runs)
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _modality_accumulation(self) -> TrainConfig:
@@ -286,6 +308,8 @@ class TrainConfig(Section):
                 "parallel.fsdp / parallel.tensor with train.stages: a multi-stage run re-wraps the model per "
                 "stage, which sharded models do not support yet; use DDP (the default) for staged runs"
             )
+        if sharded and self.distill is not None:
+            raise ValueError("train.distill with parallel.fsdp / parallel.tensor is not supported yet")
         if sharded and any(k > 1 for k in self.modality_accumulation.values()):
             raise ValueError(
                 "modality_accumulation with parallel.fsdp / parallel.tensor is not supported yet"
@@ -421,6 +445,14 @@ class RunConfig(Section):
     fusion_model: dict[str, Any] | None = None
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _distill_needs_task(self) -> RunConfig:
+        if self.train.distill is not None and self.task is None:
+            raise ValueError(
+                "train.distill trains a fusion-model student on a task: set task (e.g. paired_colour)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stage_objectives(self) -> RunConfig:

@@ -248,6 +248,13 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             f"model: {model.config.fusion} fusion over {', '.join(model.modalities)}, {n_params / 1e6:.2f}M "
             f"parameters; task {cfg.task.name}; run directory {out}"
         )
+    if cfg.train.distill is not None:
+        from .train.distill import drop_labels, wrap_for_distillation
+
+        train_set = drop_labels(train_set, cfg.train.distill.n_labelled)
+        model = wrap_for_distillation(model, cfg.train.distill)
+        if is_main:
+            log(f"distilling from {cfg.train.distill.teacher} ({cfg.train.distill.model_dump()})")
     collate = task_collate(cfg, tokenizer)
     if sources is not None:
         from .data.loader import MixtureData

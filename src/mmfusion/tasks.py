@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .batch import Batch
-from .data.synthetic import SHAPES, SIZES, VQA_ANSWERS, Obj, Scene, SyntheticWorld, describe_motion
+from .data.synthetic import COLOURS, SHAPES, SIZES, VQA_ANSWERS, Obj, Scene, SyntheticWorld, describe_motion
 from .errors import ConfigError, DataError
 from .modalities.audio import preprocess_audios
 from .modalities.image import preprocess_images
@@ -67,6 +67,14 @@ TASKS: dict[str, TaskSpec] = {
         2,
         "does the sound's colour (its pitch) appear in the image? every image and every sound occurs once "
         "with label 1 and once with label 0, so either modality alone is exactly at chance",
+    ),
+    "paired_colour": TaskSpec(
+        "paired_colour",
+        ("audio", "image"),
+        "classify",
+        len(COLOURS),
+        "a scene's image and its audio -> the leftmost object's colour; each modality alone carries it (the "
+        "object; the first tone's pitch): the paired data of cross-modal distillation (T5)",
     ),
 }
 
@@ -182,7 +190,14 @@ def _audio_visual(world: SyntheticWorld, split: str, n: int, seed: int) -> list[
     return out[: n - n % 4] if n >= 4 else out[:4]
 
 
+def _paired_colour(world: SyntheticWorld, split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    from .train.distill import paired_samples
+
+    return paired_samples(world, split, n, "colour")
+
+
 _BUILDERS = {
+    "paired_colour": _paired_colour,
     "vqa": _vqa,
     "audio_image": _audio_image,
     "video_text": _video_text,

@@ -335,7 +335,7 @@ def test_fusion_model_on_a_task_from_yaml(mmfusion, tmp_path):
     bad = mmfusion("train", "--config", str(recipe), "--set", "task.name=chess", cwd=tmp_path, check=False)
     assert (
         bad.returncode == 2
-        and "unknown task; allowed: audio_image, audio_visual, video_text, vqa" in bad.stderr
+        and "unknown task; allowed: audio_image, audio_visual, paired_colour, video_text, vqa" in bad.stderr
     )
     bad = mmfusion(
         "train", "--config", str(recipe), "--set", "fusion_model.fusion=concat", cwd=tmp_path, check=False
