@@ -1,9 +1,411 @@
-"""`mmfusion generate` (and training the unified model) on the command line."""
+"""`mmfusion generate` (caption / text->image / VQA with a unified model folder) and `mmfusion train-unified`.
+
+The task-level functions here (`caption_images`, `generate_images`, `answer_questions`) wrap
+`mmfusion.unified.generation.generate` with the task's prompt and span constraint; the benchmark uses them too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .generation import SamplingConfig
+    from .sequences import TokenSequence
+    from .train import UnifiedBundle
+
+
+# ---- task-level generation -------------------------------------------------------------------------------
+
+
+def _run_grouped(
+    bundle: UnifiedBundle,
+    prompts: Sequence[TokenSequence],
+    max_new_tokens: int,
+    constraint,
+    sampling: SamplingConfig,
+    uncond: Sequence[TokenSequence] | None = None,
+    cfg_scale: float = 1.0,
+) -> list[list[int]]:
+    """Generate after each prompt; prompts of equal length run as one batch (generate needs equal lengths).
+    Each row's ids are cut after the first <eos>."""
+    import torch
+
+    from .generation import generate
+
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[len(p.ids)].append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    eos = bundle.vocab["<eos>"]
+    for rows in groups.values():
+        ids = torch.stack([prompts[i].ids for i in rows])
+        mod = torch.stack([prompts[i].modality for i in rows])
+        kw = {}
+        if uncond is not None and cfg_scale != 1.0:
+            kw = dict(
+                cfg_scale=cfg_scale,
+                uncond_ids=torch.stack([uncond[i].ids for i in rows]),
+                uncond_modality=torch.stack([uncond[i].modality for i in rows]),
+            )
+        room = bundle.decoder.cfg.max_len + 1 - ids.shape[1]  # generate's limit: prompt + new - 1 <= max_len
+        if room < 1:
+            raise DataError(
+                f"a prompt of {ids.shape[1]} tokens leaves no room in max_len {bundle.decoder.cfg.max_len}"
+            )
+        new = generate(
+            bundle.decoder, ids, mod, min(max_new_tokens, room), sampling, constraint, stop_ids=(eos,), **kw
+        )
+        for i, row in zip(rows, new.tolist()):
+            out[i] = row[: row.index(eos)] if eos in row else row
+    return out
+
+
+def _text_ids(bundle: UnifiedBundle) -> list[int]:
+    """Ids a text span may use: the BPE vocabulary without its own [PAD]/[UNK]/[EOT], plus <eos>."""
+    from ..modalities.text import SPECIAL_TOKENS as BPE_SPECIALS
+
+    return [*range(len(BPE_SPECIALS), bundle.vocab.n_text), bundle.vocab["<eos>"]]
+
+
+def _text_constraint(bundle: UnifiedBundle):
+    from .generation import ImageSpanConstraint
+
+    v = bundle.vocab
+    return ImageSpanConstraint(
+        v.size,
+        _text_ids(bundle),
+        range(*v.image_range),
+        v["<boi>"],
+        v["<eoi>"],
+        v.tokens_per_image,
+        allow_images=False,
+    )
+
+
+def caption_images(
+    bundle: UnifiedBundle,
+    codes: torch.Tensor,
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 40,
+) -> list[str]:
+    """VQ codes (N, ...) -> one caption each (text-only constrained decoding, greedy by default)."""
+    from .generation import SamplingConfig
+
+    prompts = [bundle.builder.caption(c) for c in codes]
+    rows = _run_grouped(
+        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
+    )
+    return [bundle.text_tokenizer.decode(r) for r in rows]
+
+
+def answer_questions(
+    bundle: UnifiedBundle,
+    codes: torch.Tensor,
+    questions: Sequence[str],
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 8,
+) -> list[str]:
+    """VQ codes (N, ...) and N questions -> N answers (text-only constrained decoding, greedy by default)."""
+    from .generation import SamplingConfig
+
+    if len(questions) != len(codes):
+        raise DataError(f"{len(questions)} questions for {len(codes)} images: give one question per image")
+    prompts = [bundle.builder.vqa(c, q) for c, q in zip(codes, questions)]
+    rows = _run_grouped(
+        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
+    )
+    return [bundle.text_tokenizer.decode(r) for r in rows]
+
+
+def code_grid(bundle: UnifiedBundle) -> tuple[int, ...]:
+    """The VQ code shape of one image: (h, w) or (h, w, levels) for residual VQ."""
+    vq = bundle.vqvae
+    return (vq.grid, vq.grid, vq.config["rvq_levels"]) if vq.quantizer_type == "rvq" else (vq.grid, vq.grid)
+
+
+def generate_images(
+    bundle: UnifiedBundle,
+    prompts: Sequence[str],
+    n: int = 1,
+    cfg_scale: float = 1.0,
+    sampling: SamplingConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text prompts -> (images uint8 (len(prompts) * n, S, S, 3), codes (len(prompts) * n, *code_grid)).
+
+    Rows are prompt-major (prompt 0's n images first). Decoding is constrained to exactly one image's codes
+    (then <eoi>); cfg_scale != 1 mixes in the caption-less prompt's logits (classifier-free guidance).
+    Sampling defaults to sampling at temperature 1 (seed 0), so the n images of a prompt differ.
+    """
+    import torch
+
+    from .generation import ImageSpanConstraint, SamplingConfig
+    from .train import tensor_to_images
+
+    if n < 1:
+        raise ConfigError(f"n (images per prompt) must be >= 1; got {n}")
+    if not prompts:
+        raise DataError("no prompts given")
+    v, b = bundle.vocab, bundle.builder
+    seqs = [b.image(p) for p in prompts for _ in range(n)]
+    uncond = [b.image(None) for _ in seqs]
+    constraint = ImageSpanConstraint(
+        v.size,
+        _text_ids(bundle),
+        range(*v.image_range),
+        v["<boi>"],
+        v["<eoi>"],
+        v.tokens_per_image,
+        start_in_image=True,
+        max_images=1,
+    )
+    sampling = sampling or SamplingConfig(strategy="sample")
+    rows = _run_grouped(bundle, seqs, v.tokens_per_image + 1, constraint, sampling, uncond, cfg_scale)
+    codes = torch.stack([v.codes_from_ids(torch.tensor(r[: v.tokens_per_image])) for r in rows])
+    codes = codes.reshape(len(rows), *code_grid(bundle))
+    images = bundle.vqvae.decode(codes.to(next(bundle.vqvae.parameters()).device))
+    return torch.from_numpy(tensor_to_images(images)), codes
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
 
 
 def add_generate_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `mmfusion generate ...`."""
+    """Register `mmfusion generate` and `mmfusion train-unified`."""
+    p = sub.add_parser(
+        "generate",
+        help="caption an image, generate images from text, or answer a question (unified model)",
+        description="Generate with a unified model folder (from `mmfusion train-unified`). "
+        "--task caption --image X.png [Y.png ...]: print a caption per image. "
+        '--task image --prompt "a red circle" --out-dir DIR [--n N] [--cfg-scale S]: write N PNGs per prompt. '
+        '--task vqa --image X.png --question "...": print the answer. Decoding is constrained: captions and '
+        "answers contain only text tokens, an image exactly one image's codes.",
+    )
+    p.add_argument("--model", required=True, help="a unified model folder (mmfusion train-unified --out DIR)")
+    p.add_argument("--task", required=True, choices=["caption", "image", "vqa"])
+    p.add_argument("--image", nargs="+", help="input image(s) for caption / vqa (PNG/JPEG)")
+    p.add_argument(
+        "--question", action="append", help="question for --task vqa (one per --image, repeatable)"
+    )
+    p.add_argument("--prompt", action="append", help="text prompt for --task image (repeatable)")
+    p.add_argument("--out-dir", help="folder for the PNGs of --task image")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument(
+        "--strategy",
+        choices=["greedy", "sample"],
+        help="default: greedy for caption / vqa, sample for image",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens when sampling")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="longest caption / answer (default 40)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser(
+        "train-unified",
+        help="train a unified model (VQ tokenizer + BPE + decoder) on the synthetic world",
+        description="Train the unified decoder on mixed captioning, text->image and VQA sequences of the "
+        "synthetic world and write a model folder for `mmfusion generate` (decoder/, image_tokenizer/, text/, "
+        "vocab.json, train.json). The VQ image tokenizer is trained first unless --tokenizer names one from "
+        "`mmfusion tokenize train`.",
+    )
+    t.add_argument("--out", required=True, help="model folder to write")
+    t.add_argument("--tokenizer", help="an image tokenizer folder (default: train one)")
+    t.add_argument(
+        "--tokenizer-kind",
+        choices=["vq", "fsq"],
+        default="fsq",
+        help="quantizer when training one: fsq (8,6,5 = 240 codes; default) or vq",
+    )
+    t.add_argument(
+        "--tokenizer-steps", type=int, default=600, help="VQ-VAE steps when training one (default 600)"
+    )
+    t.add_argument(
+        "--codebook-size", type=int, default=256, help="codes for --tokenizer-kind vq (default 256)"
+    )
+    t.add_argument("--image-size", type=int, default=32, help="image side (default 32 = 8x8 codes)")
+    t.add_argument("--samples", type=int, default=2048, help="synthetic training scenes (default 2048)")
+    t.add_argument("--text-vocab", type=int, default=256, help="BPE vocabulary size (default 256)")
+    t.add_argument("--steps", type=int, default=1000, help="decoder steps (default 1000)")
+    t.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    t.add_argument("--warmup", type=int, default=50, help="warm-up steps (default 50)")
+    t.add_argument("--dim", type=int, default=128)
+    t.add_argument("--depth", type=int, default=4)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--no-qk-norm", action="store_true", help="disable QK-norm (the stability control)")
+    t.add_argument("--z-loss", type=float, default=1e-4, help="z-loss weight (default 1e-4)")
+    t.add_argument("--temperature", type=float, default=1.0, help="task-mixing temperature (default 1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    t.set_defaults(func=cmd_train_unified)
+
+
+def _sampling(args, default: str):
+    from .generation import SamplingConfig
+
+    return SamplingConfig(args.strategy or default, args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
+
+
+def cmd_generate(args) -> int:
+    from .tokenize_cli import list_image_inputs, load_images
+    from .train import UnifiedBundle, encode_images
+
+    bundle = UnifiedBundle.load(args.model)
+    results: list[dict] = []
+    if args.task == "image":
+        if not args.prompt or not args.out_dir:
+            raise ConfigError("--task image needs --prompt TEXT and --out-dir DIR")
+        from PIL import Image
+
+        images, _ = generate_images(bundle, args.prompt, args.n, args.cfg_scale, _sampling(args, "sample"))
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for k, im in enumerate(images.numpy()):
+            prompt = args.prompt[k // args.n]
+            path = out / f"{k // args.n:03d}_{k % args.n:02d}_{_slug(prompt)}.png"
+            Image.fromarray(im).save(path)
+            results.append({"prompt": prompt, "path": str(path)})
+            print(f"{path}\t{prompt}")
+    else:
+        if not args.image:
+            raise ConfigError(f"--task {args.task} needs --image X.png")
+        inputs = list_image_inputs(args.image)
+        codes = encode_images(bundle.vqvae, load_images(inputs, bundle.vqvae.image_size))
+        if args.task == "caption":
+            texts = caption_images(bundle, codes, _sampling(args, "greedy"), args.max_new_tokens)
+            results = [{"image": str(p), "caption": c} for (_, p), c in zip(inputs, texts)]
+        else:
+            questions = args.question or []
+            if len(questions) == 1:
+                questions = questions * len(inputs)
+            if len(questions) != len(inputs):
+                raise ConfigError(
+                    f"--task vqa: {len(questions)} --question for {len(inputs)} images; give one, or one per image"
+                )
+            texts = answer_questions(bundle, codes, questions, _sampling(args, "greedy"), args.max_new_tokens)
+            results = [
+                {"image": str(p), "question": q, "answer": a}
+                for (_, p), q, a in zip(inputs, questions, texts)
+            ]
+        for (_, p), text in zip(inputs, texts):
+            print(f"{p}\t{text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_train_unified(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from ..data.synthetic import SyntheticWorld, WorldConfig, make_split
+    from ..models.vq import VQVAE
+    from .model import UnifiedConfig, UnifiedDecoder
+    from .sequences import SequenceBuilder, UnifiedVocab
+    from .train import (
+        UnifiedBundle,
+        UnifiedTrainConfig,
+        evaluate_vqvae,
+        images_to_tensor,
+        train_text_tokenizer,
+        train_unified,
+        train_vqvae,
+        world_task_data,
+    )
+
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0; got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("samples", "steps", "batch", "tokenizer_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
+    samples = make_split(world, "train", args.samples, ("image", "text", "vqa"), progress=True)
+    tok = train_text_tokenizer(samples, args.text_vocab)
+    if args.tokenizer:
+        if not (Path(args.tokenizer) / "config.json").is_file():
+            raise DataError(
+                f"--tokenizer {args.tokenizer}: not a tokenizer folder (`mmfusion tokenize train`)"
+            )
+        vq = VQVAE.from_pretrained(args.tokenizer)
+        if vq.image_size != args.image_size:
+            raise ConfigError(
+                f"--tokenizer works on {vq.image_size}px images; --image-size is {args.image_size}"
+            )
+    else:
+        torch.manual_seed(args.seed)
+        vq = VQVAE(
+            image_size=args.image_size,
+            channels=32,
+            quantizer=args.tokenizer_kind,
+            codebook_size=args.codebook_size,
+            code_dim=32,
+            dead_code_threshold=3.0,
+        )
+        pixels = images_to_tensor([s["image"] for s in samples])
+        train_vqvae(vq, pixels, args.tokenizer_steps, seed=args.seed, progress=True)
+        stats = evaluate_vqvae(vq, pixels[:256])
+        print(f"image tokenizer: usage {stats['usage']:.3f}, PSNR {stats['psnr']:.2f} dB (training images)")
+    tpi = vq.tokens_per_image * (vq.config["rvq_levels"] if vq.quantizer_type == "rvq" else 1)
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, tpi)
+    data = world_task_data(world, "train", args.samples, vq, SequenceBuilder(vocab, tok))
+    longest = max(len(s.ids) for seqs in data.examples.values() for s in seqs)
+    cfg = UnifiedConfig(
+        vocab.size,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        max_len=longest + 32,
+        qk_norm=not args.no_qk_norm,
+        z_loss=args.z_loss,
+    )
+    torch.manual_seed(args.seed)
+    model = UnifiedDecoder(cfg)
+    tcfg = UnifiedTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        warmup_steps=min(args.warmup, args.steps - 1),
+        temperature=args.temperature,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
+        log_every=max(1, args.steps // 20),
+    )
+    result = train_unified(model, data.examples, vocab, tcfg)
+    last = result.last
+    info = {
+        "train": dataclasses.asdict(tcfg),
+        "samples": args.samples,
+        "tasks": {k: len(v) for k, v in data.examples.items()},
+        "tokens_per_second": result.tokens / result.seconds,
+        "max_attn_logit": result.max_attn_logit,
+        "history": result.history,
+    }
+    UnifiedBundle(model.cpu(), vocab, tok, vq).save(args.out, info)
+    print(
+        f"trained {args.steps} steps ({result.tokens / result.seconds:.0f} tokens/s): ce {last['ce']:.3f} "
+        f"(text {last['ce_text']:.3f}, image {last['ce_image']:.3f}), max attention logit "
+        f"{result.max_attn_logit:.1f}: {args.out}"
+    )
+    return 0

@@ -1,0 +1,165 @@
+"""The unified training recipe (issue 6 part 8): stability at lr 1e-2 with and without QK-norm, z-loss,
+per-modality losses, task-prefix steering, the model folder and task-level generation.
+
+Scale: 16x16 synthetic images (4x4 = 16 codes, K=64), 256 scenes, a 2-layer dim-128 decoder (2 heads),
+90 steps of 8 sequences at lr 1e-2. Full-size calibration over 3 seeds: benchmarks/unified.py --stability.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+from mmfusion.errors import ConfigError, DataError
+from mmfusion.models.vq import VQVAE
+from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
+from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
+from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab, collate
+from mmfusion.unified.train import (
+    UnifiedBundle,
+    UnifiedTrainConfig,
+    images_to_tensor,
+    train_text_tokenizer,
+    train_unified,
+    train_vqvae,
+    world_task_data,
+)
+
+STEPS = 90
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    world = SyntheticWorld(WorldConfig(seed=0, image_size=16))
+    samples = make_split(world, "train", 256, ("image", "text", "vqa"))
+    tok = train_text_tokenizer(samples, 128)
+    torch.manual_seed(0)
+    vq = VQVAE(image_size=16, channels=16, codebook_size=64, code_dim=16, dead_code_threshold=3.0)
+    train_vqvae(vq, images_to_tensor([s["image"] for s in samples]), steps=100, batch_size=32)
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
+    builder = SequenceBuilder(vocab, tok)
+    train = world_task_data(world, "train", 256, vq, builder)
+    held = world_task_data(world, "test", 48, vq, builder, uncond_every=0)
+    return world, tok, vq, vocab, builder, train, held
+
+
+def _train(setup, qk_norm: bool, z_loss: float):
+    _, _, _, vocab, _, train, _ = setup
+    torch.manual_seed(0)
+    model = UnifiedDecoder(UnifiedConfig(vocab.size, dim=128, depth=2, heads=2, max_len=64, qk_norm=qk_norm))
+    cfg = UnifiedTrainConfig(
+        steps=STEPS,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=5,
+        weight_decay=0.0,
+        z_loss=z_loss,
+        log_every=30,
+        device="cpu",
+    )
+    return model, train_unified(model, train.examples, vocab, cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """Three runs: qk-norm without z-loss, the same without qk-norm (control), the same with z-loss 1e-2."""
+    return {
+        "qk": _train(setup, True, 0.0),
+        "no_qk": _train(setup, False, 0.0),
+        "z": _train(setup, True, 1e-2),
+    }
+
+
+def _held_batch(setup):
+    _, _, _, vocab, _, _, held = setup
+    seqs = [s for task in ("caption", "image", "vqa") for s in held.examples[task][:16]]
+    return collate(seqs, vocab.pad)
+
+
+def test_qk_norm_keeps_attention_logits_and_image_perplexity_down(runs):
+    qk, no_qk = runs["qk"][1], runs["no_qk"][1]
+    assert qk.max_attn_logit <= 20
+    assert qk.last["image_ppl"] <= 15
+    assert no_qk.max_attn_logit > 50  # the control: attention logits grow without bound
+    # the control's image perplexity stays above the recipe's (>= 30 only up to ~step 60 at this scale;
+    # see docs/unified.md for the calibration)
+    assert no_qk.last["image_ppl"] >= 1.3 * qk.last["image_ppl"]  # measured 20.8 vs 13.1
+
+
+def test_z_loss_lowers_mean_abs_log_z(setup, runs):
+    ids, mod, mask = _held_batch(setup)
+    with torch.no_grad():
+        log_z = {
+            k: unified_loss(runs[k][0](ids, mod).logits, ids, mod, mask, 0.0)["log_z_abs"].item()
+            for k in ("z", "qk")
+        }
+    assert log_z["z"] <= 0.8 * log_z["qk"]  # >= 20 % lower with z-loss 1e-2 (shifted-label mask)
+
+
+def test_per_modality_losses_are_logged_and_average_to_the_total(setup, runs):
+    result = runs["z"][1]
+    assert [r["step"] for r in result.history] == [30, 60, 90]
+    for row in result.history:
+        assert row["n_text"] > 0 and row["n_image"] > 0
+        assert row["ce_weighted"] == pytest.approx(row["ce_tokens"], rel=1e-6)
+        assert math.isfinite(row["max_attn_logit"]) and row["z_loss"] > 0
+    ids, mod, mask = _held_batch(setup)
+    with torch.no_grad():
+        out = unified_loss(runs["z"][0](ids, mod).logits, ids, mod, mask, 1e-2)
+    n_t, n_i = out["n_text"].item(), out["n_image"].item()
+    assert n_t + n_i == int(mask[:, 1:].sum())
+    weighted = (n_t * out["ce_text"] + n_i * out["ce_image"]) / (n_t + n_i)
+    assert weighted.item() == pytest.approx(out["ce"].item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + 1e-2 * out["z_loss"].item(), abs=1e-5)
+    assert result.last["ce"] < 0.6 * result.history[0]["ce"]  # it learns
+
+
+def test_task_prefix_steers_the_first_target_token(setup, runs):
+    """The kind of the first target token follows the task prefix: after <caption> and <vqa> prompts a text
+    word (a BPE id, not a special token), after <gen_image> prompts an image code; accuracy >= 0.95 over 48
+    held-out scenes per task (teacher-forced prompt, argmax over the whole vocabulary, no constraint)."""
+    _, _, _, vocab, _, _, held = setup
+    model = runs["qk"][0].eval()
+    lo, hi = vocab.image_range
+    text_word = range(3, vocab.n_text)  # BPE ids without [PAD]/[UNK]/[EOT]
+    expected = {"caption": text_word, "image": range(lo, hi), "vqa": text_word}
+    for task, allowed in expected.items():
+        seqs = held.examples[task][:48]
+        hits = 0
+        for s in seqs:
+            ids, mod = s.prompt()
+            with torch.no_grad():
+                hits += model(ids[None], mod[None]).logits[0, -1].argmax().item() in allowed
+        assert hits / len(seqs) >= 0.95, task
+
+
+def test_bundle_round_trip_and_constrained_generation(tmp_path, setup, runs):
+    world, tok, vq, vocab, _, _, held = setup
+    bundle = UnifiedBundle(runs["qk"][0].eval(), vocab, tok, vq)
+    bundle.save(tmp_path / "m", {"note": "test"})
+    loaded = UnifiedBundle.load(tmp_path / "m")
+    ids, mod, _ = _held_batch(setup)
+    with torch.no_grad():
+        assert torch.equal(loaded.decoder(ids, mod).logits, bundle.decoder(ids, mod).logits)
+    assert loaded.vocab == vocab and loaded.text_tokenizer.vocab_size == tok.vocab_size
+
+    images, codes = generate_images(loaded, ["a large red circle", "a small blue square"], n=2, cfg_scale=2.0)
+    assert images.shape == (4, 16, 16, 3) and images.dtype == torch.uint8
+    assert codes.shape == (4, 4, 4) and int(codes.min()) >= 0 and int(codes.max()) < vocab.n_image
+    caps = caption_images(loaded, held.codes[:3])
+    assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+    answers = answer_questions(loaded, held.codes[:2], ["how many objects are there?"] * 2)
+    assert len(answers) == 2
+    with pytest.raises(DataError, match="2 questions for 1 images"):
+        answer_questions(loaded, held.codes[:1], ["a?", "b?"])
+    with pytest.raises(DataError, match="is not a unified model folder: missing decoder"):
+        UnifiedBundle.load(tmp_path)
+
+
+def test_train_config_is_validated():
+    with pytest.raises(ConfigError, match="invalid steps=0, lr=-1"):
+        UnifiedTrainConfig(steps=0, lr=-1)
+    with pytest.raises(ConfigError, match="z_loss must be >= 0"):
+        UnifiedTrainConfig(z_loss=-0.1)
