@@ -339,7 +339,7 @@ class UnifiedBundle:
         if missing:
             raise DataError(
                 f"{d} is not a unified model folder: missing {', '.join(missing)} "
-                "(make one with `mmfusion generate train --out DIR`)"
+                "(make one with `mmfusion train-unified --out DIR`)"
             )
         vocab = UnifiedVocab.load(d / "vocab.json")
         decoder = UnifiedDecoder.from_pretrained(d / "decoder").to(map_location).eval()
