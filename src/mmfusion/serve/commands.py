@@ -13,12 +13,14 @@ from ..errors import ConfigError, DataError
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="HTTP inference server (embed, search, classify, metrics, demo page)",
+        help="HTTP inference server (embed, search, classify, generate, metrics, demo page)",
         description="Serve a saved model over HTTP (FastAPI + uvicorn): POST /v1/embed, /v1/embed/{modality}, "
         "/v1/search, /v1/classify; GET /healthz, /metrics, /openapi.json, / (demo page). Requests to each "
-        "encoder are dynamically batched; embeddings are cached by content hash.",
+        "encoder are dynamically batched; embeddings are cached by content hash. A unified model folder "
+        "(`mmfusion train-unified`) is served with POST /v1/generate instead (caption, vqa, image tasks; "
+        "caption and vqa requests batched).",
     )
-    p.add_argument("model", help="a run directory or a save_pretrained model folder")
+    p.add_argument("model", help="a run directory, a save_pretrained model folder or a unified model folder")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--index", help="an index folder from `mmfusion index build` (enables /v1/search)")
@@ -146,6 +148,11 @@ def cmd_serve(args) -> int:
         make = create_encoder_app if args.role == "encoder" else create_fusion_app
         _run(make(load_model(args.model), settings), args.host, args.port, args.log_level)
         return 0
+    from .generate import unified_folder
+
+    folder = unified_folder(args.model)
+    if folder is not None:
+        return _serve_unified(args, settings, folder)
     if args.split:
         return _serve_split(args, settings)
     from .. import load_model
@@ -159,6 +166,23 @@ def cmd_serve(args) -> int:
         f"index {len(index) if index is not None else 'none'})",
         flush=True,
     )
+    _run(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def _serve_unified(args, settings, folder) -> int:
+    """A unified model folder (`mmfusion train-unified`): /v1/generate in this one process."""
+    from .generate import GenerateBackend, GenerateEngine, load_unified
+    from .server import create_app
+
+    for flag, given in (("--split", args.split), ("--index", args.index is not None)):
+        if given:
+            raise ConfigError(
+                f"{flag} is for embedding models; {args.model} is a unified model folder (POST /v1/generate)"
+            )
+    backend = GenerateBackend(GenerateEngine(load_unified(folder)), settings)
+    app = create_app(backend=backend, settings=settings)
+    print(f"mmfusion serve: http://{args.host}:{args.port}/v1/generate (unified model)", flush=True)
     _run(app, args.host, args.port, args.log_level)
     return 0
 

@@ -7,6 +7,8 @@ Layers: `Engine` wraps a model (decode + validate raw inputs, one batched model 
 `LocalBackend` puts the feature cache and one DynamicBatcher per encoder in front of it; `split.RemoteBackend`
 (the `--split` deployment) keeps the cache and sends the model work over HTTP to an encoder service and a
 fusion service. The app itself only parses requests, maps errors to status codes and records metrics.
+A unified model folder gets `generate.GenerateBackend` instead (POST /v1/generate: caption, VQA, text ->
+image) and none of the embedding routes.
 
 Errors are JSON `{"error": {"status", "code", "message"}}`: 400 non-JSON body or undecodable media, 401 bad
 or missing API key, 404 unknown route / no index / no classifier, 413 body over the limit, 415 wrong
@@ -123,6 +125,25 @@ def _b64(value: Any, what: str) -> bytes:
     return data
 
 
+def decode_image(data: bytes, what: str):
+    """Image file bytes -> a loaded PIL image; 400 when they are not a decodable image, 422 when it has more
+    than MAX_IMAGE_PIXELS pixels (checked from the header, before the pixels are decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise invalid(f"{what} is {im.width}x{im.height}; at most {MAX_IMAGE_PIXELS} pixels")
+            im.load()
+            return im.copy()
+    except APIError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise invalid(f"{what}: {e}") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise undecodable(f"{what} is not a decodable image ({type(e).__name__}); send PNG or JPEG") from None
+
+
 class Engine:
     """A loaded model: which modalities it embeds, how raw inputs become tensors, one batched call each.
 
@@ -199,26 +220,10 @@ class Engine:
             raise invalid(f"{what}: {e}") from None
 
     def _image(self, data: bytes, what: str) -> torch.Tensor:
-        from PIL import Image
-
         from ..modalities.image import preprocess_image
 
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise invalid(f"{what} is {im.width}x{im.height}; at most {MAX_IMAGE_PIXELS} pixels")
-                im.load()
-                im = im.copy()
-        except APIError:
-            raise
-        except Image.DecompressionBombError as e:
-            raise invalid(f"{what}: {e}") from None
-        except Exception as e:  # PIL raises many types for broken files
-            raise undecodable(
-                f"{what} is not a decodable image ({type(e).__name__}); send PNG or JPEG"
-            ) from None
         size = self.model.image_size if self.contrastive else self._cfg("image").image_size
-        return preprocess_image(im, size)
+        return preprocess_image(decode_image(data, what), size)
 
     def _audio(self, data: bytes, what: str) -> torch.Tensor:
         import soundfile as sf
@@ -777,61 +782,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", f"{type(e).__name__}: {e}")
 
 
-def create_app(
-    model: torch.nn.Module | None = None,
-    *,
-    index=None,
-    settings: ServeSettings | None = None,
-    backend: LocalBackend | Any = None,
-    model_id: str | None = None,
-):
-    """The FastAPI app for `model` (or a ready backend), with an optional EmbeddingIndex for /v1/search."""
-    from .. import __version__
-
-    settings = settings or ServeSettings()
-    if backend is None:
-        if model is None:
-            raise ValueError("create_app needs a model or a backend")
-        backend = LocalBackend(Engine(model, model_id), settings)
-    metrics = RequestMetrics()
+def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeSettings) -> None:
+    """/v1/embed, /v1/embed/{modality}, /v1/search, /v1/index, /v1/index/image/{i}, /v1/classify on `v1`."""
     schemas = _schemas()
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        await backend.close()
-
-    app = FastAPI(
-        title="mmfusion inference server",
-        version=__version__,
-        description="Embeddings, text-to-image search and classification for an mmfusion model.",
-        lifespan=lifespan,
-    )
-    app.state.backend, app.state.index, app.state.settings, app.state.metrics = (
-        backend,
-        index,
-        settings,
-        metrics,
-    )
-
-    install_error_handlers(app)
-
-    async def require_key(request: Request) -> None:
-        if not settings.api_key:
-            return
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise APIError(
-                401,
-                "unauthorized",
-                "missing or wrong API key: send it as the x-api-key header or Authorization: Bearer KEY",
-                {"WWW-Authenticate": "Bearer"},
-            )
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     def vectors(vs: list[np.ndarray]) -> list[list[float]]:
         return [np.asarray(v, dtype=np.float32).tolist() for v in vs]
@@ -956,10 +909,80 @@ def create_app(
             samples.append({m: _raw_inputs(m, [v], f"inputs[{i}].{m}")[0] for m, v in s.items()})
         return {"predictions": await backend.classify(samples)}
 
+
+def create_app(
+    model: torch.nn.Module | None = None,
+    *,
+    index=None,
+    settings: ServeSettings | None = None,
+    backend: LocalBackend | Any = None,
+    model_id: str | None = None,
+):
+    """The FastAPI app for `model` (or a ready backend), with an optional EmbeddingIndex for /v1/search.
+
+    An embedding backend (LocalBackend, split.RemoteBackend) gets /v1/embed, /v1/search, /v1/classify,
+    /v1/index and the demo page; a `generate.GenerateBackend` (a unified model folder) gets /v1/generate
+    instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema."""
+    from .. import __version__
+    from .generate import GenerateBackend, add_generate_routes
+
+    settings = settings or ServeSettings()
+    if backend is None:
+        if model is None:
+            raise ValueError("create_app needs a model or a backend")
+        backend = LocalBackend(Engine(model, model_id), settings)
+    unified = isinstance(backend, GenerateBackend)
+    metrics = RequestMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await backend.close()
+
+    app = FastAPI(
+        title="mmfusion inference server",
+        version=__version__,
+        description="Caption, VQA and text-to-image generation for an mmfusion unified model."
+        if unified
+        else "Embeddings, text-to-image search and classification for an mmfusion model.",
+        lifespan=lifespan,
+    )
+    app.state.backend, app.state.index, app.state.settings, app.state.metrics = (
+        backend,
+        index,
+        settings,
+        metrics,
+    )
+
+    install_error_handlers(app)
+
+    async def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(
+                401,
+                "unauthorized",
+                "missing or wrong API key: send it as the x-api-key header or Authorization: Bearer KEY",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    if unified:
+        add_generate_routes(v1, backend, settings)
+    else:
+        _add_embedding_routes(app, v1, backend, settings)
     app.include_router(v1)
 
     @app.get("/healthz", summary="Liveness and what is loaded")
     async def healthz():
+        if unified:
+            return {"status": "ok", **backend.info(), "batching": settings.batching}
         index = app.state.index
         return {
             "status": "ok",
@@ -974,9 +997,11 @@ def create_app(
         lines = metrics.lines() + backend.metric_lines()
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def demo():
-        return HTMLResponse(demo_page())
+    if not unified:
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def demo():
+            return HTMLResponse(demo_page())
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
