@@ -96,17 +96,25 @@ class MapData:
             for step in range(start_step, self.steps_per_epoch())
         )
         index_lists = rank_micro_batches(steps, self.batch_size, rank, world, accumulation)
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=index_lists,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-            # a private generator: creating the iterator must not draw from the global RNG, or a resumed
-            # run (which creates it after restoring the RNG) would diverge from an uninterrupted one
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
-        )
-        yield from _groups(loader, accumulation)
+        yield from _index_batches(self, index_lists, epoch, accumulation)
+
+
+def _index_batches(
+    data, index_lists: list[list[int]], epoch: int, accumulation: int
+) -> Iterator[list[Batch]]:
+    """`data.dataset` read in the given micro-batches of indices (collated by `data.collate`), grouped by
+    optimizer step."""
+    loader = DataLoader(
+        data.dataset,
+        batch_sampler=index_lists,
+        collate_fn=data.collate,
+        num_workers=data.num_workers,
+        persistent_workers=False,
+        # a private generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run (which creates it after restoring the RNG) would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(data.seed * 1_000_003 + epoch),
+    )
+    yield from _groups(loader, accumulation)
 
 
 def rank_micro_batches(
@@ -261,11 +269,4 @@ class MixtureData:
             sampler.next_batch()
         steps = ([sampler.flat_index(pair) for pair in sampler.next_batch()] for _ in range(start_step, spe))
         index_lists = rank_micro_batches(steps, self.batch_size, rank, world, accumulation)
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=index_lists,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
-        )
-        yield from _groups(loader, accumulation)
+        yield from _index_batches(self, index_lists, epoch, accumulation)

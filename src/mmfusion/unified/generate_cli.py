@@ -77,19 +77,17 @@ def _text_ids(bundle: UnifiedBundle) -> list[int]:
     return [*range(len(BPE_SPECIALS), bundle.vocab.n_text), bundle.vocab["<eos>"]]
 
 
-def _text_constraint(bundle: UnifiedBundle):
+def _span_constraint(bundle: UnifiedBundle, **kw):
+    """An ImageSpanConstraint over this bundle's vocabulary (kw: allow_images, start_in_image, max_images)."""
     from .generation import ImageSpanConstraint
 
     v = bundle.vocab
-    return ImageSpanConstraint(
-        v.size,
-        _text_ids(bundle),
-        range(*v.image_range),
-        v["<boi>"],
-        v["<eoi>"],
-        v.tokens_per_image,
-        allow_images=False,
-    )
+    ids = (_text_ids(bundle), range(*v.image_range), v["<boi>"], v["<eoi>"], v.tokens_per_image)
+    return ImageSpanConstraint(v.size, *ids, **kw)
+
+
+def _text_constraint(bundle: UnifiedBundle):
+    return _span_constraint(bundle, allow_images=False)
 
 
 def caption_images(
@@ -148,7 +146,7 @@ def generate_images(
     """
     import torch
 
-    from .generation import ImageSpanConstraint, SamplingConfig
+    from .generation import SamplingConfig
     from .train import tensor_to_images
 
     if n < 1:
@@ -158,16 +156,7 @@ def generate_images(
     v, b = bundle.vocab, bundle.builder
     seqs = [b.image(p) for p in prompts for _ in range(n)]
     uncond = [b.image(None) for _ in seqs]
-    constraint = ImageSpanConstraint(
-        v.size,
-        _text_ids(bundle),
-        range(*v.image_range),
-        v["<boi>"],
-        v["<eoi>"],
-        v.tokens_per_image,
-        start_in_image=True,
-        max_images=1,
-    )
+    constraint = _span_constraint(bundle, start_in_image=True, max_images=1)
     sampling = sampling or SamplingConfig(strategy="sample")
     rows = _run_grouped(bundle, seqs, v.tokens_per_image + 1, constraint, sampling, uncond, cfg_scale)
     codes = torch.stack([v.codes_from_ids(torch.tensor(r[: v.tokens_per_image])) for r in rows])
