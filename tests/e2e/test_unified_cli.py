@@ -139,3 +139,70 @@ def test_generate_errors_are_one_line(workdir, model, capsys):
     code, _, err = _run(capsys, "generate", "--model", model, "--task", "vqa", "--image", w / "imgs/im0.png",
                         w / "imgs/im1.png", "--question", "a?", "--question", "b?", "--question", "c?")  # fmt: skip
     assert code != 0 and "3 --question for 2 images" in err
+
+
+@pytest.fixture(scope="module")
+def audio_tokenizer(workdir):
+    """A tiny audio tokenizer trained in-process, and two WAV files (one stereo at 44.1 kHz)."""
+    import soundfile as sf
+
+    world = SyntheticWorld(WorldConfig(seed=0))
+    (workdir / "wavs").mkdir()
+    clip = world.sample("test", 0, ("audio",))["audio"]
+    sf.write(workdir / "wavs" / "a0.wav", clip, 16000)
+    stereo = np.stack([clip, clip], axis=1)[np.arange(22050) * 16000 // 44100]
+    sf.write(workdir / "wavs" / "a1.wav", stereo, 44100)
+    code = main(
+        ["tokenize", "train", "--modality", "audio", "--out", str(workdir / "atok"), "--steps", "3",
+         "--train-images", "8", "--eval-images", "4", "--channels", "4", "--codebook-size", "8",
+         "--code-dim", "4", "--threads", "1"]
+    )  # fmt: skip
+    assert code == 0
+    return workdir / "atok"
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_audio_train_encode_decode(workdir, audio_tokenizer, capsys):
+    w, tok = workdir, audio_tokenizer
+    capsys.readouterr()
+    meta = json.loads((tok / "frontend.json").read_text())
+    assert meta == {"modality": "audio", "sample_rate": 16000, "seconds": 0.5, "n_mels": 64, "hop": 160}
+    metrics = json.loads((tok / "metrics.json").read_text())
+    assert metrics["tokens_per_image"] == 16 * 13 and metrics["codebook_size"] == 8
+    code, out, _ = _run(capsys, "tokenize", "encode", "--tokenizer", tok, w / "wavs", "--out", w / "ac.json")
+    assert code == 0 and "encoded 2 clips to (16, 13) codes each" in out
+    doc = json.loads((w / "ac.json").read_text())
+    assert doc["shape"] == [16, 13] and [r["id"] for r in doc["images"]] == ["a0", "a1"]
+    code, out, _ = _run(
+        capsys, "tokenize", "decode", "--tokenizer", tok, w / "ac.json", "--out-dir", w / "adec"
+    )
+    assert code == 0 and "decoded 2 log-mel spectrograms (64, 51)" in out
+    assert sorted(p.name for p in (w / "adec").iterdir()) == ["a0.npy", "a0.png", "a1.npy", "a1.png"]
+    mel = np.load(w / "adec" / "a0.npy")
+    assert mel.shape == (64, 51) and mel.dtype == np.float32 and -1.71 < mel.min() <= mel.max() < 1.76
+    assert Image.open(w / "adec" / "a0.png").size == (51, 64)
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_audio_help_and_errors(workdir, audio_tokenizer, capsys):
+    w, tok = workdir, audio_tokenizer
+    with pytest.raises(SystemExit):
+        main(["tokenize", "train", "--help"])
+    assert "--modality {image,audio}" in capsys.readouterr().out
+    code, _, err = _run(
+        capsys, "tokenize", "encode", "--tokenizer", tok, w / "imgs/im0.png", "--out", w / "x.json"
+    )
+    assert (
+        code != 0
+        and "expected an audio file (.wav, .flac, .ogg)" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    code, _, err = _run(
+        capsys, "tokenize", "train", "--modality", "audio", "--images", w / "imgs", "--out", w / "t"
+    )
+    assert code != 0 and "--images is for --modality image" in err
+    np.save(w / "abad.npy", np.zeros((1, 8, 8), dtype=np.int32))
+    code, _, err = _run(
+        capsys, "tokenize", "decode", "--tokenizer", tok, w / "abad.npy", "--out-dir", w / "x"
+    )
+    assert code != 0 and "this tokenizer needs (16, 13)" in err

@@ -1,10 +1,26 @@
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from mmfusion.data.synthetic import SyntheticWorld
-from mmfusion.errors import DataError
-from mmfusion.models.vq import FSQ, VQVAE, ResidualVQ, VectorQuantizer, codebook_usage, psnr
+from mmfusion.errors import ConfigError, DataError
+from mmfusion.modalities.audio import preprocess_audios
+from mmfusion.models.vq import (
+    FSQ,
+    SPEC_HIGH,
+    SPEC_LOW,
+    VQVAE,
+    AudioFrontEnd,
+    ResidualVQ,
+    VectorQuantizer,
+    codebook_usage,
+    denormalize_log_mel,
+    normalize_log_mel,
+    psnr,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +205,105 @@ def test_short_training_improves_psnr():
     with torch.no_grad():
         final = psnr(model.decode(model.encode(x)), x)
     assert final > first + 3.0, (first, final)
+
+
+# ---- audio spectrograms: VQVAE(in_channels=1, input_shape=...) + AudioFrontEnd -------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """12 synthetic-world clips (0.5 s, 16 kHz) and their project log-mels (12, 64, 51)."""
+    world = SyntheticWorld()
+    waves = [world.sample("train", i, ("audio",))["audio"] for i in range(12)]
+    return waves, preprocess_audios(waves, 16000, seconds=0.5)[0]
+
+
+def test_log_mel_normalisation_exact_and_invertible():
+    x = torch.tensor([SPEC_LOW, SPEC_HIGH, (SPEC_LOW + SPEC_HIGH) / 2, SPEC_LOW - 1.0, 0.0])
+    y = normalize_log_mel(x)
+    assert y[:4].tolist() == pytest.approx([-1.0, 1.0, 0.0, -1.0], abs=1e-6)  # below silence clamps to -1
+    assert y[4].item() == pytest.approx(2 * (0 - SPEC_LOW) / (SPEC_HIGH - SPEC_LOW) - 1, abs=1e-6)
+    assert SPEC_LOW == pytest.approx((math.log(1e-6) + 7.0) / 4.0) and SPEC_HIGH == 1.75
+    assert torch.allclose(denormalize_log_mel(y[:3]), x[:3], atol=1e-6)
+
+
+def test_audio_front_end_shapes_range_and_inverse(clips):
+    waves, mels = clips
+    fe = AudioFrontEnd()
+    assert (fe.frames, fe.shape) == (51, (64, 52))
+    x = fe(waves, 16000)
+    assert x.shape == (12, 1, 64, 52) and x.min() >= -1.0 and x.max() <= 1.0
+    assert torch.equal(x[..., 51:], torch.full_like(x[..., 51:], -1.0))  # padded with silence
+    assert torch.allclose(fe.inverse(x), mels.clamp(SPEC_LOW, SPEC_HIGH), atol=1e-5)
+    assert mels.max() < SPEC_HIGH  # the clamp at the top never bites on [-1, 1] waveforms
+    # the same clip as stereo int16 at 8 kHz goes through the same front end
+    pcm = (np.stack([waves[0], waves[0]]) * 32767).astype(np.int16)[:, ::2]
+    assert fe([pcm], 8000).shape == (1, 1, 64, 52)
+    with pytest.raises(ConfigError, match="n_mels"):
+        AudioFrontEnd(n_mels=30)
+
+
+@pytest.mark.parametrize("quantizer,code_shape", [("vq", (16, 13)), ("rvq", (16, 13, 2)), ("fsq", (16, 13))])
+def test_spectrogram_vqvae_round_trip_shapes(clips, quantizer, code_shape):
+    x = AudioFrontEnd()(clips[0][:4], 16000)
+    model = VQVAE(
+        channels=8, codebook_size=16, code_dim=4, quantizer=quantizer, rvq_levels=2, in_channels=1,
+        input_shape=(64, 52),
+    )  # fmt: skip
+    out = model(x)
+    assert out.recon.shape == x.shape and out.indices.shape == (4, *code_shape)
+    assert model.code_shape == code_shape and model.tokens_per_image == 16 * 13 and model.grid is None
+    model.eval()
+    idx = model.encode(x)
+    assert idx.shape == (4, *code_shape)
+    assert model.decode(idx).shape == (4, 1, 64, 52)
+    with pytest.raises(DataError, match=r"\(B, 1, H, W\)"):
+        model.encode(torch.zeros(1, 3, 64, 52))
+    with pytest.raises(DataError, match="64x52"):
+        model.encode(torch.zeros(1, 1, 64, 48))
+    with pytest.raises(ConfigError, match="input_shape"):
+        VQVAE(in_channels=1, input_shape=(64, 51))
+
+
+def test_three_channel_backward_compatible(tmp_path):
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4)
+    rgb_keys = list(model.state_dict())
+    assert model.encoder[0].weight.shape[1] == 3 and model.decoder[-1].weight.shape[0] == 3
+    assert list(VQVAE(channels=8, codebook_size=16, code_dim=4, in_channels=1).state_dict()) == rgb_keys
+    x = _images(4)
+    model(x)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert (cfg["model"]["in_channels"], cfg["model"]["input_shape"]) == (3, None)
+    del cfg["model"]["in_channels"], cfg["model"]["input_shape"]  # a tokenizer saved before these keys
+    cfg_path.write_text(json.dumps(cfg))
+    old = VQVAE.from_pretrained(tmp_path)
+    assert old.in_channels == 3 and old.input_shape == (32, 32) and old.grid == 8
+    assert torch.equal(old.encode(x), model.encode(x))
+
+
+def test_short_spectrogram_training_beats_floor():
+    """90 steps on 64 clips (16 mels, 0.25 s -> 16 x 28 inputs, K = 16). Measured: held-out PSNR 18.60 dB
+    against 14.13 dB for the mean training spectrogram, usage 0.69; floors +3 dB and 0.5."""
+    world = SyntheticWorld()
+    fe = AudioFrontEnd(n_mels=16, seconds=0.25)
+    train = fe([world.sample("train", i, ("audio",))["audio"] for i in range(64)], 16000)
+    held = fe([world.sample("test", i, ("audio",))["audio"] for i in range(32)], 16000)
+    model = VQVAE(channels=16, codebook_size=16, code_dim=8, in_channels=1, input_shape=fe.shape)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(90):
+        out = model(train[torch.randint(0, 64, (16,), generator=g)])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        idx = model.encode(held)
+        final = psnr(model.decode(idx), held)
+    baseline = psnr(train.mean(0, keepdim=True).expand_as(held), held)
+    usage = model.quantizer.usage_stats(idx)["usage"]
+    assert final > baseline + 3.0, (final, baseline)
+    assert usage >= 0.5, usage

@@ -1,4 +1,5 @@
-"""Discrete image tokenizers: EMA vector quantization, residual VQ, finite scalar quantization, and a VQ-VAE.
+"""Discrete tokenizers: EMA vector quantization, residual VQ, finite scalar quantization, a VQ-VAE for images
+and log-mel spectrograms, and the audio front end that turns waveforms into the VQ-VAE's [-1, 1] input.
 
 Every quantizer maps z (..., D) -> (z_q, indices, info) with a straight-through estimator (gradients pass
 from z_q to z unchanged), exposes `indices_to_codes(indices)` (the exact inverse of the code lookup) and
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..modalities.audio import LOG_MEL_EPS, LOG_MEL_MEAN, LOG_MEL_STD, WaveLike, preprocess_audios
 from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "vqvae"
@@ -306,7 +308,7 @@ class _ResBlock(nn.Module):
 
 @dataclass
 class VQVAEOutput:
-    recon: torch.Tensor  # (B, 3, H, W) in roughly [-1, 1]
+    recon: torch.Tensor  # (B, C, H, W) in roughly [-1, 1]
     indices: torch.Tensor  # (B, h, w) or (B, h, w, levels) for rvq
     loss: torch.Tensor  # recon_loss + commit_loss
     recon_loss: torch.Tensor
@@ -314,11 +316,11 @@ class VQVAEOutput:
     info: dict[str, Any]
 
 
-def check_image_range(images: torch.Tensor) -> None:
-    """Raise DataError unless `images` is a float (B, 3, H, W) batch that looks like [-1, 1] pixels."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+def check_image_range(images: torch.Tensor, channels: int = 3) -> None:
+    """Raise DataError unless `images` is a float (B, channels, H, W) batch that looks like [-1, 1] values."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise DataError(f"VQVAE expects a (B, 3, H, W) float tensor in [-1, 1]; got {shape}")
+        raise DataError(f"VQVAE expects a (B, {channels}, H, W) float tensor in [-1, 1]; got {shape}")
     if not images.is_floating_point():
         raise DataError(
             f"VQVAE expects float images in [-1, 1]; got dtype {images.dtype} "
@@ -328,12 +330,89 @@ def check_image_range(images: torch.Tensor) -> None:
     if hi > 1.5 or lo < -1.5:
         raise DataError(
             f"VQVAE expects images in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}], which looks like "
-            "[0, 255] pixels (use mmfusion.modalities.image.preprocess_images)"
+            "[0, 255] pixels (use mmfusion.modalities.image.preprocess_images; for audio, AudioFrontEnd)"
         )
 
 
+# ---- audio front end ----------------------------------------------------------------------------------------
+
+# The project's log-mel (modalities/audio.py) is (ln(mel + 1e-6) - LOG_MEL_MEAN) / LOG_MEL_STD. Its floor is
+# digital silence (ln 1e-6 -> -1.70); mel power 1 (ln 1 = 0 -> +1.75) is above anything a [-1, 1] waveform
+# reaches (full-scale sines at 220 Hz - 4 kHz peak at +1.29 to +1.46). That interval maps linearly onto [-1, 1].
+SPEC_LOW = (math.log(LOG_MEL_EPS) - LOG_MEL_MEAN) / LOG_MEL_STD  # silence -> -1
+SPEC_HIGH = (0.0 - LOG_MEL_MEAN) / LOG_MEL_STD  # mel power 1 -> +1
+
+
+def normalize_log_mel(log_mels: torch.Tensor) -> torch.Tensor:
+    """Project log-mel (any shape) -> [-1, 1]: linear map of [SPEC_LOW, SPEC_HIGH] onto [-1, 1], clamped."""
+    return ((log_mels - SPEC_LOW) * (2.0 / (SPEC_HIGH - SPEC_LOW)) - 1.0).clamp(-1.0, 1.0)
+
+
+def denormalize_log_mel(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of normalize_log_mel on [-1, 1]: back to the project's log-mel units (AudioEncoder's input)."""
+    return (x.clamp(-1.0, 1.0) + 1.0) * ((SPEC_HIGH - SPEC_LOW) / 2.0) + SPEC_LOW
+
+
+@dataclass(frozen=True)
+class AudioFrontEnd:
+    """Waveforms -> (B, 1, n_mels, frames) spectrogram "images" in [-1, 1] for `VQVAE(in_channels=1)`.
+
+    Each wave is mixed to mono, resampled to `sample_rate`, trimmed or zero-padded to `seconds`, turned into the
+    project's log-mel by `preprocess_audios` (25 ms / 10 ms Hann STFT, HTK mel), mapped to [-1, 1] by
+    `normalize_log_mel` (silence -> -1), and right-padded with silence (-1) to a multiple of 4 frames so the
+    VQ-VAE's two stride-2 convs divide it (0.5 s at 16 kHz: 51 -> 52 frames). `inverse` gives back log-mels;
+    no waveform is reconstructed (there is no vocoder: decoded tokens are spectrograms only).
+    """
+
+    sample_rate: int = 16000
+    seconds: float = 0.5
+    n_mels: int = 64
+    hop: int = 160
+
+    def __post_init__(self):
+        if self.sample_rate < 1000 or self.seconds <= 0 or self.n_mels < 4 or self.n_mels % 4:
+            raise ConfigError(
+                "AudioFrontEnd needs sample_rate >= 1000, seconds > 0 and n_mels a positive multiple of 4; "
+                f"got sample_rate={self.sample_rate}, seconds={self.seconds}, n_mels={self.n_mels}"
+            )
+
+    @property
+    def frames(self) -> int:
+        """Valid log-mel frames of one clip (before padding to a multiple of 4)."""
+        return 1 + int(round(self.seconds * self.sample_rate)) // self.hop
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_mels, padded frames): the VQVAE `input_shape` to use."""
+        return self.n_mels, -(-self.frames // 4) * 4
+
+    def __call__(self, waves: Sequence[WaveLike], sample_rates: int | Sequence[int]) -> torch.Tensor:
+        """waves (any PCM dtype, mono or multi-channel) -> (B, 1, n_mels, padded frames) float in [-1, 1]."""
+        mels, _ = preprocess_audios(
+            waves, sample_rates, target_rate=self.sample_rate, seconds=self.seconds, n_mels=self.n_mels,
+            hop=self.hop,
+        )  # fmt: skip
+        x = normalize_log_mel(mels)
+        return F.pad(x, (0, self.shape[1] - x.shape[-1]), value=-1.0)[:, None]
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_mels, padded frames) in [-1, 1] -> project log-mels (B, n_mels, frames) (padding dropped)."""
+        return denormalize_log_mel(x[:, 0, :, : self.frames])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_rate": self.sample_rate,
+            "seconds": self.seconds,
+            "n_mels": self.n_mels,
+            "hop": self.hop,
+        }
+
+
 class VQVAE(nn.Module):
-    """Small conv VQ-VAE: (B, 3, S, S) in [-1, 1] -> (S/4)^2 tokens -> (B, 3, S, S).
+    """Small conv VQ-VAE: (B, C, H, W) in [-1, 1] -> (H/4) x (W/4) tokens -> (B, C, H, W).
+
+    C = `in_channels` (3 for RGB images, 1 for AudioFrontEnd spectrograms); (H, W) = `input_shape`, or
+    (image_size, image_size) when it is None. Configs saved before these keys existed load as C = 3, square.
 
     Encoder: conv3x3 -> 2 stride-2 conv4x4 (S -> S/4) -> `num_res` residual blocks -> 1x1 to the quantizer
     dim (code_dim, or len(fsq_levels) for "fsq"); the decoder mirrors it with transposed convs.
@@ -356,12 +435,18 @@ class VQVAE(nn.Module):
         kmeans_init: bool = True,
         dead_code_threshold: float = 1.0,
         dead_code_patience: int | None = None,
+        in_channels: int = 3,
+        input_shape: Sequence[int] | None = None,
     ):
         super().__init__()
         if quantizer not in QUANTIZERS:
             raise ConfigError(f"quantizer must be one of {QUANTIZERS}; got {quantizer!r}")
-        if image_size % 4:
-            raise ConfigError(f"image_size must be divisible by 4; got {image_size}")
+        shape = (image_size, image_size) if input_shape is None else tuple(int(v) for v in input_shape)
+        if len(shape) != 2 or min(shape) < 4 or shape[0] % 4 or shape[1] % 4:
+            name = "image_size" if input_shape is None else "input_shape"
+            raise ConfigError(f"{name} must give (H, W) both divisible by 4 and >= 4; got {shape}")
+        if in_channels < 1:
+            raise ConfigError(f"in_channels must be >= 1; got {in_channels}")
         self.config = {
             "image_size": image_size,
             "channels": channels,
@@ -376,9 +461,13 @@ class VQVAE(nn.Module):
             "kmeans_init": kmeans_init,
             "dead_code_threshold": dead_code_threshold,
             "dead_code_patience": dead_code_patience,
+            "in_channels": in_channels,
+            "input_shape": None if input_shape is None else list(shape),
         }
         self.image_size, self.quantizer_type = image_size, quantizer
-        self.grid = image_size // 4
+        self.in_channels, self.input_shape = in_channels, shape
+        self.grid_shape = (shape[0] // 4, shape[1] // 4)  # (h, w) token grid
+        self.grid = self.grid_shape[0] if shape[0] == shape[1] else None  # square side (None if not square)
         vq_kw = dict(
             decay=decay,
             commitment=commitment,
@@ -395,7 +484,7 @@ class VQVAE(nn.Module):
         qdim = self.quantizer.dim
         c, c2 = channels, 2 * channels
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1),
+            nn.Conv2d(in_channels, c, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(c, c2, 4, stride=2, padding=1),
             nn.SiLU(),
@@ -412,23 +501,29 @@ class VQVAE(nn.Module):
             nn.SiLU(),
             nn.ConvTranspose2d(c, c, 4, stride=2, padding=1),
             nn.SiLU(),
-            nn.Conv2d(c, 3, 3, padding=1),
+            nn.Conv2d(c, in_channels, 3, padding=1),
         )
 
     @property
     def tokens_per_image(self) -> int:
-        return self.grid * self.grid
+        """Token positions per input, (H/4) * (W/4) (each holds rvq_levels indices for "rvq")."""
+        return self.grid_shape[0] * self.grid_shape[1]
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """Shape of one input's indices: (h, w), or (h, w, rvq_levels) for "rvq"."""
+        levels = (self.config["rvq_levels"],) if self.quantizer_type == "rvq" else ()
+        return (*self.grid_shape, *levels)
 
     @property
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
     def _quantize(self, images: torch.Tensor, **kw: Any):
-        check_image_range(images)
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise DataError(
-                f"VQVAE expects {self.image_size}x{self.image_size} images; got {tuple(images.shape[-2:])}"
-            )
+        check_image_range(images, self.in_channels)
+        if tuple(images.shape[-2:]) != self.input_shape:
+            h, w = self.input_shape
+            raise DataError(f"VQVAE expects {h}x{w} (H x W) inputs; got {tuple(images.shape[-2:])}")
         z = self.encoder(images).permute(0, 2, 3, 1)  # (B, h, w, D)
         return self.quantizer(z, **kw)
 
@@ -444,13 +539,13 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) in [-1, 1] -> indices (B, S/4, S/4) ((B, S/4, S/4, levels) for rvq).
+        """images (B, C, H, W) in [-1, 1] -> indices (B, H/4, W/4) ((B, H/4, W/4, levels) for rvq).
         Uses the quantizer as it is (call .eval() first to leave the codebook untouched)."""
         return self._quantize(images)[1]
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices from `encode` -> images (B, 3, S, S), clamped to [-1, 1]."""
+        """indices from `encode` -> images (B, C, H, W), clamped to [-1, 1]."""
         return self._decode_codes(self.quantizer.indices_to_codes(indices)).clamp(-1, 1)
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -463,6 +558,7 @@ class VQVAE(nn.Module):
 
 
 def psnr(recon: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2, i.e. the usual PSNR on [0, 1] pixels)."""
+    """PSNR in dB of images (or normalised spectrograms) in [-1, 1] (peak-to-peak 2, i.e. the usual PSNR on
+    [0, 1] pixels)."""
     mse = F.mse_loss(recon.clamp(-1, 1).float(), target.float()).item()
     return 10 * math.log10(4.0 / max(mse, 1e-12))

@@ -1,4 +1,8 @@
-"""`mmfusion tokenize train|encode|decode`: VQ image tokenizers on the command line."""
+"""`mmfusion tokenize train|encode|decode`: VQ tokenizers for images and audio spectrograms on the command line.
+
+An audio tokenizer folder holds `frontend.json` ({"modality": "audio", sample_rate, seconds, n_mels, hop}: the
+AudioFrontEnd that turns waveforms into its input) beside config.json; a folder without it is an image one.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +12,46 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+FRONTEND_FILE = "frontend.json"
+# per-modality defaults of `tokenize train` (the audio ones are benchmarks/vq.py --modality audio's)
+TRAIN_DEFAULTS = {
+    "image": {"codebook_size": 256, "code_dim": 32, "channels": 32},
+    "audio": {"codebook_size": 128, "code_dim": 16, "channels": 16},
+}
+
 
 def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
     """Register `mmfusion tokenize ...`."""
     p = sub.add_parser(
         "tokenize",
-        help="VQ image tokenizers: train, encode images to codes, decode codes to images",
-        description="Discrete image tokenizers (VQ-VAE with EMA VQ, residual VQ or FSQ; mmfusion.models.vq).",
+        help="VQ tokenizers: train, encode images/audio to codes, decode codes to images/spectrograms",
+        description="Discrete image and audio-spectrogram tokenizers (VQ-VAE with EMA VQ, residual VQ or FSQ; "
+        "mmfusion.models.vq).",
     )
     tsub = p.add_subparsers(dest="tokenize_command", required=True, metavar="TOKENIZE_COMMAND")
 
     t = tsub.add_parser(
         "train",
         help="train a VQ-VAE and save it",
-        description="Train a VQ-VAE image tokenizer on synthetic-world images (default) or on your images "
-        '(--images: a folder of PNG/JPEG files or a JSONL manifest with an "image" field), save it to --out '
-        "(config.json + model.safetensors + metrics.json) and print held-out codebook usage, perplexity and "
+        description="Train a VQ-VAE tokenizer on synthetic-world images (default) or on your images "
+        '(--images: a folder of PNG/JPEG files or a JSONL manifest with an "image" field); with --modality '
+        "audio, on synthetic-world 0.5 s clips turned into 64-mel log-mel spectrograms in [-1, 1] (or on "
+        "--audio: a folder of WAV/FLAC/OGG files). Saves it to --out (config.json + model.safetensors + "
+        "metrics.json, + frontend.json for audio) and prints held-out codebook usage, perplexity and "
         "reconstruction PSNR.",
     )
     t.add_argument("--out", required=True, help="folder to write the tokenizer to")
+    t.add_argument("--modality", default="image", choices=["image", "audio"], help="default image")
     t.add_argument("--kind", default="vq", choices=["vq", "rvq", "fsq"], help="quantizer (default vq)")
     t.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     t.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    t.add_argument("--codebook-size", type=int, default=256, help="codes per codebook (vq/rvq; default 256)")
-    t.add_argument("--code-dim", type=int, default=32, help="code vector size (vq/rvq; default 32)")
-    t.add_argument("--channels", type=int, default=32, help="conv width (default 32)")
+    t.add_argument(
+        "--codebook-size", type=int, help="codes per codebook (vq/rvq; default 256 image, 128 audio)"
+    )
+    t.add_argument("--code-dim", type=int, help="code vector size (vq/rvq; default 32 image, 16 audio)")
+    t.add_argument("--channels", type=int, help="conv width (default 32 image, 16 audio)")
     t.add_argument("--rvq-levels", type=int, default=4, help="residual levels for --kind rvq (default 4)")
     t.add_argument("--fsq-levels", default="8,6,5", help="comma-separated FSQ levels (default 8,6,5)")
     t.add_argument(
@@ -43,9 +61,14 @@ def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--images", help="folder of PNG/JPEG files or a .jsonl manifest (default: synthetic world)"
     )
-    t.add_argument("--train-images", type=int, default=2048, help="synthetic training images (default 2048)")
     t.add_argument(
-        "--eval-images", type=int, default=256, help="held-out images for the metrics (default 256)"
+        "--audio", help="--modality audio: folder of WAV/FLAC/OGG files (default: synthetic world)"
+    )
+    t.add_argument(
+        "--train-images", type=int, default=2048, help="synthetic training images or clips (default 2048)"
+    )
+    t.add_argument(
+        "--eval-images", type=int, default=256, help="held-out images or clips for the metrics (default 256)"
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -53,20 +76,24 @@ def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
 
     e = tsub.add_parser(
         "encode",
-        help="images -> codes (.json or .npy)",
-        description="Encode images with a trained tokenizer. IMAGES are PNG/JPEG files or folders of them. "
+        help="images or audio -> codes (.json or .npy)",
+        description="Encode images (PNG/JPEG files or folders of them) or, with an audio tokenizer, audio "
+        "(WAV/FLAC/OGG files or folders; mixed to mono, resampled, cut or padded to the tokenizer's clip length). "
         '--out codes.json writes {"shape", "images": [{"id", "path", "codes"}]}; --out codes.npy writes '
         "an int array (N, h, w) ((N, h, w, levels) for rvq) in the sorted order of the inputs.",
     )
     e.add_argument("--tokenizer", required=True, help="a folder from `mmfusion tokenize train`")
-    e.add_argument("images", nargs="+", help="image files or folders")
+    e.add_argument("images", nargs="+", help="image (or audio) files or folders")
     e.add_argument("--out", required=True, help="codes.json or codes.npy")
     e.set_defaults(func=cmd_tokenize_encode)
 
     d = tsub.add_parser(
         "decode",
-        help="codes -> PNG images",
-        description="Decode codes written by `mmfusion tokenize encode` (.json or .npy) to PNGs in --out-dir.",
+        help="codes -> PNG images (audio: log-mel .npy + PNG)",
+        description="Decode codes written by `mmfusion tokenize encode` (.json or .npy) to PNGs in --out-dir. "
+        "With an audio tokenizer each clip gives ID.npy, its log-mel spectrogram (n_mels, frames) float32 in "
+        "the units of mmfusion.modalities.audio.log_mel, and ID.png (low frequencies at the bottom). No "
+        "waveform is reconstructed (there is no vocoder).",
     )
     d.add_argument("--tokenizer", required=True, help="a folder from `mmfusion tokenize train`")
     d.add_argument("codes", help="codes.json or codes.npy")
@@ -120,14 +147,63 @@ def list_image_inputs(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def list_audio_inputs(items: list[str]) -> list[tuple[str, Path]]:
+    """(id, path) of every audio file named: files and folders (sorted, recursive)."""
+    out: list[tuple[str, Path]] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+            out += [(str(f.relative_to(p).with_suffix("")), f) for f in found]
+        elif p.is_file():
+            if p.suffix.lower() not in AUDIO_SUFFIXES:
+                raise DataError(f"{p}: expected an audio file ({', '.join(AUDIO_SUFFIXES)}) or a folder")
+            out.append((p.stem, p))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def load_audios(paths: list[tuple[str, Path]], frontend):
+    """(id, path) pairs -> AudioFrontEnd spectrograms (N, 1, n_mels, frames) in [-1, 1]."""
+    import soundfile as sf
+
+    waves, rates = [], []
+    for _, p in paths:
+        try:
+            wave, sr = sf.read(p, dtype="float32", always_2d=False)
+        except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            raise DataError(f"cannot read audio {p}: {err}") from None
+        if wave.size == 0:
+            raise DataError(f"audio {p} has no samples")
+        waves.append(wave)
+        rates.append(int(sr))
+    return frontend(waves, rates)
+
+
+def _synthetic_audio(world, split: str, n: int, frontend):
+    from ..data.synthetic import make_split
+
+    samples = make_split(world, split, n, ("audio",), True)
+    return frontend([s["audio"] for s in samples], [s["audio_sr"] for s in samples])
+
+
 def cmd_tokenize_train(args) -> int:
     import torch
 
     from ..data.synthetic import SyntheticWorld, WorldConfig, make_split
-    from ..models.vq import VQVAE
+    from ..models.vq import VQVAE, AudioFrontEnd
     from .train import evaluate_vqvae, images_to_tensor, train_vqvae
 
     _threads(args.threads)
+    audio = args.modality == "audio"
+    if audio and args.images:
+        raise ConfigError("--images is for --modality image; give audio files with --audio")
+    if not audio and args.audio:
+        raise ConfigError("--audio needs --modality audio")
+    for k, v in TRAIN_DEFAULTS[args.modality].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     try:
         fsq = [int(v) for v in args.fsq_levels.split(",")]
     except ValueError:
@@ -135,16 +211,27 @@ def cmd_tokenize_train(args) -> int:
     for name in ("steps", "batch", "train_images", "eval_images"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    if args.images:
-        imgs = load_images(list_image_inputs([args.images]), args.image_size)
+    frontend = AudioFrontEnd() if audio else None
+    if args.images or args.audio:
+        given = args.audio or args.images
+        if audio:
+            imgs = load_audios(list_audio_inputs([given]), frontend)
+        else:
+            imgs = load_images(list_image_inputs([given]), args.image_size)
         if imgs.shape[0] < 2:
-            raise DataError(
-                f"--images {args.images}: need at least 2 images (one held out); got {imgs.shape[0]}"
-            )
+            flag = "--audio" if audio else "--images"
+            raise DataError(f"{flag} {given}: need at least 2 inputs (one held out); got {imgs.shape[0]}")
         n_eval = max(1, min(args.eval_images, imgs.shape[0] // 10))
         perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(args.seed))
         held, train = imgs[perm[:n_eval]], imgs[perm[n_eval:]]
-        source = f"{args.images} ({train.shape[0]} train / {n_eval} held out)"
+        source = f"{given} ({train.shape[0]} train / {n_eval} held out)"
+    elif audio:
+        world = SyntheticWorld(WorldConfig(seed=args.seed))
+        train = _synthetic_audio(world, "train", args.train_images, frontend)
+        held = _synthetic_audio(world, "test", args.eval_images, frontend)
+        source = (
+            f"synthetic world seed {args.seed} ({args.train_images} train / {args.eval_images} test clips)"
+        )
     else:
         world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
         train = images_to_tensor(
@@ -166,28 +253,44 @@ def cmd_tokenize_train(args) -> int:
         rvq_levels=args.rvq_levels,
         fsq_levels=fsq,
         dead_code_threshold=args.dead_threshold,
+        **(dict(in_channels=1, input_shape=frontend.shape) if audio else {}),
     )
     train_vqvae(model, train, args.steps, args.batch, args.lr, args.seed, progress=True)
     metrics = evaluate_vqvae(model, held)
     out = model.save_pretrained(args.out)
     (Path(out) / "metrics.json").write_text(json.dumps({"source": source, **metrics}, indent=2) + "\n")
-    print(f"trained {args.kind} tokenizer on {source}: {out}")
+    if audio:
+        meta = {"modality": "audio", **frontend.to_dict()}
+        (Path(out) / FRONTEND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"trained {args.kind} {args.modality} tokenizer on {source}: {out}")
     print(
         f"held-out: usage {metrics['usage']:.3f}, perplexity {metrics['perplexity']:.1f} "
-        f"(normalised {metrics['normalized_perplexity']:.3f}), PSNR {metrics['psnr']:.2f} dB, "
-        f"K={metrics['codebook_size']}, {metrics['tokens_per_image']} tokens/image"
+        f"(normalised {metrics['normalized_perplexity']:.3f}), PSNR {metrics['psnr']:.2f} dB"
+        f"{' (normalised log-mel)' if audio else ''}, K={metrics['codebook_size']}, "
+        f"{metrics['tokens_per_image']} tokens/{'clip' if audio else 'image'}"
     )
     return 0
 
 
 def _tokenizer(path: str):
-    from ..models.vq import VQVAE
+    """(VQVAE, AudioFrontEnd or None for an image tokenizer) of a `tokenize train` folder."""
+    from ..models.vq import VQVAE, AudioFrontEnd
 
     if not (Path(path) / "config.json").is_file():
         raise DataError(
             f"--tokenizer {path}: not a tokenizer folder (make one with `mmfusion tokenize train`)"
         )
-    return VQVAE.from_pretrained(path)
+    frontend = None
+    meta_path = Path(path) / FRONTEND_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.pop("modality") != "audio":
+                raise ValueError("modality is not 'audio'")
+            frontend = AudioFrontEnd(**meta)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{meta_path}: not an audio front-end file ({err})") from None
+    return VQVAE.from_pretrained(path), frontend
 
 
 def cmd_tokenize_encode(args) -> int:
@@ -198,16 +301,21 @@ def cmd_tokenize_encode(args) -> int:
     out = Path(args.out)
     if out.suffix not in (".json", ".npy"):
         raise ConfigError(f"--out {out}: expected a .json or .npy file name")
-    model = _tokenizer(args.tokenizer)
-    inputs = list_image_inputs(args.images)
-    codes = encode_images(model, load_images(inputs, model.image_size))
+    model, frontend = _tokenizer(args.tokenizer)
+    if frontend is not None:
+        inputs = list_audio_inputs(args.images)
+        codes = encode_images(model, load_audios(inputs, frontend))
+    else:
+        inputs = list_image_inputs(args.images)
+        codes = encode_images(model, load_images(inputs, model.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, codes.numpy().astype(np.int32))
     else:
         rows = [{"id": i, "path": str(p), "codes": c.tolist()} for (i, p), c in zip(inputs, codes)]
         out.write_text(json.dumps({"shape": list(codes.shape[1:]), "images": rows}) + "\n")
-    print(f"encoded {len(inputs)} images to {tuple(codes.shape[1:])} codes each: {out}")
+    what = "clips" if frontend is not None else "images"
+    print(f"encoded {len(inputs)} {what} to {tuple(codes.shape[1:])} codes each: {out}")
     return 0
 
 
@@ -218,7 +326,7 @@ def cmd_tokenize_decode(args) -> int:
 
     from .train import tensor_to_images
 
-    model = _tokenizer(args.tokenizer)
+    model, frontend = _tokenizer(args.tokenizer)
     src = Path(args.codes)
     if not src.is_file():
         raise DataError(f"{src}: no such codes file")
@@ -234,8 +342,7 @@ def cmd_tokenize_decode(args) -> int:
             raise DataError(f"{src}: not a codes file from `mmfusion tokenize encode` ({err})") from None
     else:
         raise DataError(f"{src}: expected a .json or .npy codes file")
-    grid = model.grid
-    expected = (grid, grid) if model.quantizer_type != "rvq" else (grid, grid, model.config["rvq_levels"])
+    expected = model.code_shape
     if arr.ndim != len(expected) + 1 or tuple(arr.shape[1:]) != expected:
         raise DataError(
             f"{src}: codes have shape {tuple(arr.shape[1:])} per image; this tokenizer needs {expected}"
@@ -244,9 +351,18 @@ def cmd_tokenize_decode(args) -> int:
         raise DataError(
             f"{src}: codes must lie in [0, {model.codebook_size}); got [{arr.min()}, {arr.max()}]"
         )
-    images = tensor_to_images(model.decode(torch.from_numpy(arr.astype(np.int64))))
+    decoded = model.decode(torch.from_numpy(arr.astype(np.int64)))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if frontend is not None:
+        mels = frontend.inverse(decoded).numpy().astype(np.float32)  # (N, n_mels, frames) log-mel
+        grey = ((decoded[:, 0, :, : frontend.frames].flip(1) + 1) * 127.5).round().byte().numpy()
+        for name, mel, im in zip(ids, mels, grey):
+            np.save(out / f"{Path(name).name}.npy", mel)
+            Image.fromarray(im).save(out / f"{Path(name).name}.png")
+        print(f"decoded {len(mels)} log-mel spectrograms {mels.shape[1:]} (.npy + .png; no waveform): {out}")
+        return 0
+    images = tensor_to_images(decoded)
     for name, im in zip(ids, images):
         Image.fromarray(im).save(out / f"{Path(name).name}.png")
     print(f"decoded {len(images)} images: {out}")
