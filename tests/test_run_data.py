@@ -39,3 +39,16 @@ def test_augmentation_is_validated_and_only_for_streamed_training_data(shards):
         config_from_dict({"data": {"augment": {"image": {"hflip_p": 0.5}}}})
     cfg = config_from_dict({"data": {**base, "augment": {"image": {"hflip_p": 1.0}}}})
     assert load_split(cfg, "train").augmenter.active and not load_split(cfg, "val").augmenter.active
+
+
+def test_streamed_micro_batches_are_full_with_several_workers(shards):
+    """40 samples (4 shards) over 2 DataLoader workers in micro-batches of 3: each worker streams 20, and its
+    last partial batch (2 rows) is dropped, so every batch the trainer sees has 3 rows (a partial one would
+    break equal-size all-gathers)."""
+    from mmfusion.data.engine.stream import StreamingDataset
+    from mmfusion.data.loader import StreamData
+
+    dataset = StreamingDataset(shards, shuffle=0)
+    data = StreamData(dataset, lambda samples: samples, batch_size=3, num_samples=40, num_workers=2)
+    sizes = [len(b) for group in data.step_batches(0, 0, rank=0, world=1, accumulation=1) for b in group]
+    assert sizes == [3] * 12  # 2 workers x 6 full batches; 2 x 2 samples dropped

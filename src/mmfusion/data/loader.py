@@ -150,7 +150,10 @@ class StreamData:
     """Step iteration over an IterableDataset (WebDataset shards), one pass per epoch.
 
     Shards are split over ranks and DataLoader workers by the source; resuming mid-epoch replays the
-    epoch and drops the steps already taken.
+    epoch and drops the steps already taken. Every micro-batch is full: each DataLoader worker batches its
+    own part of the stream, so the last, partial batch of every worker is dropped (at most
+    workers x (micro - 1) samples per rank and epoch), which keeps the global batch constant and the ranks'
+    batches equal in size (all-gathers need that).
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class StreamData:
         loader = DataLoader(
             self.dataset,
             batch_size=micro,
+            drop_last=True,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(epoch),
