@@ -426,7 +426,7 @@ class MultiModalModel(nn.Module):
             y = enc.forward_tokens(x)
         return y.float()  # the projection runs under the run's policy (which casts again if it is not fp32)
 
-    def _tokens(self, key: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def modality_tokens(self, key: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Encode the present rows of modality `key` and project them: (B, ...) -> (B, N, dim), absent rows 0."""
         proj = self.projections[key]
         if bool(present.all()):
@@ -467,7 +467,7 @@ class MultiModalModel(nn.Module):
         }
         if self.training and self.config.modality_dropout > 0:
             masks = modality_dropout(masks, self.config.modality_dropout)
-        feats = {k: self._tokens(k, batch.data[k].to(device), masks[k]) for k in self.encoders}
+        feats = {k: self.modality_tokens(k, batch.data[k].to(device), masks[k]) for k in self.encoders}
         fused = self.fusion(feats, masks)
         self._ran_in["fusion"] = _compute_dtype(device.type)
         return fused, feats, masks
@@ -476,6 +476,14 @@ class MultiModalModel(nn.Module):
         """(B, n_classes) for head="classify", (B,) for head="match"; and the fusion output."""
         fused = self.encode(batch)
         return self._head(fused), fused
+
+    def logits_from_tokens(
+        self, feats: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Fusion + head on already projected tokens: feats key -> (B, N_k, dim) (`modality_tokens`), masks
+        key -> (B,) bool (True = present) -> logits as `logits()` returns them. The fusion half of a split
+        deployment and of the exported graph."""
+        return self._head(self.fusion(feats, masks))
 
     def _head(self, fused: FusionOutput) -> torch.Tensor:
         out = self.head(fused.pooled)
@@ -643,7 +651,7 @@ class MultiModalModel(nn.Module):
                 for k in self.modalities
             }
             feats = {
-                k: self._tokens(k, batch.data[k].to(device), masks[k])
+                k: self.modality_tokens(k, batch.data[k].to(device), masks[k])
                 for k in self.modalities
                 if k not in candidates
             }
@@ -657,8 +665,8 @@ class MultiModalModel(nn.Module):
                 skip &= others  # never skip a row's only modality
                 skipped[k] = skip
                 masks[k] = masks[k] & ~skip
-                feats[k] = self._tokens(k, batch.data[k].to(device), masks[k])
-            logits = self._head(self.fusion(feats, masks))
+                feats[k] = self.modality_tokens(k, batch.data[k].to(device), masks[k])
+            logits = self.logits_from_tokens(feats, masks)
             pred = (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
         finally:
             self.train(was_training)

@@ -229,7 +229,7 @@ class FusionGraph(nn.Module):
         names = m.modalities
         inputs, masks = args[: len(names)], args[len(names) :]
         feats = {k: m.projections[k](m.encoders[k].forward_tokens(x)) for k, x in zip(names, inputs)}
-        return m._head(m.fusion(feats, dict(zip(names, masks))))
+        return m.logits_from_tokens(feats, dict(zip(names, masks)))
 
 
 def export_fusion_onnx(model, out_dir: str | Path, opset: int = OPSET) -> Path:

@@ -299,11 +299,11 @@ class Engine:
     @torch.inference_mode()
     def tokens(self, modality: str, items: Sequence[Any]) -> list[np.ndarray]:
         """Prepared items of one modality -> each its projected tokens (N, dim) float32: the fusion's input
-        (MultiModalModel._tokens, every row present; one encoder call). The encoder service's half of
+        (MultiModalModel.modality_tokens, every row present; one encoder call). The encoder service's half of
         `classify`."""
         x = self._stack(modality, items, fixed_length=True).to(self.model.device)
         present = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        arr = self.model._tokens(self.keys[modality], x, present).float().cpu().numpy()  # (B, N, dim)
+        arr = self.model.modality_tokens(self.keys[modality], x, present).float().cpu().numpy()  # (B, N, dim)
         return [arr[i] for i in range(arr.shape[0])]
 
     def token_shape(self, modality: str) -> tuple[int, int]:
@@ -327,7 +327,7 @@ class Engine:
                     rows[i] = s[m]
             feats[self.keys[m]] = torch.from_numpy(rows).to(device)  # (B, N_m, dim)
             masks[self.keys[m]] = present  # (B,) True = present
-        logits = self.model._head(self.model.fusion(feats, masks))
+        logits = self.model.logits_from_tokens(feats, masks)
         return self.predictions(logits)
 
     @torch.inference_mode()
