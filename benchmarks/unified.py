@@ -4,12 +4,13 @@ text->image and likelihood retrieval of a small unified decoder on the synthetic
 
 Two parts (both by default; --part stability / --part quality for one):
 
-stability  For each seed: a VQ-VAE (K=--stab-codebook, 16x16 images = 16 codes) and three decoders
-           (dim 128, depth 2, 2 heads) trained --stab-steps steps of 8 sequences at lr 1e-2 (AdamW, no weight
-           decay, 5 warm-up steps): QK-norm without z-loss, the same without QK-norm (control), and QK-norm
-           with z-loss 1e-2. Reports the largest attention logit over training, the image-token perplexity
-           of the last 30 steps, and mean |log Z| on a fixed held-out batch. (The same setting as
-           tests/unified/test_train.py, which runs it for seed 0 and 90 steps.)
+stability  For each seed: an EMA VQ-VAE (K=--stab-codebook, 32x32 images = 64 codes, 300 steps) and three
+           decoders (dim 128, depth 2, 2 heads) trained --stab-steps steps of 8 sequences at a constant lr 1e-2
+           (AdamW, no weight decay, 5 warm-up steps, clip 1): QK-norm without z-loss, the same without QK-norm
+           (control), and QK-norm with z-loss 1e-2. Reports the largest attention logit over training, the
+           image-token perplexity of the last 100 steps and its lowest 100-step window after the first, the
+           image-token perplexity of 64 held-out text->image sequences, and mean |log Z| on a fixed held-out
+           batch. (tests/unified/test_train.py runs the first two for seed 0 and 500 steps.)
 quality    One unified model: VQ-VAE (--vq-kind: FSQ 8,6,5 = 240 codes by default, or EMA VQ with
            --codebook-size codes; 32x32 images = 64 codes; --vq-steps steps), BPE, decoder
            (--dim/--depth/--heads) trained --steps steps of --batch sequences at --lr over the mixed tasks
@@ -78,22 +79,24 @@ def stability(args) -> list[dict]:
     settings = (("qk-norm", True, 0.0), ("no qk-norm", False, 0.0), ("qk-norm + z-loss 1e-2", True, 1e-2))
     for seed in args.seeds:
         world, _, vq, vocab, builder, train = setup(
-            seed, 16, 256, dict(channels=16, codebook_size=args.stab_codebook, code_dim=16), 100, 128
+            seed, 32, 256, dict(channels=16, codebook_size=args.stab_codebook, code_dim=16), 300, 128
         )
-        held = world_task_data(world, "test", 48, vq, builder, uncond_every=0)
+        held = world_task_data(world, "test", 64, vq, builder, uncond_every=0)
         ids, mod, mask = collate([s for t in held.examples.values() for s in t[:16]], vocab.pad)
+        img_ids, img_mod, img_mask = collate(held.examples["image"][:64], vocab.pad)
         for name, qk, z in settings:
             torch.manual_seed(seed)
             model = UnifiedDecoder(
-                UnifiedConfig(vocab.size, dim=128, depth=2, heads=2, max_len=64, qk_norm=qk)
+                UnifiedConfig(vocab.size, dim=128, depth=2, heads=2, max_len=128, qk_norm=qk)
             )
             cfg = UnifiedTrainConfig(
-                steps=args.stab_steps, batch_size=8, lr=1e-2, warmup_steps=5, weight_decay=0.0, z_loss=z,
-                log_every=30, seed=seed, device="cpu",
+                steps=args.stab_steps, batch_size=8, lr=1e-2, min_lr_ratio=1.0, warmup_steps=5,
+                weight_decay=0.0, z_loss=z, log_every=100, seed=seed, device="cpu",
             )  # fmt: skip
             res = train_unified(model, train.examples, vocab, cfg)
             with torch.no_grad():
                 log_z = unified_loss(model(ids, mod).logits, ids, mod, mask, 0.0)["log_z_abs"].item()
+                held_ce = unified_loss(model(img_ids, img_mod).logits, img_ids, img_mod, img_mask, 0.0)
             row = {
                 "part": "stability",
                 "setting": name,
@@ -101,6 +104,8 @@ def stability(args) -> list[dict]:
                 "steps": args.stab_steps,
                 "max_attn_logit": res.max_attn_logit,
                 "image_ppl": res.last["image_ppl"],
+                "min_image_ppl": min(h["image_ppl"] for h in res.history[1:]),
+                "held_image_ppl": float(np.exp(held_ce["ce_image"].item())),
                 "ce": res.last["ce"],
                 "held_log_z_abs": log_z,
                 "curve": [(h["step"], h["max_attn_logit"], h["image_ppl"]) for h in res.history],
@@ -270,13 +275,16 @@ def _plot_stability(rows: list[dict], path: str) -> None:
         label = r["setting"] if r["seed"] == rows[0]["seed"] else None
         a.plot(steps, [c[1] for c in r["curve"]], color=colours[r["setting"]], label=label)
         b.plot(steps, [c[2] for c in r["curve"]], color=colours[r["setting"]])
+    for y, text in ((15, "target with QK-norm: <= 15"), (30, "control: >= 30")):
+        b.axhline(y, color="grey", ls="--", lw=0.8)
+        b.annotate(text, (b.get_xlim()[1], y), ha="right", va="bottom", fontsize=7, color="grey")
     a.set_yscale("log")
     a.set_xlabel("step")
     a.set_ylabel("max attention logit")
     b.set_xlabel("step")
     b.set_ylabel("image-token perplexity")
     a.legend(fontsize=7)
-    fig.suptitle("lr 1e-2, one line per seed", fontsize=9)
+    fig.suptitle("constant lr 1e-2, batch 8, K=256; one line per seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -285,8 +293,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["all", "stability", "quality"], default="all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stability seeds (default 0 1 2)")
-    p.add_argument("--stab-steps", type=int, default=150, help="stability steps per run (default 150)")
-    p.add_argument("--stab-codebook", type=int, default=64)
+    p.add_argument("--stab-steps", type=int, default=800, help="stability steps per run (default 800)")
+    p.add_argument("--stab-codebook", type=int, default=256, help="stability VQ codebook size (default 256)")
     p.add_argument("--seed", type=int, default=0, help="quality seed")
     p.add_argument("--samples", type=int, default=2048, help="training scenes (default 2048)")
     p.add_argument(
@@ -321,12 +329,13 @@ def main(argv=None) -> None:
         result["stability"] = rows
         _plot_stability(rows, f"{stem}_stability.png")
         print(
-            "\n| setting | seed | steps | max attn logit | image ppl (last 30 steps) | held-out mean abs log Z |"
+            "\n| setting | seed | max attn logit | image ppl (last 100 steps) | lowest 100-step window "
+            "after the first | held-out image ppl | held-out mean abs log Z |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['setting']} | {r['seed']} | {r['steps']} | {r['max_attn_logit']:.1f} | "
-                  f"{r['image_ppl']:.1f} | {r['held_log_z_abs']:.2f} |")  # fmt: skip
+            print(f"| {r['setting']} | {r['seed']} | {r['max_attn_logit']:.1f} | {r['image_ppl']:.1f} | "
+                  f"{r['min_image_ppl']:.1f} | {r['held_image_ppl']:.1f} | {r['held_log_z_abs']:.2f} |")  # fmt: skip
     if args.part in ("all", "quality"):
         q = quality(args, stem)
         result["quality"] = q
