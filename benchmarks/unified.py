@@ -16,7 +16,7 @@ quality    One unified model: VQ-VAE (--vq-kind: FSQ 8,6,5 = 240 codes by defaul
            (--dim/--depth/--heads) trained --steps steps of --batch sequences at --lr over the mixed tasks
            (caption, text->image, VQA). Measures training tokens/s; on --eval held-out test scenes:
            captioning BLEU / ROUGE-L / CIDEr (greedy, references = all 6 templates of the scene);
-           text->image FID and attribute accuracy under the SyntheticJudge (a separately trained classifier;
+           text->image FID, IS and attribute accuracy under the SyntheticJudge (a separately trained classifier;
            "FID under our judge", not Inception-FID), for the generated images, the VQ reconstructions
            (ceiling) and the generated images against shuffled scenes (chance); VQA exact-match accuracy;
            image->text retrieval by likelihood scoring (log p(caption | image) summed over caption tokens, for
@@ -40,7 +40,13 @@ import numpy as np
 import torch
 
 from mmfusion.data.synthetic import TEMPLATES, SyntheticWorld, WorldConfig, caption_for, make_split
-from mmfusion.eval.generation import attribute_accuracy, caption_metrics, fid, save_image_grid
+from mmfusion.eval.generation import (
+    attribute_accuracy,
+    caption_metrics,
+    fid,
+    inception_score,
+    save_image_grid,
+)
 from mmfusion.eval.judge import SyntheticJudge
 from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
@@ -199,6 +205,9 @@ def quality(args, out_stem: Path) -> dict:
         "attr_acc_reconstructed": attribute_accuracy(recon, scenes, judge),
         "attr_acc_real": attribute_accuracy(real, scenes, judge),
         "attr_acc_shuffled": attribute_accuracy(gen.numpy(), shuffled, judge),
+        "is_generated": inception_score(gen.numpy(), judge, splits=5),
+        "is_reconstructed": inception_score(recon, judge, splits=5),
+        "is_real": inception_score(real, judge, splits=5),
     }
 
     qa = [(i, q) for i, s in enumerate(test) for q in s["vqa"]]
@@ -352,6 +361,9 @@ def main(argv=None) -> None:
             "attr acc generated / recon / real / shuffled": (
                 f"{t['attr_acc_generated']:.3f} / {t['attr_acc_reconstructed']:.3f} / {t['attr_acc_real']:.3f}"
                 f" / {t['attr_acc_shuffled']:.3f}"
+            ),
+            "IS (5 splits, mean) generated / recon / real": (
+                f"{t['is_generated'][0]:.2f} / {t['is_reconstructed'][0]:.2f} / {t['is_real'][0]:.2f}"
             ),
             "VQA exact match": f"{q['vqa_accuracy']:.3f} ({q['vqa_questions']} questions)",
             f"retrieval R@1 / R@5 (unified, {r['n']} pool)": f"{r['unified_r1']:.3f} / {r['unified_r5']:.3f}",
