@@ -21,7 +21,16 @@ VARIANTS = {
     "window_alternate": {"image_window": 2, "window_layers": "alternate"},
     "modality_aware": {"modality_aware": True},
     "sparse_topk": {"sparse_topk": 4},
-    "all": {"image_window": 3, "modality_aware": True, "sparse_topk": 5, "tie_embeddings": False},
+    "hierarchical": {"hierarchical_layers": 1},
+    "modality_gate": {"modality_gate": True},
+    "all": {
+        "image_window": 3,
+        "modality_aware": True,
+        "sparse_topk": 5,
+        "tie_embeddings": False,
+        "hierarchical_layers": 1,
+        "modality_gate": True,
+    },
 }
 
 
@@ -47,6 +56,12 @@ def test_config_validation_and_round_trip():
         UnifiedConfig(vocab_size=10, window_layers="odd")
     with pytest.raises(ConfigError, match="sparse_topk = 0"):
         UnifiedConfig(vocab_size=10, sparse_topk=0)
+    with pytest.raises(ConfigError, match=r"hierarchical_layers = 5: expected an integer in \[0, depth=4\]"):
+        UnifiedConfig(vocab_size=10, hierarchical_layers=5)
+    with pytest.raises(ConfigError, match="gate_openness needs a model built with"):
+        tiny().gate_openness(*mixed())
+    with pytest.raises(ConfigError, match="at least one cross-modal layer"):
+        tiny(modality_gate=True, hierarchical_layers=2).gate_openness(*mixed())
     alt = UnifiedConfig(vocab_size=10, image_window=4, window_layers="alternate")
     assert [alt.layer_window(i) for i in range(4)] == [4, None, 4, None]
 
@@ -115,6 +130,85 @@ def test_block_sparse_window_path_equals_masked_path(monkeypatch):
         masked = m(ids, mod, attn_logit=True)
     assert (blocked.logits - masked.logits).abs().max().item() < 1e-5
     assert blocked.max_attn_logit == pytest.approx(masked.max_attn_logit, rel=1e-6)
+
+
+def _change(ids: torch.Tensor, pos: int) -> torch.Tensor:
+    changed = ids.clone()
+    changed[:, pos] = (changed[:, pos] + 1) % V
+    return changed
+
+
+def test_hierarchical_layers_attend_within_the_modality_first():
+    ids, mod = mixed(batch=1)  # text 0-3, image 4-12, text 13-14, audio 15-17
+    changed = _change(ids, 5)  # an image token
+    with torch.no_grad():
+        intra = tiny(hierarchical_layers=2)  # both layers intra-modal
+        d = (intra(ids, mod).logits - intra(changed, mod).logits)[0].abs().amax(-1)
+        assert d[5:13].min() > 1e-4  # image queries see the image token
+        assert d[13:].max() == 0.0  # text and audio queries never do: exactly unchanged
+        fused = tiny(hierarchical_layers=1)  # layer 0 intra-modal, layer 1 cross-modal
+        d = (fused(ids, mod).logits - fused(changed, mod).logits)[0].abs().amax(-1)
+        assert d[13:].min() > 1e-4  # the cross-modal layer brings the image into text and audio
+
+
+def _set_gates(model: UnifiedDecoder, bias: float, key_modality: int | None = None) -> None:
+    """Gate pre-activations = bias for every head (for one key modality, or all) and every query token."""
+    for block in model.blocks:
+        gate = block.attn.gate
+        if gate is None:  # an intra-modal layer
+            continue
+        torch.nn.init.zeros_(gate.weight)
+        view = gate.bias.data.view(model.cfg.heads, 3)
+        if key_modality is None:
+            view.fill_(bias)
+        else:
+            view[:, key_modality] = bias
+
+
+def test_modality_gate_limits_and_sparsity():
+    ids, mod = mixed()
+    gated = tiny(modality_gate=True)
+    state = {k: v for k, v in gated.state_dict().items() if ".gate." not in k}
+    plain, intra = tiny(), tiny(hierarchical_layers=2)
+    plain.load_state_dict(state)
+    intra.load_state_dict(state)
+    with torch.no_grad():
+        _set_gates(gated, 10.0)  # every gate exactly 1: plain attention
+        assert (gated(ids, mod).logits - plain(ids, mod).logits).abs().max().item() < 1e-5
+        _set_gates(gated, -10.0)  # every gate exactly 0: each query sees only its own modality
+        assert (gated(ids, mod).logits - intra(ids, mod).logits).abs().max().item() < 1e-5
+        stats = gated.gate_openness(ids, mod)
+    assert stats["text->image"] == 0.0 and stats["text->image closed"] == 1.0
+    assert set(stats) == {f"{q}->{k}{c}" for q in ("text", "image", "audio") for k in ("text", "image", "audio")
+                          if q != k for c in ("", " closed")}  # fmt: skip
+
+
+def test_closing_one_gate_removes_that_modality_only():
+    ids, mod = mixed(batch=1)  # text 0-3, image 4-12, text 13-14, audio 15-17
+    m = tiny(modality_gate=True)
+    with torch.no_grad():
+        assert m.gate_openness(ids, mod)["text->image"] == pytest.approx(
+            1.2 * torch.sigmoid(torch.tensor(2.0)).item() - 0.1, abs=0.05
+        )
+        _set_gates(m, -10.0, key_modality=IMAGE)  # nobody attends to image keys (image queries still do: own)
+        assert m.gate_openness(ids, mod)["text->image closed"] == 1.0
+        assert m.gate_openness(ids, mod)["text->audio closed"] == 0.0
+        d = (m(ids, mod).logits - m(_change(ids, 5), mod).logits)[0].abs().amax(-1)
+    assert d[5:13].min() > 1e-4 and d[13:].max() == 0.0  # text and audio no longer see the image
+
+
+def test_gates_get_gradients_and_stay_finite_when_closed():
+    ids, mod = mixed()
+    m = tiny(modality_gate=True, hierarchical_layers=1).train()
+    with torch.no_grad():
+        m.blocks[1].attn.gate.bias.data.view(2, 3)[0, IMAGE] = -10.0  # head 0 of layer 1: image keys closed
+    out = m(ids, mod)
+    loss = unified_loss(out.logits, ids, mod, torch.ones_like(ids, dtype=torch.bool), 1e-4)["loss"]
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert m.blocks[1].attn.gate.weight.grad.abs().sum() > 0
+    assert m.blocks[0].attn.gate is None  # layer 0 is intra-modal: nothing to gate
 
 
 def test_modality_ids_matter_only_with_modality_aware_weights():

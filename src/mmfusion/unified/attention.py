@@ -96,13 +96,17 @@ def topk_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k sparse attention (Gupta et al. 2021): softmax over each query's `topk` largest allowed scores.
 
-    mask: bool (batch|1, 1, q_len, k_len), True = may attend. Returns (output (B, H, q_len, head_dim),
+    mask: bool (batch|1, 1, q_len, k_len), True = may attend, or a float additive mask (-inf = may not attend;
+    e.g. the modality gate's log g). Returns (output (B, H, q_len, head_dim),
     weights (B, H, q_len, k_len)) — at most `topk` non-zero weights per query; identical to dense masked
     attention when `topk` >= the number of allowed keys.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, q_len, k_len): the full matrix is materialised
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
     if topk < scores.shape[-1]:
         idx = scores.topk(topk, dim=-1).indices
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)

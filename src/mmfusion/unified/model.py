@@ -22,6 +22,17 @@ output projection.
   Lin et al. 2024), each token going through its own modality's weights.
 - `sparse_topk`: top-k dynamic sparse attention (Gupta et al. 2021; seed 003 A10); see `attention.py` for what
   it costs.
+- `hierarchical_layers=n`: hierarchical attention (seed 003: intra-modal attention first, cross-modal fusion
+  after): in layers 0..n-1 a query attends only to keys of its own modality; layers n.. attend across
+  modalities.
+- `modality_gate`: sparse modality gating (seed 003: learnable gate units that filter out irrelevant modality
+  information). Per layer, head and query token, a gate g_m in [0, 1] for every key modality m, from a Linear
+  of the query token through the stretched hard sigmoid clamp(1.2 * sigmoid(a) - 0.1, 0, 1) (the deterministic
+  hard-concrete gate of Louizos et al. 2018, which reaches exact zeros). Keys of the query's own modality are
+  never gated; a key of another modality m gets log g_m added to its score, so its attention weight is scaled
+  by g_m before renormalisation, and g_m = 0 removes modality m from that query's view (a sparse gate).
+  Gates start near open (g = 0.96); intra-modal layers (`hierarchical_layers`) have none.
+  `gate_openness` reports them.
 
 `max_attn_logit` (max |q·k|/sqrt(head_dim) over layers, heads and allowed query-key pairs) costs one extra
 score matrix per layer, so it is computed only when asked: by default in training mode (`model.train()`),
@@ -55,6 +66,8 @@ TEXT, IMAGE, AUDIO = 0, 1, 2
 MODALITY_NAMES = ("text", "image", "audio")
 MODEL_TYPE = "unified_decoder"
 WINDOW_BLOCK = 128  # query block of the block-sparse sliding-window path (used when T >= 2 * WINDOW_BLOCK)
+GATE_STRETCH = 0.1  # the hard sigmoid gate clamp((1 + 2s) * sigmoid(a) - s, 0, 1)
+GATE_INIT_BIAS = 2.0  # initial gate bias: gates start at 1.2 * sigmoid(2) - 0.1 = 0.957
 
 
 @dataclass
@@ -73,6 +86,8 @@ class UnifiedConfig:
     window_layers: str = "all"
     modality_aware: bool = False
     sparse_topk: int | None = None
+    hierarchical_layers: int = 0
+    modality_gate: bool = False
     rope_base: float = 10000.0
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -100,6 +115,8 @@ class UnifiedConfig:
             raise bad("sparse_topk", "None or a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "in [0, 1)")
+        if not isinstance(self.hierarchical_layers, int) or not 0 <= self.hierarchical_layers <= self.depth:
+            raise bad("hierarchical_layers", f"an integer in [0, depth={self.depth}]")
         if self.rope_base <= 1.0:
             raise bad("rope_base", "> 1")
 
@@ -127,10 +144,12 @@ class UnifiedConfig:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1."""
+    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1,
+    and the modality ids of those positions, (batch, length)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    modality: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -165,16 +184,33 @@ class ModalityLinear(nn.Module):
         return out
 
 
-class DecoderAttention(nn.Module):
-    """Causal multi-head attention with QK-norm, RoPE, a KV cache, an image window and optional top-k sparsity."""
+def hard_sigmoid_gate(a: torch.Tensor) -> torch.Tensor:
+    """clamp(1.2 * sigmoid(a) - 0.1, 0, 1): a gate that reaches exactly 0 and 1 (deterministic hard concrete)."""
+    return (torch.sigmoid(a) * (1 + 2 * GATE_STRETCH) - GATE_STRETCH).clamp(0.0, 1.0)
 
-    def __init__(self, cfg: UnifiedConfig, window: int | None):
+
+class DecoderAttention(nn.Module):
+    """Causal multi-head attention with QK-norm, RoPE, a KV cache, an image window, optional top-k sparsity,
+    optional intra-modal restriction (hierarchical attention) and an optional sparse modality gate."""
+
+    def __init__(self, cfg: UnifiedConfig, window: int | None, intra_modal: bool = False):
         super().__init__()
-        self.cfg, self.window = cfg, window
+        self.cfg, self.window, self.intra_modal = cfg, window, intra_modal
         self.qkv = ModalityLinear(cfg.dim, 3 * cfg.dim, cfg.modality_aware)
         self.out = ModalityLinear(cfg.dim, cfg.dim, cfg.modality_aware)
         self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        # an intra-modal layer never sees another modality, so it has nothing to gate
+        gated = cfg.modality_gate and not intra_modal
+        self.gate = nn.Linear(cfg.dim, cfg.heads * len(MODALITY_NAMES)) if gated else None
+        self.record_gates = False  # when True, forward keeps the last gate values in self.last_gates
+        self.last_gates: torch.Tensor | None = None
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate values (batch, heads, T, modalities) in [0, 1] for the query tokens x (batch, T, dim)."""
+        b, t, _ = x.shape
+        a = self.gate(x).view(b, t, self.cfg.heads, len(MODALITY_NAMES))
+        return hard_sigmoid_gate(a.float()).permute(0, 2, 1, 3)
 
     def forward(
         self,
@@ -184,6 +220,7 @@ class DecoderAttention(nn.Module):
         sin: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
         want_logit: bool,
+        k_modality: torch.Tensor | None = None,  # (batch, k_len): modality ids of cache + new tokens
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -194,21 +231,44 @@ class DecoderAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         k_len = k.shape[2]
+        if k_modality is None:
+            if k_len != t:
+                raise DataError("DecoderAttention: with a KV cache, k_modality (cache + new) is required")
+            k_modality = modality
         dropout_p = cfg.dropout if self.training else 0.0
+        by_modality = self.intra_modal or self.gate is not None
         blocked = (
             cfg.sparse_topk is None
             and self.window is not None
             and k_len == t >= 2 * WINDOW_BLOCK
             and not dropout_p
+            and not by_modality
         )
-        need_mask = cfg.sparse_topk is not None or self.window is not None or (t > 1 and k_len > t)
+        need_mask = (
+            cfg.sparse_topk is not None or self.window is not None or (t > 1 and k_len > t) or by_modality
+        )
         mask = attention_mask(modality, k_len, self.window) if need_mask and not blocked else None
+        if by_modality:
+            same = modality[:, None, :, None] == k_modality[:, None, None, :]  # (batch, 1, T, k_len)
+        if self.intra_modal:  # hierarchical attention: this layer stays within the query's modality
+            mask = mask & same
+        if self.gate is not None:
+            g = self.gates(x)  # (batch, heads, T, M)
+            if self.record_gates:
+                self.last_gates = g.detach()
+            gk = g.gather(-1, k_modality[:, None, None, :].expand(b, cfg.heads, t, k_len))
+            gk = torch.where(same, torch.ones_like(gk), gk)  # the query's own modality is never gated
+            mask = mask & (gk > 0)  # a closed gate removes that modality's keys (sparse)
+            bias = torch.where(gk > 0, gk.clamp_min(1e-30).log(), torch.zeros_like(gk))
+            attn_mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        else:
+            attn_mask = mask
         if cfg.sparse_topk is not None:
-            y, _ = topk_attention(q, k, v, mask, cfg.sparse_topk, dropout_p)
+            y, _ = topk_attention(q, k, v, attn_mask, cfg.sparse_topk, dropout_p)
         elif blocked:  # long sequence, no cache: skip the work outside the image window
             y = blocked_window_attention(q, k, v, modality, self.window, WINDOW_BLOCK)
-        elif mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         else:  # no cache chunk and no window: plain causal (t == 1 with a cache attends to everything)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=dropout_p)
         if want_logit:
@@ -236,16 +296,16 @@ class DecoderMLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm block: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x))."""
 
-    def __init__(self, cfg: UnifiedConfig, window: int | None):
+    def __init__(self, cfg: UnifiedConfig, window: int | None, intra_modal: bool = False):
         super().__init__()
         self.norm_1 = nn.RMSNorm(cfg.dim)
-        self.attn = DecoderAttention(cfg, window)
+        self.attn = DecoderAttention(cfg, window, intra_modal)
         self.norm_2 = nn.RMSNorm(cfg.dim)
         self.mlp = DecoderMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, modality, cos, sin, past, want_logit):
-        a, kv, logit = self.attn(self.norm_1(x), modality, cos, sin, past, want_logit)
+    def forward(self, x, modality, cos, sin, past, want_logit, k_modality=None):
+        a, kv, logit = self.attn(self.norm_1(x), modality, cos, sin, past, want_logit, k_modality)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm_2(x), modality)), kv, logit
 
@@ -257,7 +317,9 @@ class UnifiedDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(DecoderBlock(cfg, cfg.layer_window(i)) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(cfg, cfg.layer_window(i), i < cfg.hierarchical_layers) for i in range(cfg.depth)
+        )
         self.norm = nn.RMSNorm(cfg.dim)
         # tied: logits use embed.weight directly, so no shared tensor ends up in the safetensors file
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -275,6 +337,9 @@ class UnifiedDecoder(nn.Module):
         for mod in self.modules():
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 nn.init.zeros_(mod.bias)
+        for block in self.blocks:
+            if block.attn.gate is not None:  # gates start near open: 1.2 * sigmoid(2) - 0.1 = 0.957
+                nn.init.constant_(block.attn.gate.bias, GATE_INIT_BIAS)
 
     def forward(
         self,
@@ -308,10 +373,19 @@ class UnifiedDecoder(nn.Module):
         positions = torch.arange(past_len, total, device=ids.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
         x = self.embed(ids)
+        k_modality = modality
+        if cache is not None and past_len:
+            if cache.modality is None or cache.modality.shape != (ids.shape[0], past_len):
+                raise DataError(
+                    "the KV cache has no modality ids for its positions (make it with use_cache=True)"
+                )
+            k_modality = torch.cat([cache.modality, modality], dim=1)
         keys, values, logits_max = [], [], []
         for i, block in enumerate(self.blocks):
             past = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, (k, v), logit = block(x, modality, cos.to(x.dtype), sin.to(x.dtype), past, want_logit)
+            x, (k, v), logit = block(
+                x, modality, cos.to(x.dtype), sin.to(x.dtype), past, want_logit, k_modality
+            )
             keys.append(k)
             values.append(v)
             if logit is not None:
@@ -319,7 +393,38 @@ class UnifiedDecoder(nn.Module):
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         max_logit = float(torch.stack(logits_max).max()) if logits_max else float("nan")
-        return UnifiedOutput(logits, KVCache(keys, values) if use_cache else None, max_logit)
+        return UnifiedOutput(logits, KVCache(keys, values, k_modality) if use_cache else None, max_logit)
+
+    @torch.no_grad()
+    def gate_openness(self, ids: torch.Tensor, modality: torch.Tensor) -> dict[str, float]:
+        """Mean modality-gate value and fraction of closed (exactly 0) gates, per "query->key" modality pair
+        over all gated (cross-modal) layers, heads and the given tokens (pairs whose modalities both occur in `modality`)."""
+        attns = [b.attn for b in self.blocks if b.attn.gate is not None]
+        if not attns:
+            raise ConfigError(
+                "gate_openness needs a model built with UnifiedConfig.modality_gate=True and at least one "
+                "cross-modal layer (hierarchical_layers < depth)"
+            )
+        for a in attns:
+            a.record_gates = True
+        try:
+            self(ids, modality, attn_logit=False)
+            gates = [a.last_gates for a in attns]  # each (batch, heads, T, M)
+        finally:
+            for a in attns:
+                a.record_gates, a.last_gates = False, None
+        out: dict[str, float] = {}
+        for qm, qname in enumerate(MODALITY_NAMES):
+            sel = modality == qm
+            if not sel.any():
+                continue
+            for km, kname in enumerate(MODALITY_NAMES):
+                if km == qm or not (modality == km).any():  # a gate on absent keys means nothing
+                    continue
+                vals = torch.cat([g[..., km].permute(0, 2, 1)[sel].flatten() for g in gates])
+                out[f"{qname}->{kname}"] = float(vals.mean())
+                out[f"{qname}->{kname} closed"] = float((vals == 0).float().mean())
+        return out
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json (model_type "unified_decoder") and model.safetensors into `directory`."""
