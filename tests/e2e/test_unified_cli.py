@@ -206,3 +206,29 @@ def test_tokenize_audio_help_and_errors(workdir, audio_tokenizer, capsys):
         capsys, "tokenize", "decode", "--tokenizer", tok, w / "abad.npy", "--out-dir", w / "x"
     )
     assert code != 0 and "this tokenizer needs (16, 13)" in err
+
+
+@pytest.mark.timeout(120)
+def test_train_unified_with_audio_tokenizer_and_audio_caption(workdir, tokenizer, audio_tokenizer, capsys):
+    """--audio-tokenizer adds the audio_caption task and audio_tokenizer/; generate --task audio-caption reads
+    WAV files (mono 16 kHz and stereo 44.1 kHz) with it."""
+    w = workdir
+    args = ["train-unified", "--out", w / "amodel", "--tokenizer", tokenizer, "--image-size", "16", "--samples", "16",
+            "--steps", "2", "--warmup", "1", "--dim", "16", "--depth", "1", "--heads", "2", "--text-vocab", "96",
+            "--threads", "1"]  # fmt: skip
+    code, _, err = _run(capsys, *args, "--audio-tokenizer", w / "tok")
+    assert code != 0 and "has no frontend.json: an image tokenizer, not an audio one" in err
+    code, out, _ = _run(capsys, *args, "--audio-tokenizer", audio_tokenizer)
+    assert code == 0 and "trained 2 steps" in out
+    info = json.loads((w / "amodel" / "train.json").read_text())
+    assert info["tasks"] == {"caption": 16, "image": 18, "vqa": info["tasks"]["vqa"], "audio_caption": 16}
+    vocab = json.loads((w / "amodel" / "vocab.json").read_text())
+    assert (vocab["n_audio"], vocab["tokens_per_audio"]) == (8, 16 * 13)
+    assert vocab["special_tokens"][-3:] == ["<boa>", "<eoa>", "<audio_caption>"]
+    assert (w / "amodel" / "audio_tokenizer" / "frontend.json").is_file()
+    code, out, _ = _run(capsys, "generate", "--model", w / "amodel", "--task", "audio-caption", "--audio", w / "wavs",
+                        "--max-new-tokens", "4", "--json", w / "acap.json")  # fmt: skip
+    rows = json.loads((w / "acap.json").read_text())
+    assert (
+        code == 0 and [r["audio"][-6:] for r in rows] == ["a0.wav", "a1.wav"] and len(out.splitlines()) == 2
+    )

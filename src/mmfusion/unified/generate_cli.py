@@ -1,6 +1,7 @@
-"""`mmfusion generate` (caption / text->image / VQA with a unified model folder) and `mmfusion train-unified`.
+"""`mmfusion generate` (caption / text->image / VQA / audio caption with a unified model folder) and
+`mmfusion train-unified`.
 
-The task-level functions here (`caption_images`, `generate_images`, `answer_questions`) wrap
+The task-level functions here (`caption_images`, `generate_images`, `answer_questions`, `caption_audio`) wrap
 `mmfusion.unified.generation.generate` with the task's prompt and span constraint; the benchmark uses them too.
 """
 
@@ -106,6 +107,22 @@ def caption_images(
     return [bundle.text_tokenizer.decode(r) for r in rows]
 
 
+def caption_audio(
+    bundle: UnifiedBundle,
+    audio_codes: torch.Tensor,
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 40,
+) -> list[str]:
+    """Audio VQ codes (N, ...) -> one caption each (text-only constrained decoding, greedy by default)."""
+    from .generation import SamplingConfig
+
+    prompts = [bundle.builder.audio_caption(c) for c in audio_codes]
+    rows = _run_grouped(
+        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
+    )
+    return [bundle.text_tokenizer.decode(r) for r in rows]
+
+
 def answer_questions(
     bundle: UnifiedBundle,
     codes: torch.Tensor,
@@ -172,16 +189,23 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     """Register `mmfusion generate` and `mmfusion train-unified`."""
     p = sub.add_parser(
         "generate",
-        help="caption an image, generate images from text, or answer a question (unified model)",
+        help="caption an image or an audio clip, generate images from text, or answer a question (unified model)",
         description="Generate with a unified model folder (from `mmfusion train-unified`). "
         "--task caption --image X.png [Y.png ...]: print a caption per image. "
         '--task image --prompt "a red circle" --out-dir DIR [--n N] [--cfg-scale S]: write N PNGs per prompt. '
-        '--task vqa --image X.png --question "...": print the answer. Decoding is constrained: captions and '
-        "answers contain only text tokens, an image exactly one image's codes.",
+        '--task vqa --image X.png --question "...": print the answer. '
+        "--task audio-caption --audio X.wav [Y.flac ...]: print a caption per clip (needs a model trained with "
+        "--audio-tokenizer). Decoding is constrained: captions and answers contain only text tokens, an image "
+        "exactly one image's codes.",
     )
     p.add_argument("--model", required=True, help="a unified model folder (mmfusion train-unified --out DIR)")
-    p.add_argument("--task", required=True, choices=["caption", "image", "vqa"])
+    p.add_argument("--task", required=True, choices=["caption", "image", "vqa", "audio-caption"])
     p.add_argument("--image", nargs="+", help="input image(s) for caption / vqa (PNG/JPEG)")
+    p.add_argument(
+        "--audio",
+        nargs="+",
+        help="input clip(s) or folders for audio-caption (WAV/FLAC/OGG; any rate, mono/stereo)",
+    )
     p.add_argument(
         "--question", action="append", help="question for --task vqa (one per --image, repeatable)"
     )
@@ -192,7 +216,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         choices=["greedy", "sample"],
-        help="default: greedy for caption / vqa, sample for image",
+        help="default: greedy for caption / vqa / audio-caption, sample for image",
     )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens when sampling")
@@ -208,10 +232,16 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         description="Train the unified decoder on mixed captioning, text->image and VQA sequences of the "
         "synthetic world and write a model folder for `mmfusion generate` (decoder/, image_tokenizer/, text/, "
         "vocab.json, train.json). The VQ image tokenizer is trained first unless --tokenizer names one from "
-        "`mmfusion tokenize train`.",
+        "`mmfusion tokenize train`. With --audio-tokenizer (from `mmfusion tokenize train --modality audio`) "
+        "the audio-captioning task (a scene's clip -> its caption) joins the mixture and the folder gets "
+        "audio_tokenizer/.",
     )
     t.add_argument("--out", required=True, help="model folder to write")
     t.add_argument("--tokenizer", help="an image tokenizer folder (default: train one)")
+    t.add_argument(
+        "--audio-tokenizer",
+        help="an audio tokenizer folder (`mmfusion tokenize train --modality audio`): adds audio captioning",
+    )
     t.add_argument(
         "--tokenizer-kind",
         choices=["vq", "fsq"],
@@ -254,12 +284,26 @@ def _slug(text: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .tokenize_cli import list_image_inputs, load_images
+    from .tokenize_cli import list_audio_inputs, list_image_inputs, load_audios, load_images
     from .train import UnifiedBundle, encode_images
 
     bundle = UnifiedBundle.load(args.model)
     results: list[dict] = []
-    if args.task == "image":
+    if args.task == "audio-caption":
+        if not args.audio:
+            raise ConfigError("--task audio-caption needs --audio X.wav")
+        if bundle.audio_vqvae is None:
+            raise DataError(
+                f"{args.model} has no audio tokenizer (audio_tokenizer/): train the model with "
+                "`mmfusion train-unified --audio-tokenizer DIR` to caption audio"
+            )
+        inputs = list_audio_inputs(args.audio)
+        codes = encode_images(bundle.audio_vqvae, load_audios(inputs, bundle.audio_frontend))
+        texts = caption_audio(bundle, codes, _sampling(args, "greedy"), args.max_new_tokens)
+        results = [{"audio": str(p), "caption": c} for (_, p), c in zip(inputs, texts)]
+        for (_, p), text in zip(inputs, texts):
+            print(f"{p}\t{text}")
+    elif args.task == "image":
         if not args.prompt or not args.out_dir:
             raise ConfigError("--task image needs --prompt TEXT and --out-dir DIR")
         from PIL import Image
@@ -313,8 +357,10 @@ def cmd_train_unified(args) -> int:
     from .train import (
         UnifiedBundle,
         UnifiedTrainConfig,
+        code_count,
         evaluate_vqvae,
         images_to_tensor,
+        load_audio_tokenizer,
         train_text_tokenizer,
         train_unified,
         train_vqvae,
@@ -328,6 +374,7 @@ def cmd_train_unified(args) -> int:
     for name in ("samples", "steps", "batch", "tokenizer_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    audio_vq, frontend = load_audio_tokenizer(args.audio_tokenizer) if args.audio_tokenizer else (None, None)
     world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
     samples = make_split(world, "train", args.samples, ("image", "text", "vqa"), progress=True)
     tok = train_text_tokenizer(samples, args.text_vocab)
@@ -355,9 +402,18 @@ def cmd_train_unified(args) -> int:
         train_vqvae(vq, pixels, args.tokenizer_steps, seed=args.seed, progress=True)
         stats = evaluate_vqvae(vq, pixels[:256])
         print(f"image tokenizer: usage {stats['usage']:.3f}, PSNR {stats['psnr']:.2f} dB (training images)")
-    tpi = vq.tokens_per_image * (vq.config["rvq_levels"] if vq.quantizer_type == "rvq" else 1)
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, tpi)
-    data = world_task_data(world, "train", args.samples, vq, SequenceBuilder(vocab, tok))
+    audio_sizes = (audio_vq.codebook_size, code_count(audio_vq)) if audio_vq is not None else (0, 0)
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, code_count(vq), *audio_sizes)
+    data = world_task_data(
+        world,
+        "train",
+        args.samples,
+        vq,
+        SequenceBuilder(vocab, tok),
+        progress=True,
+        audio_vqvae=audio_vq,
+        audio_frontend=frontend,
+    )
     longest = max(len(s.ids) for seqs in data.examples.values() for s in seqs)
     cfg = UnifiedConfig(
         vocab.size,
@@ -391,7 +447,7 @@ def cmd_train_unified(args) -> int:
         "max_attn_logit": result.max_attn_logit,
         "history": result.history,
     }
-    UnifiedBundle(model.cpu(), vocab, tok, vq).save(args.out, info)
+    UnifiedBundle(model.cpu(), vocab, tok, vq, audio_vq, frontend).save(args.out, info)
     print(
         f"trained {args.steps} steps ({result.tokens / result.seconds:.0f} tokens/s): ce {last['ce']:.3f} "
         f"(text {last['ce_text']:.3f}, image {last['ce_image']:.3f}), max attention logit "

@@ -1,17 +1,23 @@
-"""One vocabulary over text BPE ids, image codes and special tokens; task sequences; temperature task mixing.
+"""One vocabulary over text BPE ids, image codes, audio codes and special tokens; task sequences; temperature
+task mixing.
 
 Vocabulary layout (ids):
   [0, n_text)                      text BPE ids (the TextTokenizer's own ids, [PAD]/[UNK]/[EOT] included)
   [n_text, n_text + K)             image codes 0..K-1 (offset by n_text)
   [.., .. + n_audio)               audio codes (optional; 0 by default)
   then one id per special token:   <pad> <bos> <eos> <boi> <eoi> <caption> <gen_image> <vqa> <answer>
+  then, only when n_audio > 0:     <boa> <eoa> <audio_caption>
+The audio specials come last so that a vocabulary without audio (n_audio = 0) has exactly the ids it had before
+audio existed: a vocab.json written then loads unchanged.
 
 Sequences (one per task; "|" marks where the trained target starts):
-  caption  <bos> <caption> <boi> codes <eoi> | caption <eos>
-  image    <bos> <gen_image> caption <boi> | codes <eoi> <eos>
-  vqa      <bos> <vqa> <boi> codes <eoi> question <answer> | answer <eos>
-Each token carries a modality id (image codes IMAGE, everything else TEXT) and a loss-mask bit: True means
-"token t is a training target", i.e. the logits at t - 1 are scored against it (shifted labels).
+  caption        <bos> <caption> <boi> codes <eoi> | caption <eos>
+  image          <bos> <gen_image> caption <boi> | codes <eoi> <eos>
+  vqa            <bos> <vqa> <boi> codes <eoi> question <answer> | answer <eos>
+  audio_caption  <bos> <audio_caption> <boa> audio codes <eoa> | caption <eos>
+Each token carries a modality id (image codes IMAGE, audio codes AUDIO, everything else TEXT) and a loss-mask
+bit: True means "token t is a training target", i.e. the logits at t - 1 are scored against it (shifted
+labels).
 
 Task mixing (seed 003): p_i = n_i^(1/T) / sum_j n_j^(1/T); T = 1 samples in proportion to task sizes,
 T -> inf uniformly (as the temperature sampling of multilingual MT, Arivazhagan et al. 2019).
@@ -41,18 +47,27 @@ SPECIAL_TOKENS = (
     "<vqa>",
     "<answer>",
 )
-TASKS = ("caption", "image", "vqa")
-TASK_TOKENS = {"caption": "<caption>", "image": "<gen_image>", "vqa": "<vqa>"}
+AUDIO_SPECIAL_TOKENS = ("<boa>", "<eoa>", "<audio_caption>")  # present only when n_audio > 0
+TASKS = ("caption", "image", "vqa", "audio_caption")
+TASK_TOKENS = {
+    "caption": "<caption>",
+    "image": "<gen_image>",
+    "vqa": "<vqa>",
+    "audio_caption": "<audio_caption>",
+}
 
 
 @dataclass(frozen=True)
 class UnifiedVocab:
-    """The id layout of the unified vocabulary (see the module docstring); every special token is one id."""
+    """The id layout of the unified vocabulary (see the module docstring); every special token is one id.
+
+    n_audio / tokens_per_audio: audio codes and codes per clip (both 0 for a vocabulary without audio)."""
 
     n_text: int
     n_image: int
     tokens_per_image: int
     n_audio: int = 0
+    tokens_per_audio: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_text", "n_image", "tokens_per_image"):
@@ -60,6 +75,16 @@ class UnifiedVocab:
                 raise ConfigError(f"UnifiedVocab.{name} must be >= 1; got {getattr(self, name)}")
         if self.n_audio < 0:
             raise ConfigError(f"UnifiedVocab.n_audio must be >= 0; got {self.n_audio}")
+        if (self.n_audio > 0) != (self.tokens_per_audio > 0) or self.tokens_per_audio < 0:
+            raise ConfigError(
+                "UnifiedVocab.tokens_per_audio must be >= 1 when n_audio > 0 and 0 when n_audio == 0; got "
+                f"n_audio={self.n_audio}, tokens_per_audio={self.tokens_per_audio}"
+            )
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """This vocabulary's special tokens in id order (the audio ones only when n_audio > 0)."""
+        return SPECIAL_TOKENS + (AUDIO_SPECIAL_TOKENS if self.n_audio else ())
 
     @property
     def image_offset(self) -> int:
@@ -75,14 +100,18 @@ class UnifiedVocab:
 
     @property
     def size(self) -> int:
-        return self.special_offset + len(SPECIAL_TOKENS)
+        return self.special_offset + len(self.special_tokens)
 
     def __getitem__(self, token: str) -> int:
         """The id of a special token, e.g. vocab["<boi>"]."""
-        try:
-            return self.special_offset + SPECIAL_TOKENS.index(token)
-        except ValueError:
-            raise ConfigError(f"unknown special token {token!r}; expected one of {SPECIAL_TOKENS}") from None
+        specials = self.special_tokens
+        if token in specials:
+            return self.special_offset + specials.index(token)
+        if token in AUDIO_SPECIAL_TOKENS:
+            raise ConfigError(
+                f"{token!r} exists only in a vocabulary with audio codes; this one has n_audio=0"
+            )
+        raise ConfigError(f"unknown special token {token!r}; expected one of {specials}")
 
     @property
     def pad(self) -> int:
@@ -98,14 +127,20 @@ class UnifiedVocab:
         """[lo, hi) of image-code ids."""
         return self.image_offset, self.image_offset + self.n_image
 
+    @property
+    def audio_range(self) -> tuple[int, int]:
+        """[lo, hi) of audio-code ids (empty when n_audio == 0)."""
+        return self.audio_offset, self.audio_offset + self.n_audio
+
     def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """VQ codes (any shape, ints in [0, n_image)) -> vocabulary ids of the same shape."""
-        codes = torch.as_tensor(codes).long()
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.n_image):
-            raise DataError(
-                f"image codes must lie in [0, {self.n_image}); got [{codes.min().item()}, {codes.max().item()}]"
-            )
-        return codes + self.image_offset
+        return _offset_codes(codes, self.image_range, "image")
+
+    def audio_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Audio VQ codes (any shape, ints in [0, n_audio)) -> vocabulary ids of the same shape."""
+        if not self.n_audio:
+            raise ConfigError("this vocabulary has no audio codes (n_audio=0); build it with n_audio > 0")
+        return _offset_codes(codes, self.audio_range, "audio")
 
     def codes_from_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Vocabulary ids of image codes -> VQ codes; DataError if any id is outside the image range."""
@@ -121,26 +156,28 @@ class UnifiedVocab:
         mod = torch.full_like(ids, TEXT)
         lo, hi = self.image_range
         mod[(ids >= lo) & (ids < hi)] = IMAGE
-        mod[(ids >= self.audio_offset) & (ids < self.special_offset)] = AUDIO
+        lo, hi = self.audio_range
+        mod[(ids >= lo) & (ids < hi)] = AUDIO
         return mod
 
     def _columns(self, ids: Sequence[int], text_tokenizer, max_codes: int) -> list[tuple[int, str]]:
-        """(position, name) of the tokens to show: runs of more than `max_codes` codes end in one `...`."""
+        """(position, name) of the tokens to show: runs of more than `max_codes` codes of one modality end in
+        one `...`."""
         out: list[tuple[int, str]] = []
-        run = 0
-        lo, hi = self.image_range
+        run, kind = 0, None
+        code_kinds = (("img", *self.image_range), ("aud", *self.audio_range))
         for pos, i in enumerate(int(v) for v in ids):
-            run = run + 1 if lo <= i < hi else 0
+            now = next(((k, lo) for k, lo, hi in code_kinds if lo <= i < hi), None)
+            run = run + 1 if now is not None and now == kind else int(now is not None)
+            kind = now
             if run > max_codes + 1:
                 continue
             if run == max_codes + 1:
                 name = "..."
-            elif run:
-                name = f"img:{i - lo}"
+            elif now is not None:
+                name = f"{now[0]}:{i - now[1]}"
             elif i >= self.special_offset:
-                name = SPECIAL_TOKENS[i - self.special_offset]
-            elif i >= self.audio_offset:
-                name = f"aud:{i - self.audio_offset}"
+                name = self.special_tokens[i - self.special_offset]
             elif text_tokenizer is not None:
                 name = text_tokenizer.tokenizer.id_to_token(i)
             else:
@@ -149,25 +186,34 @@ class UnifiedVocab:
         return out
 
     def describe(self, ids: Sequence[int], text_tokenizer=None, max_codes: int = 3) -> list[str]:
-        """Readable names of ids (for the drawn example): specials as is, codes as `img:17`, text as its BPE
-        piece (or `txt:5` without a tokenizer); runs of more than `max_codes` codes are elided as `...`."""
+        """Readable names of ids (for the drawn example): specials as is, codes as `img:17` / `aud:5`, text as
+        its BPE piece (or `txt:5` without a tokenizer); runs of more than `max_codes` codes are elided as
+        `...`."""
         return [name for _, name in self._columns(ids, text_tokenizer, max_codes)]
 
     def to_dict(self) -> dict[str, int | list[str]]:
-        return {**asdict(self), "special_tokens": list(SPECIAL_TOKENS)}
+        return {**asdict(self), "special_tokens": list(self.special_tokens)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> UnifiedVocab:
-        if list(d.get("special_tokens", SPECIAL_TOKENS)) != list(SPECIAL_TOKENS):
-            raise ConfigError(
-                f"vocab special tokens {d.get('special_tokens')} differ from this version's {list(SPECIAL_TOKENS)}"
-            )
+        """Inverse of to_dict. A dict written before audio existed (no tokens_per_audio, n_audio 0) loads
+        with the same ids for every token."""
         try:
-            return cls(
-                int(d["n_text"]), int(d["n_image"]), int(d["tokens_per_image"]), int(d.get("n_audio", 0))
+            vocab = cls(
+                int(d["n_text"]),
+                int(d["n_image"]),
+                int(d["tokens_per_image"]),
+                int(d.get("n_audio", 0)),
+                int(d.get("tokens_per_audio", 0)),
             )
         except KeyError as e:
             raise ConfigError(f"vocab is missing {e.args[0]!r}") from None
+        if list(d.get("special_tokens", vocab.special_tokens)) != list(vocab.special_tokens):
+            raise ConfigError(
+                f"vocab special tokens {d.get('special_tokens')} differ from this version's "
+                f"{list(vocab.special_tokens)} (n_audio={vocab.n_audio})"
+            )
+        return vocab
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -178,6 +224,17 @@ class UnifiedVocab:
         if not path.is_file():
             raise DataError(f"{path} not found: a unified model folder needs its vocab.json")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _offset_codes(codes: torch.Tensor, id_range: tuple[int, int], what: str) -> torch.Tensor:
+    """Codes in [0, hi - lo) -> ids in [lo, hi); DataError naming `what` when a code is out of range."""
+    codes = torch.as_tensor(codes).long()
+    lo, hi = id_range
+    if codes.numel() and (codes.min() < 0 or codes.max() >= hi - lo):
+        raise DataError(
+            f"{what} codes must lie in [0, {hi - lo}); got [{codes.min().item()}, {codes.max().item()}]"
+        )
+    return codes + lo
 
 
 @dataclass
@@ -222,6 +279,15 @@ class SequenceBuilder:
             raise DataError(f"an image has {len(ids)} codes; the vocab expects {self.vocab.tokens_per_image}")
         return ids
 
+    def _audio(self, codes: torch.Tensor) -> list[int]:
+        ids = self.vocab.audio_ids(codes).reshape(-1).tolist()
+        if len(ids) != self.vocab.tokens_per_audio:
+            raise DataError(
+                f"an audio clip has {len(ids)} codes; the vocab expects tokens_per_audio="
+                f"{self.vocab.tokens_per_audio}"
+            )
+        return ids
+
     def _make(self, task: str, parts: list[tuple[list[int], bool]]) -> TokenSequence:
         ids = [i for p, _ in parts for i in p]
         mask = [m for p, m in parts for _ in p]
@@ -258,6 +324,16 @@ class SequenceBuilder:
         if answer is not None:
             parts.append(([*self.text_ids(answer), v["<eos>"]], True))
         return self._make("vqa", parts)
+
+    def audio_caption(self, audio_codes: torch.Tensor, caption: str | None = None) -> TokenSequence:
+        """<bos><audio_caption><boa> audio codes <eoa> | caption <eos> (prompt only when caption is None)."""
+        v = self.vocab
+        parts = [
+            ([v["<bos>"], v["<audio_caption>"], v["<boa>"], *self._audio(audio_codes), v["<eoa>"]], False)
+        ]
+        if caption is not None:
+            parts.append(([*self.text_ids(caption), v["<eos>"]], True))
+        return self._make("audio_caption", parts)
 
 
 def collate(seqs: Sequence[TokenSequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -341,6 +417,7 @@ def draw_sequence(seq: TokenSequence, vocab: UnifiedVocab, text_tokenizer=None, 
 
 __all__ = [
     "AUDIO",
+    "AUDIO_SPECIAL_TOKENS",
     "IMAGE",
     "SPECIAL_TOKENS",
     "TASKS",

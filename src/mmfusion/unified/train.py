@@ -4,6 +4,8 @@ model folder that holds all of them.
 Model folder layout (written by `UnifiedBundle.save`, read by `UnifiedBundle.load`):
   decoder/          UnifiedDecoder.save_pretrained (config.json + model.safetensors)
   image_tokenizer/  VQVAE.save_pretrained
+  audio_tokenizer/  optional: an audio VQVAE + frontend.json, as `mmfusion tokenize train --modality audio`
+                    writes it (folders without it load with no audio tokenizer)
   text/             tokenizer.json (TextTokenizer)
   vocab.json        UnifiedVocab
   train.json        the training config and the last logged metrics
@@ -17,8 +19,10 @@ attention logit of the step's forward pass.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.synthetic import SyntheticWorld, make_split
+from ..data.synthetic import COLOURS, SHAPES, SIZES, TEMPLATES, SyntheticWorld, make_split
 from ..errors import ConfigError, DataError
 from ..modalities.text import TextTokenizer
-from ..models.vq import VQVAE, psnr
+from ..models.vq import VQVAE, AudioFrontEnd, psnr
 from ..train.precision import autocast, resolve_precision
 from ..train.rng import seed_everything
 from ..train.trainer import lr_lambda, param_groups, resolve_device
@@ -102,8 +106,7 @@ def evaluate_vqvae(model: VQVAE, images: torch.Tensor) -> dict[str, float]:
         "perplexity": stats["perplexity"],
         "normalized_perplexity": stats["normalized_perplexity"],
         "psnr": psnr(torch.cat(recon), images),
-        "tokens_per_image": model.tokens_per_image
-        * (model.config["rvq_levels"] if model.quantizer_type == "rvq" else 1),
+        "tokens_per_image": code_count(model),
         "codebook_size": model.codebook_size,
     }
 
@@ -127,11 +130,13 @@ def train_text_tokenizer(samples: Sequence[Mapping[str, Any]], vocab_size: int =
 
 @dataclass
 class TaskData:
-    """Samples of a world split, their VQ codes (N, ...) and the task sequences built from them."""
+    """Samples of a world split, their VQ codes (N, ...), their audio codes (N, ...; None without an audio
+    tokenizer) and the task sequences built from them."""
 
     samples: list[dict[str, Any]]
     codes: torch.Tensor
     examples: dict[str, list[TokenSequence]]
+    audio_codes: torch.Tensor | None = None
 
 
 def world_task_data(
@@ -140,19 +145,37 @@ def world_task_data(
     n: int,
     vqvae: VQVAE,
     builder: SequenceBuilder,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] | None = None,
     uncond_every: int = 10,
     progress: bool = False,
+    audio_vqvae: VQVAE | None = None,
+    audio_frontend: AudioFrontEnd | None = None,
 ) -> TaskData:
     """Samples 0..n-1 of `split` as sequences: one caption and one text->image sequence per sample, one
     VQA sequence per (question, answer) pair (so VQA has ~5x the examples: temperature mixing matters), and
     for every `uncond_every`-th sample (0 = none) an extra caption-less text->image sequence, so that the
-    model learns the unconditional branch classifier-free guidance needs."""
+    model learns the unconditional branch classifier-free guidance needs.
+
+    With an audio tokenizer (`audio_vqvae` and the `audio_frontend` that makes its input), each sample also
+    gives one audio_caption sequence: the scene's clip (one tone per object, left to right; colour -> pitch)
+    with the scene's caption as target. tasks None = every task the given tokenizers allow."""
+    if (audio_vqvae is None) != (audio_frontend is None):
+        raise ConfigError("world_task_data: give audio_vqvae and audio_frontend together (or neither)")
+    if tasks is None:
+        tasks = [t for t in TASKS if t != "audio_caption" or audio_vqvae is not None]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"unknown tasks {unknown}; expected a subset of {list(TASKS)}")
-    samples = make_split(world, split, n, ("image", "text", "vqa"), progress=progress)
+    audio = "audio_caption" in tasks
+    if audio and audio_vqvae is None:
+        raise ConfigError("the audio_caption task needs an audio tokenizer (audio_vqvae + audio_frontend)")
+    modalities = ("image", "text", "vqa", "audio") if audio else ("image", "text", "vqa")
+    samples = make_split(world, split, n, modalities, progress=progress)
     codes = encode_images(vqvae, images_to_tensor([s["image"] for s in samples]))
+    audio_codes = None
+    if audio:
+        spec = audio_frontend([s["audio"] for s in samples], [s["audio_sr"] for s in samples])
+        audio_codes = encode_images(audio_vqvae, spec)
     examples: dict[str, list[TokenSequence]] = {t: [] for t in tasks}
     for i, (s, c) in enumerate(zip(samples, codes)):
         if "caption" in examples:
@@ -163,7 +186,42 @@ def world_task_data(
                 examples["image"].append(builder.image(None, c))
         if "vqa" in examples:
             examples["vqa"].extend(builder.vqa(c, qa["question"], qa["answer"]) for qa in s["vqa"])
-    return TaskData(samples, codes, examples)
+        if audio:
+            examples["audio_caption"].append(builder.audio_caption(audio_codes[i], s["text"]))
+    return TaskData(samples, codes, examples, audio_codes)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z ]+", " ", text.lower()).split())
+
+
+@functools.cache
+def _template_patterns() -> list[tuple[int, re.Pattern]]:
+    """(objects, regex) of every caption template of the synthetic world, on punctuation-free words."""
+    out = []
+    for n, templates in TEMPLATES.items():
+        for t in templates:
+            words = re.sub(r"[^a-z{}0-9 ]+", " ", t).split()
+            rx = " ".join(
+                rf"(?P<o{w[1]}>[a-z]+ [a-z]+ [a-z]+)" if re.fullmatch(r"\{\d\}", w) else re.escape(w)
+                for w in words
+            )
+            out.append((n, re.compile(rx)))
+    return out
+
+
+def parse_caption(caption: str) -> tuple[tuple[str, str, str], ...] | None:
+    """The (size, colour, shape) objects, left to right, that a caption in one of the synthetic world's
+    templates states; None when it follows no template or names an unknown attribute."""
+    words = _words(caption)
+    for n, pattern in _template_patterns():
+        m = pattern.fullmatch(words)
+        if m is None:
+            continue
+        objs = tuple(tuple(m.group(f"o{k}").split()) for k in range(n))
+        if all(s in SIZES and c in COLOURS and sh in SHAPES for s, c, sh in objs):
+            return objs
+    return None
 
 
 # ---- the decoder loop ------------------------------------------------------------------------------------
@@ -305,14 +363,57 @@ def train_unified(
 # ---- the model folder ------------------------------------------------------------------------------------
 
 
+def code_count(vq: VQVAE) -> int:
+    """Vocabulary tokens one input of `vq` becomes (grid cells x residual levels)."""
+    return vq.tokens_per_image * (vq.config["rvq_levels"] if vq.quantizer_type == "rvq" else 1)
+
+
+def save_audio_tokenizer(vq: VQVAE, frontend: AudioFrontEnd, directory: str | Path) -> Path:
+    """Write an audio tokenizer folder as `mmfusion tokenize train --modality audio` does (VQVAE + frontend.json)."""
+    from .tokenize_cli import FRONTEND_FILE
+
+    out = Path(vq.save_pretrained(directory))
+    (out / FRONTEND_FILE).write_text(json.dumps({"modality": "audio", **frontend.to_dict()}, indent=2) + "\n")
+    return out
+
+
+def load_audio_tokenizer(directory: str | Path) -> tuple[VQVAE, AudioFrontEnd]:
+    """(VQVAE, AudioFrontEnd) of an audio tokenizer folder; DataError when it is an image tokenizer."""
+    from .tokenize_cli import FRONTEND_FILE, _tokenizer
+
+    vq, frontend = _tokenizer(str(directory))
+    if frontend is None:
+        raise DataError(
+            f"{directory} has no {FRONTEND_FILE}: an image tokenizer, not an audio one "
+            "(make one with `mmfusion tokenize train --modality audio`)"
+        )
+    return vq, frontend
+
+
 @dataclass
 class UnifiedBundle:
-    """Everything generation needs: the decoder, its vocabulary, the text BPE and the VQ image tokenizer."""
+    """Everything generation needs: the decoder, its vocabulary, the text BPE, the VQ image tokenizer and,
+    optionally, the audio tokenizer (VQVAE over AudioFrontEnd spectrograms)."""
 
     decoder: torch.nn.Module
     vocab: UnifiedVocab
     text_tokenizer: TextTokenizer
     vqvae: VQVAE
+    audio_vqvae: VQVAE | None = None
+    audio_frontend: AudioFrontEnd | None = None
+
+    def __post_init__(self) -> None:
+        if (self.audio_vqvae is None) != (self.audio_frontend is None):
+            raise ConfigError("UnifiedBundle: give audio_vqvae and audio_frontend together (or neither)")
+        want = (0, 0)
+        if self.audio_vqvae is not None:
+            want = (self.audio_vqvae.codebook_size, code_count(self.audio_vqvae))
+        if (self.vocab.n_audio, self.vocab.tokens_per_audio) != want:
+            raise ConfigError(
+                f"UnifiedBundle: vocab has n_audio={self.vocab.n_audio}, tokens_per_audio="
+                f"{self.vocab.tokens_per_audio}; the audio tokenizer needs {want} "
+                f"({'none given' if self.audio_vqvae is None else 'codebook size, codes per clip'})"
+            )
 
     @property
     def builder(self) -> SequenceBuilder:
@@ -323,6 +424,8 @@ class UnifiedBundle:
         d.mkdir(parents=True, exist_ok=True)
         self.decoder.save_pretrained(d / "decoder")
         self.vqvae.save_pretrained(d / "image_tokenizer")
+        if self.audio_vqvae is not None:
+            save_audio_tokenizer(self.audio_vqvae, self.audio_frontend, d / "audio_tokenizer")
         (d / "text").mkdir(exist_ok=True)
         self.text_tokenizer.save(d / "text")
         self.vocab.save(d / "vocab.json")
@@ -344,12 +447,18 @@ class UnifiedBundle:
         vocab = UnifiedVocab.load(d / "vocab.json")
         decoder = UnifiedDecoder.from_pretrained(d / "decoder").to(map_location).eval()
         vqvae = VQVAE.from_pretrained(d / "image_tokenizer", map_location=map_location)
-        bundle = cls(decoder, vocab, TextTokenizer.load(d / "text", context_length=64), vqvae)
+        audio: tuple[VQVAE | None, AudioFrontEnd | None] = (None, None)
+        if (d / "audio_tokenizer").exists():
+            audio = load_audio_tokenizer(d / "audio_tokenizer")
+            audio[0].to(map_location)
         if decoder.cfg.vocab_size != vocab.size:
             raise DataError(
                 f"{d}: decoder vocab_size {decoder.cfg.vocab_size} != vocab.json size {vocab.size}"
             )
-        return bundle
+        try:
+            return cls(decoder, vocab, TextTokenizer.load(d / "text", context_length=64), vqvae, *audio)
+        except ConfigError as err:
+            raise DataError(f"{d}: {err}") from None
 
 
 __all__ = [
@@ -357,9 +466,13 @@ __all__ = [
     "TrainResult",
     "UnifiedBundle",
     "UnifiedTrainConfig",
+    "code_count",
     "encode_images",
     "evaluate_vqvae",
     "images_to_tensor",
+    "load_audio_tokenizer",
+    "parse_caption",
+    "save_audio_tokenizer",
     "tensor_to_images",
     "train_text_tokenizer",
     "train_unified",
