@@ -40,9 +40,11 @@ def model(workdir, tokenizer, mmfusion):
     proc = mmfusion(
         "train-unified", "--out", "model", "--tokenizer", "tok", "--image-size", "16", "--samples", "64",
         "--steps", "12", "--warmup", "2", "--dim", "32", "--depth", "1", "--heads", "2", "--text-vocab", "96",
-        "--threads", "1", cwd=workdir,
+        "--threads", "1", "--modality-gate", "--image-window", "8", cwd=workdir,
     )  # fmt: skip
     assert "trained 12 steps" in proc.stdout
+    cfg = json.loads((workdir / "model" / "decoder" / "config.json").read_text())["model"]
+    assert cfg["modality_gate"] is True and cfg["image_window"] == 8 and cfg["hierarchical_layers"] == 0
     return workdir / "model"
 
 
@@ -232,3 +234,11 @@ def test_train_unified_with_audio_tokenizer_and_audio_caption(workdir, tokenizer
     assert (
         code == 0 and [r["audio"][-6:] for r in rows] == ["a0.wav", "a1.wav"] and len(out.splitlines()) == 2
     )
+
+
+def test_train_unified_rejects_a_bad_decoder_option_before_any_work(tmp_path, capsys):
+    code, out, err = _run(
+        capsys, "train-unified", "--out", tmp_path / "m", "--depth", "1", "--hierarchical-layers", "2"
+    )
+    assert code != 0 and "hierarchical_layers = 2: expected an integer in [0, depth=1]" in err
+    assert not (tmp_path / "m").exists()

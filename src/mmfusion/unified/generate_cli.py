@@ -265,6 +265,31 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--depth", type=int, default=4)
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--no-qk-norm", action="store_true", help="disable QK-norm (the stability control)")
+    t.add_argument(
+        "--image-window",
+        type=int,
+        help="sliding window over image tokens: an image query sees the last N keys",
+    )
+    t.add_argument(
+        "--window-layers", default="all", choices=["all", "alternate"], help="layers with the image window"
+    )
+    t.add_argument(
+        "--modality-aware", action="store_true", help="separate attention and MLP weights per modality"
+    )
+    t.add_argument(
+        "--hierarchical-layers",
+        type=int,
+        default=0,
+        help="hierarchical attention: the first N layers attend within each modality only (default 0)",
+    )
+    t.add_argument(
+        "--modality-gate",
+        action="store_true",
+        help="sparse gates on the other modalities' keys in every layer",
+    )
+    t.add_argument(
+        "--sparse-topk", type=int, help="top-k dynamic sparse attention: keep the k largest scores"
+    )
     t.add_argument("--z-loss", type=float, default=1e-4, help="z-loss weight (default 1e-4)")
     t.add_argument("--temperature", type=float, default=1.0, help="task-mixing temperature (default 1)")
     t.add_argument("--seed", type=int, default=0)
@@ -374,6 +399,20 @@ def cmd_train_unified(args) -> int:
     for name in ("samples", "steps", "batch", "tokenizer_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    decoder_options = dict(
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        qk_norm=not args.no_qk_norm,
+        z_loss=args.z_loss,
+        image_window=args.image_window,
+        window_layers=args.window_layers,
+        modality_aware=args.modality_aware,
+        hierarchical_layers=args.hierarchical_layers,
+        modality_gate=args.modality_gate,
+        sparse_topk=args.sparse_topk,
+    )
+    UnifiedConfig(vocab_size=1, **decoder_options)  # a bad option fails here, before any data or training
     audio_vq, frontend = load_audio_tokenizer(args.audio_tokenizer) if args.audio_tokenizer else (None, None)
     world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
     samples = make_split(world, "train", args.samples, ("image", "text", "vqa"), progress=True)
@@ -415,15 +454,7 @@ def cmd_train_unified(args) -> int:
         audio_frontend=frontend,
     )
     longest = max(len(s.ids) for seqs in data.examples.values() for s in seqs)
-    cfg = UnifiedConfig(
-        vocab.size,
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        max_len=longest + 32,
-        qk_norm=not args.no_qk_norm,
-        z_loss=args.z_loss,
-    )
+    cfg = UnifiedConfig(vocab.size, max_len=longest + 32, **decoder_options)
     torch.manual_seed(args.seed)
     model = UnifiedDecoder(cfg)
     tcfg = UnifiedTrainConfig(
