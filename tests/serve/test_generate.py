@@ -1,8 +1,10 @@
 """POST /v1/generate for a unified model folder, in process (FastAPI TestClient / httpx ASGITransport).
 
 The model is an untrained, seeded tiny unified model (16x16 images, 4x4 = 16 codes, a 1-layer dim-32 decoder)
-saved with UnifiedBundle.save and loaded as `mmfusion serve` loads it: the behaviours tested here (shapes,
-equality with `mmfusion generate`'s functions, seeds, batching, errors) do not need a trained one.
+with an audio tokenizer trained 3 steps (its k-means init; AudioFrontEnd of 0.25 s, 16 mels, hop 320 -> 16 x 16
+spectrograms, 4x4 = 16 codes) saved with UnifiedBundle.save and loaded as `mmfusion serve` loads it: the behaviours tested here
+(shapes, equality with `mmfusion generate`'s functions, seeds, batching, errors) do not need a trained one.
+A second folder without audio_tokenizer/ stands for the models trained without --audio-tokenizer.
 """
 
 import asyncio
@@ -13,28 +15,48 @@ import json
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from mmfusion.cli import main
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
-from mmfusion.models.vq import VQVAE
-from mmfusion.serve.generate import GenerateBackend, GenerateEngine, load_unified, unified_folder
+from mmfusion.models.vq import VQVAE, AudioFrontEnd
+from mmfusion.serve.generate import (
+    MAX_AUDIO_SECONDS,
+    GenerateBackend,
+    GenerateEngine,
+    load_unified,
+    unified_folder,
+)
 from mmfusion.serve.server import ServeSettings, create_app
-from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
+from mmfusion.unified.generate_cli import (
+    answer_questions,
+    caption_audio,
+    caption_images,
+    generate_images,
+)
 from mmfusion.unified.generation import SamplingConfig
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder
 from mmfusion.unified.sequences import UnifiedVocab
-from mmfusion.unified.tokenize_cli import load_images
-from mmfusion.unified.train import UnifiedBundle, encode_images, train_text_tokenizer
+from mmfusion.unified.tokenize_cli import load_audios, load_images
+from mmfusion.unified.train import (
+    UnifiedBundle,
+    code_count,
+    encode_images,
+    train_text_tokenizer,
+    train_vqvae,
+)
 
 MAX_LEN = 48
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A saved unified model folder (untrained, seeded) and three PNG files of synthetic scenes."""
+    """Saved unified model folders (untrained, seeded): `model` with an audio tokenizer, `no_audio` without;
+    six PNG files of synthetic scenes and four clips of them: c0.wav (float samples), c1.flac, c2.ogg and
+    c3.wav (stereo, 44.1 kHz: resampled as the CLI does)."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("unified_serve")
     world = SyntheticWorld(WorldConfig(seed=0, image_size=16))
@@ -42,11 +64,30 @@ def folder(tmp_path_factory):
     tok = train_text_tokenizer(samples, 96)
     torch.manual_seed(0)
     vq = VQVAE(image_size=16, channels=8, codebook_size=16, code_dim=8).eval()
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
+    frontend = AudioFrontEnd(seconds=0.25, n_mels=16, hop=320)
+    audio_vq = VQVAE(channels=8, codebook_size=16, code_dim=8, in_channels=1, input_shape=frontend.shape)
+    clips = [s["audio"] for s in make_split(world, "train", 32, ("audio",))]
+    train_vqvae(audio_vq, frontend(clips, 16000), steps=3)  # k-means init: codes that tell clips apart
+    audio_vq.eval()
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image, 16, code_count(audio_vq))
     decoder = UnifiedDecoder(UnifiedConfig(vocab.size, dim=32, depth=1, heads=2, max_len=MAX_LEN))
-    UnifiedBundle(decoder.eval(), vocab, tok, vq).save(d / "model")
+    with (
+        torch.no_grad()
+    ):  # at its init scale, the untrained decoder says the same for every clip; x3 it does not
+        for w in decoder.parameters():
+            w.mul_(3.0)
+    UnifiedBundle(decoder.eval(), vocab, tok, vq, audio_vq, frontend).save(d / "model")
+    plain = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
+    decoder = UnifiedDecoder(UnifiedConfig(plain.size, dim=32, depth=1, heads=2, max_len=MAX_LEN))
+    UnifiedBundle(decoder.eval(), plain, tok, vq).save(d / "no_audio")
     for i in range(6):
         Image.fromarray(world.sample("test", i)["image"]).save(d / f"im{i}.png")
+    clips = [world.sample("test", i, ("audio",))["audio"] for i in range(4)]
+    sf.write(d / "c0.wav", clips[0], 16000, subtype="FLOAT")
+    sf.write(d / "c1.flac", clips[1], 16000)
+    sf.write(d / "c2.ogg", clips[2], 16000)
+    stereo = np.stack([clips[3], 0.5 * clips[3]], axis=1)  # (n, 2): the same samples, played faster
+    sf.write(d / "c3.wav", stereo, 44100)
     return d
 
 
@@ -76,6 +117,12 @@ def decode_png(s: str) -> np.ndarray:
     im = Image.open(io.BytesIO(base64.b64decode(s)))
     assert im.format == "PNG" and im.mode == "RGB"
     return np.asarray(im)
+
+
+def wav_b64(wave: np.ndarray, rate: int, subtype: str = "PCM_16") -> str:
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="WAV", subtype=subtype)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def cli_codes(bundle, paths) -> torch.Tensor:
@@ -140,6 +187,29 @@ def test_text_to_image_gives_n_pngs_of_the_tokenizer_size_reproducible_by_seed(c
     assert len(one) == 1  # defaults: n 1, cfg_scale 1, seed 0
 
 
+AUDIO_FILES = ("c0.wav", "c1.flac", "c2.ogg", "c3.wav")
+
+
+@pytest.mark.timeout(60)
+def test_audio_caption_answers_what_mmfusion_generate_answers(client, bundle, folder, capsys):
+    paths = [folder / f for f in AUDIO_FILES]
+    spec = load_audios([(p.stem, p) for p in paths], bundle.audio_frontend)
+    expected = caption_audio(bundle, encode_images(bundle.audio_vqvae, spec), max_new_tokens=40)
+    assert len(set(expected)) >= 3  # the clips tell apart: an answer given to the wrong request would show
+    got = []
+    for p in paths:
+        r = client.post("/v1/generate", json={"task": "audio_caption", "audio": b64file(p)})
+        assert r.status_code == 200 and r.json()["task"] == "audio_caption", r.text
+        got.append(r.json()["text"])
+    assert got == expected
+    url = "data:audio/wav;base64," + b64file(paths[0])
+    assert client.post("/v1/generate", json={"task": "audio_caption", "audio": url}).json()["text"] == got[0]
+    # `mmfusion generate --task audio-caption` prints the same captions
+    args = ["generate", "--model", str(folder / "model"), "--task", "audio-caption", "--audio"]
+    assert main(args + [str(p) for p in paths]) == 0
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == got
+
+
 # ---- batching ---------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_concurrent_requests_are_grouped_per_task_and_each_gets_its_own_answer(client, bundle, folder):
@@ -155,14 +225,18 @@ def test_concurrent_requests_are_grouped_per_task_and_each_gets_its_own_answer(c
     image_solo = [client.post("/v1/generate", json=b).json() for b in images]
     bodies = [{"task": "caption", "image": b64file(p)} for p in paths]
     bodies += [{"task": "vqa", "image": b64file(p), "question": q} for p, q in zip(paths, questions)]
-    rs = asyncio.run(gather_posts(app, bodies + images))
-    assert [r.status_code for r in rs] == [200] * 11
+    audio = [{"task": "audio_caption", "audio": b64file(folder / f)} for f in AUDIO_FILES]
+    audio_solo = [client.post("/v1/generate", json=b).json()["text"] for b in audio]
+    rs = asyncio.run(gather_posts(app, bodies + images + audio))
+    assert [r.status_code for r in rs] == [200] * 15
     assert [r.json()["text"] for r in rs[:6]] == [s["text"] for s in solo]
     assert [r.json()["text"] for r in rs[6:9]] == [s["text"] for s in vqa_solo]
-    assert [r.json()["images"] for r in rs[9:]] == [s["images"] for s in image_solo]  # seeds hold
+    assert [r.json()["images"] for r in rs[9:11]] == [s["images"] for s in image_solo]  # seeds hold
+    assert [r.json()["text"] for r in rs[11:]] == audio_solo
     assert backend.batchers["caption"].executions == 2  # ceil(6 / 4)
     assert backend.batchers["vqa"].executions == 1
     assert backend.batchers["image"].executions == 2  # one request per call
+    assert backend.batchers["audio_caption"].executions == 1
     with TestClient(app) as c:
         text = c.get("/metrics").text
     assert 'mmfusion_batch_size_bucket{encoder="caption",le="4"} 2' in text
@@ -170,7 +244,10 @@ def test_concurrent_requests_are_grouped_per_task_and_each_gets_its_own_answer(c
     assert metric(text, "mmfusion_generated_image_tokens_total") == 4 * 16
     tokens = sum(backend.engine.text_tokens(r.json()["text"]) for r in rs[:6])
     assert metric(text, 'mmfusion_generated_text_tokens_total{task="caption"}') == tokens
-    assert metric(text, 'mmfusion_requests_total{endpoint="/v1/generate",status="200"}') == 11
+    tokens = sum(backend.engine.text_tokens(r.json()["text"]) for r in rs[11:])
+    assert metric(text, 'mmfusion_generated_text_tokens_total{task="audio_caption"}') == tokens
+    assert 'mmfusion_batch_size_bucket{encoder="audio_caption",le="4"} 1' in text
+    assert metric(text, 'mmfusion_requests_total{endpoint="/v1/generate",status="200"}') == 15
 
 
 @pytest.mark.timeout(60)
@@ -247,6 +324,50 @@ BAD = [
     ("seed < 0", {"task": "image", "prompt": "a", "seed": -1}, None, 422, "seed = -1"),
     ("seed float", {"task": "image", "prompt": "a", "seed": 1.5}, None, 422, "seed = 1.5"),
 ]
+AUDIO = "audio_caption"
+SHORT = np.zeros(800, dtype=np.float32)  # 50 ms
+_flac = io.BytesIO()
+sf.write(_flac, np.sin(np.arange(16000, dtype=np.float32) / 5), 16000, format="FLAC")
+HALF_FLAC = base64.b64encode(
+    _flac.getvalue()[: len(_flac.getvalue()) // 2]
+).decode()  # header reads, data not
+BAD += [
+    ("missing audio", {"task": AUDIO}, None, 422, "audio: missing; task audio_caption needs a base64 WAV"),
+    ("audio not a string", {"task": AUDIO, "audio": [1]}, None, 422, "audio is list"),
+    ("audio empty string", {"task": AUDIO, "audio": ""}, None, 422, "audio is empty"),
+    ("audio bad base64", {"task": AUDIO, "audio": "@@@"}, None, 400, "audio is not valid base64"),
+    ("undecodable audio", {"task": AUDIO, "audio": PNG}, None, 400, "audio is not a decodable audio file"),
+    ("audio cut short", {"task": AUDIO, "audio": HALF_FLAC}, None, 400, "a FLAC file whose samples cannot"),
+    (
+        "audio image field",
+        {"task": AUDIO, "audio": PNG, "image": PNG},
+        None,
+        422,
+        "unknown field(s) ['image']",
+    ),
+    (
+        "audio no samples",
+        {"task": AUDIO, "audio": wav_b64(SHORT[:0], 16000)},
+        None,
+        422,
+        "audio has no samples",
+    ),
+    (
+        "audio too long",
+        {"task": AUDIO, "audio": wav_b64(np.zeros(8000 * 30 + 4000, dtype=np.int16), 8000)},
+        None,
+        422,
+        f"audio is 30.50 s long; at most {MAX_AUDIO_SECONDS:g} s",
+    ),
+    ("audio odd rate", {"task": AUDIO, "audio": wav_b64(SHORT, 44099)}, None, 422, "sample rate 44099 Hz"),
+    (
+        "audio NaN samples",
+        {"task": AUDIO, "audio": wav_b64(SHORT + np.nan, 16000, "FLOAT")},
+        None,
+        422,
+        "audio contains NaN or infinite samples",
+    ),
+]
 
 
 @pytest.mark.timeout(60)
@@ -281,7 +402,15 @@ def test_body_limit_and_api_key_apply_to_generate(bundle, folder):
 def test_a_unified_model_has_only_generate_and_other_models_have_no_generate(client, make_tiny_model):
     health = client.get("/healthz").json()
     assert health["model_type"] == "unified" and health["image_size"] == 16 and health["max_len"] == MAX_LEN
-    assert health["tasks"] == ["caption", "vqa", "image"] and health["tokens_per_image"] == 16
+    assert (
+        health["tasks"] == ["caption", "vqa", "image", "audio_caption"] and health["tokens_per_image"] == 16
+    )
+    assert (health["audio_sample_rate"], health["audio_seconds"], health["tokens_per_audio"]) == (
+        16000,
+        0.25,
+        16,
+    )
+    assert health["max_audio_seconds"] == MAX_AUDIO_SECONDS
     for path in ("/v1/embed", "/v1/search", "/v1/classify"):
         r = client.post(path, json={"text": ["a"]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
@@ -289,10 +418,33 @@ def test_a_unified_model_has_only_generate_and_other_models_have_no_generate(cli
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {"/v1/generate", "/healthz", "/metrics"}
     schema = paths["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert [s["title"] for s in schema["oneOf"]] == ["caption", "vqa", "image"]
+    assert [s["title"] for s in schema["oneOf"]] == ["caption", "vqa", "image", "audio_caption"]
     with TestClient(create_app(make_tiny_model())) as c:
         r = c.post("/v1/generate", json={"task": "image", "prompt": "a"})
         assert r.status_code == 404 and "/v1/generate" not in c.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.timeout(60)
+def test_a_model_without_audio_tokenizer_says_so_and_offers_no_audio_task(folder):
+    app, backend = make_app(load_unified(folder / "no_audio"))
+    with TestClient(app) as c:
+        health = c.get("/healthz").json()
+        assert health["tasks"] == ["caption", "vqa", "image"] and "max_audio_seconds" not in health
+        r = c.post("/v1/generate", json={"task": "audio_caption", "audio": b64file(folder / "c0.wav")})
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "task = 'audio_caption': this model has no audio tokenizer (audio_tokenizer/" in message
+        assert "mmfusion train-unified --audio-tokenizer DIR" in message
+        r = c.post("/v1/generate", json={"task": "video"})
+        assert "expected one of ['caption', 'vqa', 'image']" in r.json()["error"]["message"]
+        r = c.post("/v1/generate", json={"task": "caption", "image": b64file(folder / "im0.png")})
+        assert r.status_code == 200, r.text
+        paths = c.get("/openapi.json").json()["paths"]
+        schema = paths["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert [s["title"] for s in schema["oneOf"]] == ["caption", "vqa", "image"]
+        text = c.get("/metrics").text
+    assert 'task="caption"' in text and "audio_caption" not in text
+    assert set(backend.batchers) == {"caption", "vqa", "image"}
 
 
 @pytest.mark.timeout(60)

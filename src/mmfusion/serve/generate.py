@@ -1,4 +1,4 @@
-"""`POST /v1/generate` for unified model folders: captioning, VQA and text -> image over HTTP.
+"""`POST /v1/generate` for unified model folders: captioning, VQA, text -> image and audio captioning over HTTP.
 
     backend = GenerateBackend(GenerateEngine(load_unified(folder)), settings)
     app = create_app(backend=backend, settings=settings)   # what `mmfusion serve UNIFIED_FOLDER` does
@@ -7,17 +7,23 @@ Requests (JSON) and answers:
   {"task": "caption", "image": <base64 PNG/JPEG>}                      -> {"text": ...}
   {"task": "vqa", "image": <base64>, "question": "..."}                 -> {"text": ...}
   {"task": "image", "prompt": "...", "n": 1..8, "cfg_scale": 1.0, "seed": 0} -> {"images": [<base64 PNG>]}
+  {"task": "audio_caption", "audio": <base64 WAV/FLAC/OGG>}             -> {"text": ...}
+audio_caption exists only for a model folder with audio_tokenizer/ (`train-unified --audio-tokenizer`); /healthz
+lists the tasks of the loaded model, and the OpenAPI schema has only those.
 
 The work is that of `mmfusion generate` (`unified.generate_cli`: `caption_images`, `answer_questions`,
-`generate_images`, with the CLI's defaults: greedy text of at most 40 tokens, sampled images), and an image
-becomes VQ codes as there: `preprocess_image` of the RGB image at the tokenizer's size, then `encode_images`.
+`generate_images`, `caption_audio`, with the CLI's defaults: greedy text of at most 40 tokens, sampled
+images), and an image becomes VQ codes as there: `preprocess_image` of the RGB image at the tokenizer's size,
+then `encode_images`; a clip goes through the CLI's `load_audios` (soundfile, then the model's AudioFrontEnd),
+then `encode_images` with the audio tokenizer.
 
-Batching: caption and VQA requests (greedy) are grouped by one DynamicBatcher each; a group is one
-`caption_images` / `answer_questions` call (VQA prompts of equal length share one decoder call). Text ->
+Batching: caption, VQA and audio-caption requests (greedy) are grouped by one DynamicBatcher each; a group is
+one `caption_images` / `answer_questions` / `caption_audio` call (prompts of equal length share one decoder
+call). Text ->
 image requests queue on their own batcher too (bounded queue, timeout, 503), but one request per call, its
 n images in one batch: the sampler draws all rows' tokens from one seeded generator, so in a group a
 request's images would depend on its neighbours and `seed` would not reproduce them. Model calls are
-serialised (one lock): the three batchers share one model.
+serialised (one lock): the batchers share one model.
 """
 
 from __future__ import annotations
@@ -46,18 +52,27 @@ from .server import (
     model_fingerprint,
     overloaded,
     read_json,
+    undecodable,
 )
 
-TASKS = ("caption", "vqa", "image")
+TASKS = ("caption", "vqa", "image", "audio_caption")  # audio_caption: only with an audio tokenizer
+TEXT_TASKS = ("caption", "vqa", "audio_caption")  # the tasks that answer {"text": ...}
 FIELDS = {
     "caption": ("task", "image"),
     "vqa": ("task", "image", "question"),
     "image": ("task", "prompt", "n", "cfg_scale", "seed"),
+    "audio_caption": ("task", "audio"),
 }
 MAX_IMAGES = 8  # n per text -> image request
 MAX_CFG_SCALE = 20.0
 MAX_SEED = 2**32 - 1
 MAX_NEW_TOKENS = 40  # longest caption / answer: `mmfusion generate --max-new-tokens` default
+# Longest clip accepted (the header's frames / rate, checked before decoding). The model hears only the
+# AudioFrontEnd's first `seconds` (0.5 s by default): the rest is trimmed, so a longer clip only costs decoding.
+MAX_AUDIO_SECONDS = 30.0
+# Sample rates accepted. The resampler's kernel has (target / gcd) x (rate / gcd) taps: from a rate like
+# 44099 Hz it would take gigabytes, so only the usual rates (and the front end's own) are taken.
+AUDIO_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
 
 
 def _short(value: Any) -> str:
@@ -91,9 +106,12 @@ class GenerateEngine:
         from ..unified.generate_cli import code_grid
 
         self.bundle = bundle
-        self.model_id = model_id or model_fingerprint(
-            torch.nn.ModuleDict({"decoder": bundle.decoder, "image_tokenizer": bundle.vqvae})
-        )
+        parts = {"decoder": bundle.decoder, "image_tokenizer": bundle.vqvae}
+        if bundle.audio_vqvae is not None:  # folders without audio keep the ids they had
+            parts["audio_tokenizer"] = bundle.audio_vqvae
+        self.model_id = model_id or model_fingerprint(torch.nn.ModuleDict(parts))
+        self.audio_frontend = bundle.audio_frontend  # None without audio_tokenizer/
+        self.tasks = tuple(t for t in TASKS if t != "audio_caption" or self.audio_frontend is not None)
         self.builder = bundle.builder
         self.image_size = bundle.vqvae.image_size
         self.max_len = bundle.decoder.cfg.max_len
@@ -106,16 +124,24 @@ class GenerateEngine:
         return next(self.bundle.decoder.parameters()).device
 
     def info(self) -> dict[str, Any]:
-        """What /healthz reports."""
-        return {
+        """What /healthz reports: the loaded model's tasks and input sizes."""
+        out = {
             "model_type": "unified",
             "model_id": self.model_id,
-            "tasks": list(TASKS),
+            "tasks": list(self.tasks),
             "image_size": self.image_size,
             "tokens_per_image": self.tokens_per_image,
             "max_len": self.max_len,
             "max_images": MAX_IMAGES,
         }
+        if self.audio_frontend is not None:
+            out.update(
+                audio_sample_rate=self.audio_frontend.sample_rate,
+                audio_seconds=self.audio_frontend.seconds,  # what the model hears of a clip
+                tokens_per_audio=self.bundle.vocab.tokens_per_audio,
+                max_audio_seconds=MAX_AUDIO_SECONDS,
+            )
+        return out
 
     # ---- validation (raises APIError naming the field) ------------------------------------------------
     def image(self, data: bytes) -> torch.Tensor:
@@ -127,6 +153,40 @@ class GenerateEngine:
             return preprocess_image(decode_image(data, "image").convert("RGB"), self.image_size)
         except DataError as e:
             raise invalid(f"image: {e}") from None
+
+    def audio(self, data: bytes) -> torch.Tensor:
+        """Audio file bytes (WAV/FLAC/OGG) -> (1, n_mels, frames) AudioFrontEnd spectrogram, read by the CLI's
+        `load_audios`. The header is checked first (rate, length), so a long clip is refused undecoded.
+        CPU work: call it off the event loop."""
+        import soundfile as sf
+
+        from ..unified.tokenize_cli import load_audios
+
+        try:
+            info = sf.info(io.BytesIO(data))
+        except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            raise undecodable(
+                f"audio is not a decodable audio file ({type(e).__name__}); send WAV, FLAC or OGG"
+            ) from None
+        if info.frames <= 0:
+            raise invalid("audio has no samples")
+        rates = sorted({*AUDIO_SAMPLE_RATES, self.audio_frontend.sample_rate})
+        if info.samplerate not in rates:
+            raise invalid(f"audio has sample rate {info.samplerate} Hz; expected one of {rates}")
+        seconds = info.frames / info.samplerate
+        if seconds > MAX_AUDIO_SECONDS:
+            raise invalid(f"audio is {seconds:.2f} s long; at most {MAX_AUDIO_SECONDS:g} s")
+        try:
+            # soundfile reads file-like objects as well as paths: the CLI's reader, on the request's bytes
+            spec = load_audios([("audio", io.BytesIO(data))], self.audio_frontend)[0]
+        except DataError as e:
+            if str(e).startswith("cannot read audio"):  # its header reads, its samples do not
+                raise undecodable(f"audio is a {info.format} file whose samples cannot be decoded") from None
+            if "no samples" in str(e):
+                raise invalid("audio has no samples") from None
+            message = str(e) if str(e).startswith("audio") else f"audio: {e}"  # e.g. NaN samples
+            raise invalid(message) from None
+        return spec
 
     def _text(self, data: dict[str, Any], field: str) -> str:
         value = data.get(field)
@@ -185,6 +245,17 @@ class GenerateEngine:
             codes = self._codes([im for im, _ in items])
             return answer_questions(self.bundle, codes, [q for _, q in items], max_new_tokens=MAX_NEW_TOKENS)
 
+    def audio_caption(self, specs: list[torch.Tensor]) -> list[str]:
+        """(1, n_mels, frames) spectrograms -> one caption each (greedy, as `mmfusion generate --task
+        audio-caption`)."""
+        from ..unified.generate_cli import caption_audio
+        from ..unified.train import encode_images
+
+        vq = self.bundle.audio_vqvae
+        with self._lock, torch.inference_mode():
+            codes = encode_images(vq, torch.stack(specs).to(next(vq.parameters()).device))
+            return caption_audio(self.bundle, codes, max_new_tokens=MAX_NEW_TOKENS)
+
     def images(self, requests: list[tuple[str, int, float, int]]) -> list[list[str]]:
         """(prompt, n, cfg_scale, seed) requests -> each its n images as base64 PNGs (one generate call per
         request: see the module docstring)."""
@@ -228,6 +299,8 @@ class GenerateBackend:
             "vqa": batcher("vqa", engine.vqa, batch),
             "image": batcher("image", engine.images, 1),  # one request per call: see the module docstring
         }
+        if "audio_caption" in engine.tasks:
+            self.batchers["audio_caption"] = batcher("audio_caption", engine.audio_caption, batch)
         self.text_tokens: Counter[str] = Counter()
         self.images_total = 0
 
@@ -235,12 +308,18 @@ class GenerateBackend:
         return self.engine.info()
 
     def parse(self, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Validate everything but the image bytes' content; returns (task, fields)."""
+        """Validate everything but the image / audio bytes' content; returns (task, fields)."""
+        tasks = list(self.engine.tasks)
         task = data.get("task")
         if task is None:
-            raise invalid(f"task: missing; expected one of {list(TASKS)}")
-        if task not in TASKS:
-            raise invalid(f"task = {_short(task)}: expected one of {list(TASKS)}")
+            raise invalid(f"task: missing; expected one of {tasks}")
+        if task == "audio_caption" and task not in tasks:
+            raise invalid(
+                "task = 'audio_caption': this model has no audio tokenizer (audio_tokenizer/ in its folder; "
+                "train it with `mmfusion train-unified --audio-tokenizer DIR`)"
+            )
+        if task not in tasks:
+            raise invalid(f"task = {_short(task)}: expected one of {tasks}")
         unknown = sorted(set(data) - set(FIELDS[task]))
         if unknown:
             raise invalid(
@@ -258,6 +337,10 @@ class GenerateBackend:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
                 raise invalid(f"seed = {_short(seed)}: expected an integer in [0, {MAX_SEED}]")
             return task, {"prompt": self.engine.prompt(data), "n": n, "cfg_scale": float(cfg), "seed": seed}
+        if task == "audio_caption":
+            if "audio" not in data:
+                raise invalid("audio: missing; task audio_caption needs a base64 WAV, FLAC or OGG file")
+            return task, {"audio": _b64(data["audio"], "audio")}
         if "image" not in data:
             raise invalid(f"image: missing; task {task} needs a base64 PNG or JPEG")
         fields: dict[str, Any] = {"image": _b64(data["image"], "image")}
@@ -278,8 +361,11 @@ class GenerateBackend:
             pngs = await self._submit("image", (f["prompt"], f["n"], f["cfg_scale"], f["seed"]))
             self.images_total += len(pngs)
             return {**out, "images": pngs}
-        image = await asyncio.to_thread(self.engine.image, f["image"])  # decoding is CPU work
-        item = image if task == "caption" else (image, f["question"])
+        if task == "audio_caption":
+            item = await asyncio.to_thread(self.engine.audio, f["audio"])  # decoding is CPU work
+        else:
+            image = await asyncio.to_thread(self.engine.image, f["image"])
+            item = image if task == "caption" else (image, f["question"])
         text = await self._submit(task, item)
         self.text_tokens[task] += self.engine.text_tokens(text)
         return {**out, "text": text}
@@ -291,7 +377,8 @@ class GenerateBackend:
         ]
         lines += [
             f'mmfusion_generated_text_tokens_total{{task="{t}"}} {self.text_tokens[t]}'
-            for t in ("caption", "vqa")
+            for t in TEXT_TASKS
+            if t in self.engine.tasks
         ]
         lines += [
             "# HELP mmfusion_generated_images_total Images returned by text -> image requests.",
@@ -309,45 +396,57 @@ class GenerateBackend:
 
 
 # ---- the route ---------------------------------------------------------------------------------------------
-def generate_schema() -> dict[str, Any]:
-    """The request body of /v1/generate as JSON Schema (one object per task)."""
+def generate_schema(tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
+    """The request body of /v1/generate as JSON Schema: one object per task in `tasks` (a loaded model's)."""
     text = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS, "pattern": r"\S"}
     image = {"type": "string", "format": "byte", "minLength": 1, "description": "base64 PNG or JPEG"}
-    return {
-        "oneOf": [
-            {
-                "type": "object",
-                "title": "caption",
-                "required": ["task", "image"],
-                "properties": {"task": {"type": "string", "enum": ["caption"]}, "image": image},
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "title": "vqa",
-                "required": ["task", "image", "question"],
-                "properties": {
-                    "task": {"type": "string", "enum": ["vqa"]},
-                    "image": image,
-                    "question": text,
-                },
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "title": "image",
-                "required": ["task", "prompt"],
-                "properties": {
-                    "task": {"type": "string", "enum": ["image"]},
-                    "prompt": text,
-                    "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1},
-                    "cfg_scale": {"type": "number", "minimum": 0, "maximum": MAX_CFG_SCALE, "default": 1.0},
-                    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
-                },
-                "additionalProperties": False,
-            },
-        ]
+    audio = {
+        "type": "string",
+        "format": "byte",
+        "minLength": 1,
+        "description": f"base64 WAV, FLAC or OGG, at most {MAX_AUDIO_SECONDS:g} s",
     }
+    bodies = [
+        {
+            "type": "object",
+            "title": "caption",
+            "required": ["task", "image"],
+            "properties": {"task": {"type": "string", "enum": ["caption"]}, "image": image},
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "vqa",
+            "required": ["task", "image", "question"],
+            "properties": {
+                "task": {"type": "string", "enum": ["vqa"]},
+                "image": image,
+                "question": text,
+            },
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "image",
+            "required": ["task", "prompt"],
+            "properties": {
+                "task": {"type": "string", "enum": ["image"]},
+                "prompt": text,
+                "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1},
+                "cfg_scale": {"type": "number", "minimum": 0, "maximum": MAX_CFG_SCALE, "default": 1.0},
+                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
+            },
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "title": "audio_caption",
+            "required": ["task", "audio"],
+            "properties": {"task": {"type": "string", "enum": ["audio_caption"]}, "audio": audio},
+            "additionalProperties": False,
+        },
+    ]
+    return {"oneOf": [b for b in bodies if b["title"] in tasks]}
 
 
 def add_generate_routes(v1, backend: GenerateBackend, settings: ServeSettings) -> None:
@@ -355,8 +454,8 @@ def add_generate_routes(v1, backend: GenerateBackend, settings: ServeSettings) -
 
     @v1.post(
         "/generate",
-        openapi_extra=_json_body(generate_schema()),
-        summary="Caption an image, answer a question about it, or generate images from text",
+        openapi_extra=_json_body(generate_schema(backend.engine.tasks)),
+        summary="Caption an image or an audio clip, answer a question about an image, or generate images",
     )
     async def generate(request: Request):
         data = await read_json(request, settings.max_body_bytes)
@@ -364,6 +463,7 @@ def add_generate_routes(v1, backend: GenerateBackend, settings: ServeSettings) -
 
 
 __all__ = [
+    "MAX_AUDIO_SECONDS",
     "GenerateBackend",
     "GenerateEngine",
     "add_generate_routes",
