@@ -38,6 +38,14 @@ def test_resample_keeps_pitch_and_length():
     # a 10 kHz tone is above the 8 kHz Nyquist of 16 kHz: it must be removed, not aliased to 6 kHz
     alias = resample(torch.from_numpy(tone(10000.0, 44100, 0.5)), 44100, 16000)
     assert float(alias[500:-500].abs().max()) < 0.01
+    # a rate with no common factor with the target (gcd 1): fast and small with soxr (a gcd-reduced polyphase
+    # kernel would need 16000 x 44099 taps); batched (..., n) input keeps its leading dims
+    odd = resample(
+        torch.from_numpy(np.stack([tone(440.0, 44099, 1.0), tone(880.0, 44099, 1.0)])), 44099, 16000
+    )
+    assert odd.shape == (2, 16000) and odd.dtype == torch.float32
+    assert peak_hz(odd[0], 16000) == pytest.approx(440.0, abs=1.0)
+    assert peak_hz(odd[1], 16000) == pytest.approx(880.0, abs=1.0)
 
 
 def test_mel_scale_and_filterbank_properties():

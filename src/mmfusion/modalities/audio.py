@@ -55,35 +55,24 @@ def to_mono_float(wave: WaveLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def resample(
-    wave: torch.Tensor, orig_rate: int, new_rate: int, lowpass_width: int = 6, rolloff: float = 0.99
-) -> torch.Tensor:
-    """Band-limited resampling (..., n) -> (..., ceil(n * new / orig)) by a Hann-windowed sinc.
+def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """Band-limited resampling (..., n) -> (..., ceil(n * new / orig)) with libsoxr (the `soxr` package, "HQ").
 
-    The polyphase formulation of torchaudio's ``resample`` (Smith, "Digital Audio Resampling"): the rate ratio
-    is reduced by the gcd, one kernel per output phase, applied as a strided conv1d; the cutoff is
-    ``rolloff * min(orig, new) / 2`` so upsampling adds no images and downsampling does not alias.
+    soxr handles any rate ratio in time and memory linear in the signal; a polyphase sinc kernel reduced by
+    the gcd would need (new / gcd) x (orig / gcd) taps, gigabytes for a rate such as 44099 Hz.
     """
+    import soxr
+
     if orig_rate <= 0 or new_rate <= 0:
         raise DataError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
     if orig_rate == new_rate:
         return wave
-    g = math.gcd(orig_rate, new_rate)
-    orig, new = orig_rate // g, new_rate // g
-    base = min(orig, new) * rolloff
-    width = math.ceil(lowpass_width * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    t = (torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx) * base
-    t = t.clamp(-lowpass_width, lowpass_width)
-    window = torch.cos(t * math.pi / lowpass_width / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base / orig)
     shape = wave.shape
-    x = wave.reshape(-1, 1, shape[-1]).to(torch.float64)
-    x = F.pad(x, (width, width + orig))
-    y = F.conv1d(x, kernel, stride=orig).transpose(1, 2).reshape(x.shape[0], -1)  # (batch, frames * new)
-    out_len = math.ceil(new * shape[-1] / orig)
-    return y[:, :out_len].reshape(*shape[:-1], out_len).to(wave.dtype)
+    x = wave.detach().reshape(-1, shape[-1]).to(torch.float32).cpu().numpy().T  # (n, channels)
+    y = soxr.resample(np.ascontiguousarray(x), orig_rate, new_rate, quality="HQ")  # (m, channels)
+    out_len = math.ceil(new_rate * shape[-1] / orig_rate)
+    y = np.pad(y[:out_len], ((0, max(0, out_len - y.shape[0])), (0, 0)))
+    return torch.from_numpy(np.ascontiguousarray(y.T)).reshape(*shape[:-1], out_len).to(wave.dtype)
 
 
 def hz_to_mel(hz: torch.Tensor | float) -> torch.Tensor:
