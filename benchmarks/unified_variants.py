@@ -17,7 +17,8 @@ Reports per variant: held-out cross-entropy of each task's targets (caption text
 parameters, training seconds per step, and for gated variants the mean gate value and fraction of closed
 (exactly zero) gates per query->key modality pair on the held-out batch. Writes --out/results.json and
 --out/unified_variants.png (held-out ce per task, one bar group per variant, mean over seeds with each seed
-as a dot).
+as a dot). Seeds can run as separate processes (--seeds 1 --out A, --seeds 2 --out B) and be merged with
+--merge A/results.json B/results.json.
 """
 
 from __future__ import annotations
@@ -151,11 +152,20 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/unified_variants", help="folder for results.json and the plot")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="train nothing: merge the rows of these results.json files (e.g. one run per seed) into --out",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(args)
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
+    else:
+        rows = run(args)
     plot(rows, out / "unified_variants.png")
     print("\n| variant | params | s/step | held-out ce caption / image / vqa (mean over seeds) |")
     print("|---|---|---|---|")
