@@ -14,6 +14,12 @@ Settings:
   rvq2/rvq4 ResidualVQ with 2 / 4 levels of K codes each (same settings as vq).
   fsq       FSQ levels --fsq-levels (implicit codebook prod(levels)).
 
+--backend mmfusion (default: mmfusion.models.vq's quantizers) or vqtorch (the vector-quantize-pytorch
+library's VectorQuantize / FSQ, same settings: VQVAE(backend="vqtorch")). Recipe options: --dead-sampling
+error (mmfusion: dead codes re-seeded from batch vectors drawn with probability ~ their squared quantization
+error; the recipe that meets the targets on seeds 0-2), --dead-patience, --rotation-trick (vqtorch),
+--fsq-noise-dropout (vqtorch).
+
 Measured at the end on the held-out images, eval mode: codebook usage (fraction of codes hit at least
 once; RVQ: mean over levels), normalised perplexity (perplexity / K), PSNR (dB, [0, 1] pixel scale), tokens
 per image.
@@ -74,7 +80,13 @@ def build(setting: str, args: argparse.Namespace) -> VQVAE:
         codebook_size=args.codebook_size,
         code_dim=args.code_dim,
         dead_code_threshold=args.dead_threshold,
+        commitment=args.commitment,
+        backend=args.backend,
     )
+    if args.backend == "vqtorch":
+        kw.update(rotation_trick=args.rotation_trick, fsq_noise_dropout=args.fsq_noise_dropout)
+    else:
+        kw.update(dead_code_patience=args.dead_patience, dead_code_sampling=args.dead_sampling)
     if args.modality == "audio":
         kw.update(in_channels=1, input_shape=AudioFrontEnd().shape)
     if setting == "control":
@@ -131,6 +143,7 @@ def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, 
         extra["_recon"] = recon[:4]
     return {
         "setting": setting,
+        "backend": args.backend,
         "seed": seed,
         "K": model.codebook_size,
         "usage": stats["usage"],
@@ -141,6 +154,34 @@ def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, 
         "seconds": time.perf_counter() - t0,
         **extra,
     }
+
+
+def target_checks(rows: list[dict]) -> list[tuple[str, int, float, bool]]:
+    """(target, seed, value, met) for every image target whose settings were run (issue 6 part 8)."""
+    by = {(r["setting"], r["seed"]): r for r in rows}
+    out = []
+    for seed in dict.fromkeys(r["seed"] for r in rows):
+
+        def get(setting: str, seed: int = seed) -> dict | None:
+            return by.get((setting, seed))
+
+        if vq := get("vq"):
+            out.append(("vq usage >= 0.90", seed, vq["usage"], vq["usage"] >= 0.90))
+            out.append(
+                ("vq norm. perplexity >= 0.35", seed, vq["norm_perplexity"], vq["norm_perplexity"] >= 0.35)
+            )
+            out.append(("vq PSNR >= 17.5 dB", seed, vq["psnr"], vq["psnr"] >= 17.5))
+        if c := get("control"):
+            out.append(("control usage <= 0.30", seed, c["usage"], c["usage"] <= 0.30))
+        depth = [r["psnr"] for r in (get("vq"), get("rvq2"), get("rvq4")) if r is not None]
+        if get("vq") and get("rvq4"):
+            gain = get("rvq4")["psnr"] - get("vq")["psnr"]
+            out.append(("rvq4 - rvq1 PSNR >= 1 dB", seed, gain, gain >= 1.0))
+            mono = all(a <= b for a, b in zip(depth, depth[1:]))
+            out.append(("RVQ PSNR non-decreasing 1 -> 2 -> 4", seed, float(mono), mono))
+        if f := get("fsq"):
+            out.append(("fsq usage >= 0.75", seed, f["usage"], f["usage"] >= 0.75))
+    return out
 
 
 def plot(rows: list[dict], held: torch.Tensor, path: str) -> None:
@@ -182,7 +223,19 @@ def main(argv=None) -> None:
     p.add_argument("--code-dim", type=int, help="default 32 (image), 16 (audio)")
     p.add_argument("--channels", type=int, help="default 32 (image), 16 (audio)")
     p.add_argument("--dead-threshold", type=float, default=3.0)
+    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight (default 0.25)")
     p.add_argument("--fsq-levels", type=int, nargs="+", default=[8, 6, 5])
+    p.add_argument(
+        "--backend", choices=["mmfusion", "vqtorch"], default="mmfusion",
+        help="quantizers: ours, or the vector-quantize-pytorch library's (default mmfusion)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dead-sampling", choices=["uniform", "error"], default="uniform",
+        help="mmfusion: dead codes re-seeded from uniformly drawn or error-weighted batch vectors",
+    )  # fmt: skip
+    p.add_argument("--dead-patience", type=int, help="mmfusion: also reset codes unused this many steps")
+    p.add_argument("--rotation-trick", action="store_true", help="vqtorch: rotation-trick gradients")
+    p.add_argument("--fsq-noise-dropout", type=float, default=0.0, help="vqtorch: FSQ noise dropout")
     p.add_argument("--train-pool", type=int, help="default 2048 (image), 1024 (audio)")
     p.add_argument("--eval-images", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
@@ -235,6 +288,11 @@ def main(argv=None) -> None:
                 f"| {r['setting']} | {r['seed']} | {r['K']} | {r['usage']:.3f} | {r['norm_perplexity']:.3f} | "
                 f"{r['psnr']:.2f} | {r['psnr_step0']:.2f} | {r['tokens_per_image']} | {r['seconds']:.0f} |"
             )
+        checks = target_checks(rows)
+        if checks:
+            print("\n| target | seed | value | met |\n|---|---|---|---|")
+            for name, seed, value, met in checks:
+                print(f"| {name} | {seed} | {value:.3f} | {'yes' if met else 'NO'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], f, indent=2)

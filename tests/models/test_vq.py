@@ -14,6 +14,8 @@ from mmfusion.models.vq import (
     SPEC_LOW,
     VQVAE,
     AudioFrontEnd,
+    LibFSQ,
+    LibVectorQuantizer,
     ResidualVQ,
     VectorQuantizer,
     codebook_usage,
@@ -307,3 +309,122 @@ def test_short_spectrogram_training_beats_floor():
     usage = model.quantizer.usage_stats(idx)["usage"]
     assert final > baseline + 3.0, (final, baseline)
     assert usage >= 0.5, usage
+
+
+# ---- backend "vqtorch" (vector-quantize-pytorch) and the error-weighted dead-code recipe ----------------------
+
+
+def test_error_weighted_dead_code_sampling_picks_the_worst_served_vector():
+    # 31 vectors sit exactly on code 0 (error 0) and one is far from it: with sampling "error" the dead code
+    # can only be re-seeded to the far one (probability ~ squared error); "uniform" can pick any
+    z = torch.zeros(32, 2)
+    z[7] = torch.tensor([3.0, 4.0])
+    vq = VectorQuantizer(2, 2, kmeans_init=False, dead_code_threshold=1.0, dead_code_sampling="error")
+    _set_codebook(vq, torch.tensor([[0.0, 0.0], [100.0, 100.0]]), torch.tensor([32.0, 0.0]))
+    _, idx, info = vq(z)
+    assert set(idx.tolist()) == {0} and info["replaced"] == 1
+    assert vq.embed[1].tolist() == [3.0, 4.0]
+    _, idx, _ = vq(z)
+    assert idx[7].item() == 1  # the revived code now serves it
+    with pytest.raises(ConfigError, match="dead_code_sampling"):
+        VectorQuantizer(2, 2, dead_code_sampling="worst")
+
+
+@pytest.mark.parametrize("kind", ["vq", "rvq", "fsq"])
+def test_vqtorch_backend_interface(kind):
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4, quantizer=kind, rvq_levels=3, backend="vqtorch")
+    assert model.codebook_size == (240 if kind == "fsq" else 16)
+    q = model.quantizer
+    assert q.dim == (3 if kind == "fsq" else 4)
+    x = _images(4)
+    out = model(x)  # training: k-means init + EMA update
+    assert out.recon.shape == x.shape and out.loss.requires_grad
+    assert isinstance(out.info["replaced"], int) and 0 < out.info["usage"] <= 1
+    model.eval()
+    z = model.encoder(x).permute(0, 2, 3, 1)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    z_q, indices, info = q(z)
+    assert indices.shape == (4, 8, 8, 3) if kind == "rvq" else (4, 8, 8)
+    assert indices.dtype == torch.long and 0 <= indices.min() and indices.max() < model.codebook_size
+    assert (q.indices_to_codes(indices) - z_q).abs().max().item() < 1e-6
+    assert (model.decode(indices) - model(x).recon.clamp(-1, 1)).abs().max().item() < 1e-5
+    stats = q.usage_stats(indices)
+    assert stats["usage"] == pytest.approx(info["usage"]) and 1.0 <= stats["perplexity"]
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # eval: codebook untouched
+    with pytest.raises(DataError, match=r"\[-1, 1\].*\[0, 255\]"):
+        model.encode(torch.full((1, 3, 32, 32), 200.0))
+    with pytest.raises(DataError, match="last dim"):
+        q(torch.zeros(2, 5, 7))
+
+
+def test_vqtorch_vq_straight_through_and_replaced_count():
+    vq = LibVectorQuantizer(2, 8, kmeans_init=False, dead_code_threshold=2.0)
+    z = torch.randn(16, 2, requires_grad=True)
+    before = vq.embed.clone()
+    z_q, idx, info = vq(z)
+    z_q.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))  # plain straight-through (rotation_trick off)
+    assert torch.allclose(
+        z_q.detach(), before[idx], atol=1e-6
+    )  # quantized with the codebook before this step's update
+    expected = 0.25 * ((z.detach() - before[idx]) ** 2).mean()
+    assert info["commit_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # every code starts at EMA count 1 < 2, so all are dead after the update; the library resets them to
+    # batch vectors with count = threshold, and `replaced` (computed here, not by the library) counts them
+    assert info["replaced"] == 8
+    assert torch.all(vq.vq._codebook.cluster_size == 2.0)
+    assert all((vq.embed[k] == z.detach()).all(dim=1).any() for k in range(8))
+
+
+@pytest.mark.parametrize("kind", ["vq", "rvq", "fsq"])
+def test_vqtorch_save_load_round_trip(tmp_path, kind):
+    kw = dict(channels=8, codebook_size=16, code_dim=4, quantizer=kind, rvq_levels=2, backend="vqtorch")
+    model = VQVAE(**kw, **({"fsq_noise_dropout": 0.5} if kind == "fsq" else {"rotation_trick": True}))
+    x = _images(4)
+    model(x)
+    model.eval()
+    idx = model.encode(x)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert cfg["backend"] == "vqtorch"
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config == model.config and not loaded.training
+    assert torch.equal(loaded.encode(x), idx)
+    assert torch.equal(loaded.decode(idx), model.decode(idx))
+
+
+def test_backend_defaults_and_errors(tmp_path):
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())["model"]
+    # a default model's config.json has no new keys: byte-identical to before the backends
+    assert not {"backend", "dead_code_sampling", "rotation_trick", "fsq_noise_dropout"} & set(cfg)
+    assert model.backend == "mmfusion" and isinstance(model.quantizer, VectorQuantizer)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        VQVAE(backend="faiss")
+    with pytest.raises(ConfigError, match="rotation_trick.*vqtorch"):
+        VQVAE(rotation_trick=True)
+    with pytest.raises(ConfigError, match="dead_code_patience.*mmfusion"):
+        VQVAE(backend="vqtorch", dead_code_patience=10)
+    with pytest.raises(ConfigError, match="noise_dropout"):
+        LibFSQ((8, 6, 5), noise_dropout=1.5)
+
+
+def test_error_weighted_replacement_serves_rare_clusters():
+    """Learned behaviour of the recipe: 120 vectors near the origin and 8 rare far points per step; 8 of 9
+    codes start dead. Uniform re-seeding mostly lands on the crowded origin (p = 120/128), where the codes
+    then share the mass and stay alive, so rare points stay unserved; error weighting gives each a code."""
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    far = 10 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    errors = {}
+    for sampling in ("uniform", "error"):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(2, 9, kmeans_init=False, dead_code_threshold=1.0, dead_code_sampling=sampling)
+        start = torch.full((9, 2), 100.0)
+        start[0] = 0.0
+        _set_codebook(vq, start, torch.tensor([128.0] + [0.0] * 8))
+        for _ in range(20):
+            vq(torch.cat([0.01 * torch.randn(120, 2), far]))
+        errors[sampling] = torch.cdist(far, vq.embed).min(dim=1).values
+    assert errors["error"].max().item() < 0.5
+    assert (errors["uniform"] > 2.0).sum().item() >= 4, errors["uniform"]

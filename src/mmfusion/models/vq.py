@@ -11,6 +11,10 @@ or that has been unused for `dead_code_patience` steps, is reset to a random enc
 batch), commitment loss `commitment * ||z - sg(z_q)||^2`.
 ResidualVQ: `num_levels` VectorQuantizers, level l quantizes what levels < l left over.
 FSQ: each of len(levels) channels is bounded with tanh and rounded to one of levels[i] values; no codebook.
+
+backend "vqtorch": the same three quantizers from the `vector-quantize-pytorch` library (lucidrains), wrapped
+behind this interface: LibVectorQuantizer (its VectorQuantize), ResidualVQ(backend="vqtorch") (levels of
+LibVectorQuantizer) and LibFSQ (its FSQ).
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "vqvae"
 QUANTIZERS = ("vq", "rvq", "fsq")
+BACKENDS = ("mmfusion", "vqtorch")
+DEAD_CODE_SAMPLING = ("uniform", "error")
+# VQVAE arguments added after its first release, with their defaults (see VQVAE.config)
+LATER_DEFAULTS = {
+    "backend": "mmfusion",
+    "dead_code_sampling": "uniform",
+    "rotation_trick": False,
+    "fsq_noise_dropout": 0.0,
+}
 
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -85,8 +98,11 @@ class VectorQuantizer(nn.Module):
     mode; k-means initialisation (if `kmeans_init`) happens on the first training batch.
 
     Dead codes (training only, after the update): cluster_size < dead_code_threshold, or (if
-    dead_code_patience) unused for >= dead_code_patience consecutive steps. Each is reset to a random
-    vector of the current batch, with cluster_size = max(dead_code_threshold, 1) and a fresh patience.
+    dead_code_patience) unused for >= dead_code_patience consecutive steps. Each is reset to a vector of the
+    current batch, with cluster_size = max(dead_code_threshold, 1) and a fresh patience: a uniformly random one
+    (dead_code_sampling="uniform"), or (="error") one drawn without replacement with probability proportional
+    to its squared distance to its nearest code, so that new codes go where the codebook serves worst
+    (k-means++-like seeding).
     """
 
     def __init__(
@@ -100,8 +116,13 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         dead_code_threshold: float = 1.0,
         dead_code_patience: int | None = None,
+        dead_code_sampling: str = "uniform",
     ):
         super().__init__()
+        if dead_code_sampling not in DEAD_CODE_SAMPLING:
+            raise ConfigError(
+                f"dead_code_sampling must be one of {DEAD_CODE_SAMPLING}; got {dead_code_sampling!r}"
+            )
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"decay must be in [0, 1); got {decay}")
         if codebook_size < 1 or dim < 1:
@@ -110,6 +131,7 @@ class VectorQuantizer(nn.Module):
         self.decay, self.eps, self.commitment = decay, eps, commitment
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold, self.dead_code_patience = dead_code_threshold, dead_code_patience
+        self.dead_code_sampling = dead_code_sampling
         embed = torch.randn(codebook_size, dim)
         self.register_buffer("embed", embed)
         self.register_buffer("embed_avg", embed.clone())
@@ -144,7 +166,7 @@ class VectorQuantizer(nn.Module):
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
 
     @torch.no_grad()
-    def _replace_dead(self, flat: torch.Tensor) -> int:
+    def _replace_dead(self, flat: torch.Tensor, err: torch.Tensor) -> int:
         dead = self.cluster_size < self.dead_code_threshold
         if self.dead_code_patience is not None:
             dead |= self.unused_steps >= self.dead_code_patience
@@ -152,7 +174,11 @@ class VectorQuantizer(nn.Module):
         if n_dead == 0:
             return 0
         n = flat.shape[0]
-        pick = torch.randperm(n)[:n_dead] if n >= n_dead else torch.randint(0, n, (n_dead,))
+        if self.dead_code_sampling == "error" and n >= n_dead and bool((err > 0).sum() >= n_dead):
+            # the worst-served vectors: drawn without replacement with probability ~ squared error
+            pick = torch.multinomial(err.float().cpu(), n_dead, replacement=False)
+        else:
+            pick = torch.randperm(n)[:n_dead] if n >= n_dead else torch.randint(0, n, (n_dead,))
         fresh = flat[pick.to(flat.device)]
         size = max(self.dead_code_threshold, 1.0)
         self.embed[dead] = fresh
@@ -172,13 +198,14 @@ class VectorQuantizer(nn.Module):
         dist = (
             flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None, :]
         )
-        idx = dist.argmin(dim=1)
+        err, idx = dist.min(dim=1)
+        err = err.clamp_min(0.0)  # the expanded distance can dip below 0 by rounding
         codes = F.embedding(idx, self.embed).view_as(z).to(z.dtype)
         replaced = 0
         if self.training:
             self._ema_update(flat, idx)
             if self.dead_code_threshold > 0 or self.dead_code_patience is not None:
-                replaced = self._replace_dead(flat)
+                replaced = self._replace_dead(flat, err)
         commit = self.commitment * F.mse_loss(z, codes.detach())
         z_q = z + (codes - z).detach()
         indices = idx.view(z.shape[:-1])
@@ -192,17 +219,22 @@ class ResidualVQ(nn.Module):
 
     indices are (..., num_levels); z_q = sum of the level codes (straight-through to z as a whole);
     info["commit_loss"] sums the levels' commitment losses; `forward(z, num_levels=n)` uses the first n
-    levels only (coarser reconstruction, same codebooks).
+    levels only (coarser reconstruction, same codebooks). backend "vqtorch" makes each level a
+    LibVectorQuantizer (the library's VectorQuantize); the residual loop is this one, which is what the
+    library's own ResidualVQ does without quantize dropout or beam search (it has no first-n-levels forward).
     """
 
-    def __init__(self, dim: int, codebook_size: int, num_levels: int = 4, **vq_kwargs: Any):
+    def __init__(
+        self, dim: int, codebook_size: int, num_levels: int = 4, backend: str = "mmfusion", **vq_kwargs: Any
+    ):
         super().__init__()
         if num_levels < 1:
             raise ConfigError(f"num_levels must be >= 1; got {num_levels}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.dim, self.codebook_size, self.num_levels = dim, codebook_size, num_levels
-        self.levels = nn.ModuleList(
-            VectorQuantizer(dim, codebook_size, **vq_kwargs) for _ in range(num_levels)
-        )
+        level_cls = VectorQuantizer if backend == "mmfusion" else LibVectorQuantizer
+        self.levels = nn.ModuleList(level_cls(dim, codebook_size, **vq_kwargs) for _ in range(num_levels))
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (..., n) with n <= num_levels -> summed codes (..., D)."""
@@ -292,6 +324,121 @@ class FSQ(nn.Module):
         info: dict[str, Any] = {"commit_loss": z.new_zeros(()), "replaced": 0}
         info.update(self.usage_stats(indices))
         return z_q, indices, info
+
+
+# ---- vector-quantize-pytorch backend ----------------------------------------------------------------------
+
+
+class LibVectorQuantizer(nn.Module):
+    """`vector_quantize_pytorch.VectorQuantize` (EMA codebook, k-means init, dead-code expiry) behind the
+    VectorQuantizer interface: z (..., D) -> (z_q, indices (...), info with commit_loss, replaced, usage stats).
+
+    Library semantics that differ from VectorQuantizer: dead codes are those with EMA count below
+    `dead_code_threshold` only (no patience rule) and are reset to random vectors of the current batch with
+    count `dead_code_threshold`; `rotation_trick` (its default for dim > 1) replaces the straight-through
+    gradient by the rotation trick (Fifty et al. 2024), off here unless asked for. The codebook buffers live
+    under `vq._codebook` (embed (1, K, D), embed_avg, cluster_size (1, K), initted) and are saved with it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment: float = 0.25,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 1.0,
+        rotation_trick: bool = False,
+    ):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"decay must be in [0, 1); got {decay}")
+        if codebook_size < 1 or dim < 1:
+            raise ConfigError(f"codebook_size and dim must be >= 1; got {codebook_size}, {dim}")
+        self.dim, self.codebook_size = dim, codebook_size
+        self.decay, self.dead_code_threshold = decay, dead_code_threshold
+        self.vq = VectorQuantize(
+            dim,
+            codebook_size,
+            decay=decay,
+            eps=eps,
+            commitment_weight=commitment,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=dead_code_threshold,
+            rotation_trick=rotation_trick,
+        )
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The codebook (K, D)."""
+        return self.vq._codebook.embed[0]
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) -> codes (..., D) from the current codebook."""
+        return self.vq.get_output_from_indices(indices.long())
+
+    def usage_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        return codebook_usage(indices, self.codebook_size)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """z (..., D) -> z_q (..., D), indices (...), info: commit_loss (tensor, 0 in eval mode), perplexity,
+        usage, normalized_perplexity (this batch), replaced (dead codes reset this step)."""
+        if z.shape[-1] != self.dim:
+            raise DataError(f"LibVectorQuantizer expects last dim {self.dim}; got shape {tuple(z.shape)}")
+        flat = z.reshape(1, -1, self.dim)  # the library wants (batch, tokens, dim)
+        before = self.vq._codebook.cluster_size[0].clone() if self.training else None
+        z_q, idx, commit = self.vq(flat)
+        idx = idx.reshape(-1)
+        replaced = 0
+        if before is not None and self.dead_code_threshold > 0:
+            # the library does not report it: codes whose EMA count fell below the threshold this step
+            counts = torch.bincount(idx, minlength=self.codebook_size).to(before.dtype)
+            after = before * self.decay + counts * (1 - self.decay)
+            replaced = min(int((after < self.dead_code_threshold).sum()), idx.numel())
+        info: dict[str, Any] = {"commit_loss": commit.reshape(()), "replaced": replaced}
+        info.update(self.usage_stats(idx))
+        return z_q.reshape(z.shape), idx.view(z.shape[:-1]), info
+
+
+class LibFSQ(nn.Module):
+    """`vector_quantize_pytorch.FSQ` behind the FSQ interface: z (..., len(levels)) -> (z_q in [-1, 1],
+    indices (...), info). `noise_dropout` > 0 (with the library's symmetry-preserving rounding, Zhang et al.
+    2024) replaces that fraction of the rounded values by a random offset in training."""
+
+    def __init__(self, levels: Sequence[int] = (8, 6, 5), noise_dropout: float = 0.0):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ as _LibFSQ
+
+        levels = [int(v) for v in levels]
+        if not levels or min(levels) < 2:
+            raise ConfigError(f"FSQ levels must be a non-empty list of ints >= 2; got {levels}")
+        if not 0.0 <= noise_dropout < 1.0:
+            raise ConfigError(f"noise_dropout must be in [0, 1); got {noise_dropout}")
+        self.levels_list, self.dim = levels, len(levels)
+        self.codebook_size = math.prod(levels)
+        self.fsq = _LibFSQ(levels, preserve_symmetry=noise_dropout > 0, noise_dropout=noise_dropout)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) -> codes (..., len(levels)) in [-1, 1]."""
+        # flattened: the library reads a (B, H, W) index grid as an image and puts the channels first
+        codes = self.fsq.indices_to_codes(indices.long().reshape(1, -1))
+        return codes.reshape(*indices.shape, self.dim)
+
+    def usage_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        return codebook_usage(indices, self.codebook_size)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if z.shape[-1] != self.dim:
+            raise DataError(f"FSQ expects last dim {self.dim} (= len(levels)); got shape {tuple(z.shape)}")
+        z_q, indices = self.fsq(z.reshape(1, -1, self.dim))
+        info: dict[str, Any] = {"commit_loss": z.new_zeros(()), "replaced": 0}
+        info.update(self.usage_stats(indices))
+        return z_q.reshape(z.shape).to(z.dtype), indices.view(z.shape[:-1]).long(), info
 
 
 # ---- VQ-VAE -----------------------------------------------------------------------------------------------
@@ -418,6 +565,9 @@ class VQVAE(nn.Module):
     dim (code_dim, or len(fsq_levels) for "fsq"); the decoder mirrors it with transposed convs.
     quantizer: "vq" (VectorQuantizer), "rvq" (ResidualVQ with rvq_levels), "fsq" (FSQ with fsq_levels;
     codebook_size is then prod(fsq_levels)).
+    backend: "mmfusion" (this module's quantizers) or "vqtorch" (the vector-quantize-pytorch library's, see
+    LibVectorQuantizer / LibFSQ; `rotation_trick` and `fsq_noise_dropout` are its options).
+    dead_code_sampling ("mmfusion" only): how dead codes are re-seeded (see VectorQuantizer).
     """
 
     def __init__(
@@ -437,10 +587,21 @@ class VQVAE(nn.Module):
         dead_code_patience: int | None = None,
         in_channels: int = 3,
         input_shape: Sequence[int] | None = None,
+        backend: str = "mmfusion",
+        dead_code_sampling: str = "uniform",
+        rotation_trick: bool = False,
+        fsq_noise_dropout: float = 0.0,
     ):
         super().__init__()
         if quantizer not in QUANTIZERS:
             raise ConfigError(f"quantizer must be one of {QUANTIZERS}; got {quantizer!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        lib = backend == "vqtorch"
+        if not lib and (rotation_trick or fsq_noise_dropout):
+            raise ConfigError("rotation_trick and fsq_noise_dropout need backend='vqtorch'")
+        if lib and (dead_code_patience is not None or dead_code_sampling != "uniform"):
+            raise ConfigError("dead_code_patience and dead_code_sampling need backend='mmfusion'")
         shape = (image_size, image_size) if input_shape is None else tuple(int(v) for v in input_shape)
         if len(shape) != 2 or min(shape) < 4 or shape[0] % 4 or shape[1] % 4:
             name = "image_size" if input_shape is None else "input_shape"
@@ -464,23 +625,39 @@ class VQVAE(nn.Module):
             "in_channels": in_channels,
             "input_shape": None if input_shape is None else list(shape),
         }
+        # keys added later are written only when they differ from their default, so that a default model's
+        # config.json stays as it was (and older configs load with the defaults)
+        later = {
+            "backend": backend,
+            "dead_code_sampling": dead_code_sampling,
+            "rotation_trick": rotation_trick,
+            "fsq_noise_dropout": fsq_noise_dropout,
+        }
+        self.config.update({k: v for k, v in later.items() if v != LATER_DEFAULTS[k]})
+        self.backend = backend
         self.image_size, self.quantizer_type = image_size, quantizer
         self.in_channels, self.input_shape = in_channels, shape
         self.grid_shape = (shape[0] // 4, shape[1] // 4)  # (h, w) token grid
         self.grid = self.grid_shape[0] if shape[0] == shape[1] else None  # square side (None if not square)
-        vq_kw = dict(
+        vq_kw: dict[str, Any] = dict(
             decay=decay,
             commitment=commitment,
             kmeans_init=kmeans_init,
             dead_code_threshold=dead_code_threshold,
-            dead_code_patience=dead_code_patience,
         )
-        if quantizer == "vq":
-            self.quantizer: nn.Module = VectorQuantizer(code_dim, codebook_size, **vq_kw)
-        elif quantizer == "rvq":
-            self.quantizer = ResidualVQ(code_dim, codebook_size, rvq_levels, **vq_kw)
+        if lib:
+            vq_kw.update(rotation_trick=rotation_trick)
         else:
-            self.quantizer = FSQ(fsq_levels)
+            vq_kw.update(dead_code_patience=dead_code_patience)
+            if dead_code_sampling != "uniform":
+                vq_kw.update(dead_code_sampling=dead_code_sampling)
+        if quantizer == "vq":
+            vq_cls = LibVectorQuantizer if lib else VectorQuantizer
+            self.quantizer: nn.Module = vq_cls(code_dim, codebook_size, **vq_kw)
+        elif quantizer == "rvq":
+            self.quantizer = ResidualVQ(code_dim, codebook_size, rvq_levels, backend=backend, **vq_kw)
+        else:
+            self.quantizer = LibFSQ(fsq_levels, fsq_noise_dropout) if lib else FSQ(fsq_levels)
         qdim = self.quantizer.dim
         c, c2 = channels, 2 * channels
         self.encoder = nn.Sequential(

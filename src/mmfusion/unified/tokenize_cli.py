@@ -16,8 +16,15 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 FRONTEND_FILE = "frontend.json"
 # per-modality defaults of `tokenize train` (the audio ones are benchmarks/vq.py --modality audio's)
 TRAIN_DEFAULTS = {
-    "image": {"codebook_size": 256, "code_dim": 32, "channels": 32},
-    "audio": {"codebook_size": 128, "code_dim": 16, "channels": 16},
+    "image": {"codebook_size": 256, "code_dim": 32, "channels": 32, "dead_sampling": "error"},
+    "audio": {"codebook_size": 128, "code_dim": 16, "channels": 16, "dead_sampling": "uniform"},
+}
+# per-kind image recipes of benchmarks/vq.py (docs/unified.md, "VQ tokenizers"): (backend, commitment,
+# FSQ noise dropout); audio always uses ("mmfusion", 0.25, 0.0), the audio calibration's settings
+IMAGE_RECIPES = {
+    "vq": ("mmfusion", 0.1, 0.0),
+    "rvq": ("vqtorch", 0.25, 0.0),
+    "fsq": ("vqtorch", 0.25, 0.5),
 }
 
 
@@ -56,6 +63,24 @@ def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fsq-levels", default="8,6,5", help="comma-separated FSQ levels (default 8,6,5)")
     t.add_argument(
         "--dead-threshold", type=float, default=3.0, help="dead-code EMA count threshold (default 3)"
+    )
+    t.add_argument(
+        "--backend", choices=["mmfusion", "vqtorch"],
+        help="quantizers: mmfusion's own, or the vector-quantize-pytorch library's (default: vqtorch for "
+        "image rvq and fsq, mmfusion otherwise: the calibrated recipes of benchmarks/vq.py)",
+    )  # fmt: skip
+    t.add_argument(
+        "--fsq-noise-dropout", type=float,
+        help="vqtorch backend, fsq: fraction of rounded values replaced by noise in training (default 0.5 "
+        "for image fsq on vqtorch, else 0)",
+    )  # fmt: skip
+    t.add_argument(
+        "--dead-sampling", choices=["uniform", "error"],
+        help="mmfusion backend, vq/rvq: dead codes re-seeded from uniformly drawn or error-weighted batch "
+        "vectors (default error image, uniform audio: the calibrated recipes of benchmarks/vq.py)",
+    )  # fmt: skip
+    t.add_argument(
+        "--commitment", type=float, help="commitment loss weight (vq/rvq; default 0.1 image vq, else 0.25)"
     )
     t.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
     t.add_argument(
@@ -204,6 +229,13 @@ def cmd_tokenize_train(args) -> int:
     for k, v in TRAIN_DEFAULTS[args.modality].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    backend, commitment, noise = ("mmfusion", 0.25, 0.0) if audio else IMAGE_RECIPES[args.kind]
+    args.backend = backend if args.backend is None else args.backend
+    args.commitment = commitment if args.commitment is None else args.commitment
+    if args.fsq_noise_dropout is None:
+        args.fsq_noise_dropout = noise if args.backend == "vqtorch" else 0.0
+    if args.backend == "mmfusion" and args.fsq_noise_dropout:
+        raise ConfigError("--fsq-noise-dropout needs --backend vqtorch")
     try:
         fsq = [int(v) for v in args.fsq_levels.split(",")]
     except ValueError:
@@ -253,6 +285,13 @@ def cmd_tokenize_train(args) -> int:
         rvq_levels=args.rvq_levels,
         fsq_levels=fsq,
         dead_code_threshold=args.dead_threshold,
+        commitment=args.commitment,
+        backend=args.backend,
+        **(
+            dict(dead_code_sampling=args.dead_sampling)
+            if args.backend == "mmfusion"
+            else dict(fsq_noise_dropout=args.fsq_noise_dropout if args.kind == "fsq" else 0.0)
+        ),
         **(dict(in_channels=1, input_shape=frontend.shape) if audio else {}),
     )
     train_vqvae(model, train, args.steps, args.batch, args.lr, args.seed, progress=True)
@@ -262,7 +301,7 @@ def cmd_tokenize_train(args) -> int:
     if audio:
         meta = {"modality": "audio", **frontend.to_dict()}
         (Path(out) / FRONTEND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"trained {args.kind} {args.modality} tokenizer on {source}: {out}")
+    print(f"trained {args.kind} {args.modality} tokenizer ({args.backend} backend) on {source}: {out}")
     print(
         f"held-out: usage {metrics['usage']:.3f}, perplexity {metrics['perplexity']:.1f} "
         f"(normalised {metrics['normalized_perplexity']:.3f}), PSNR {metrics['psnr']:.2f} dB"
