@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfusion.data.synthetic import TEMPLATES, SyntheticWorld, WorldConfig, caption_for, make_split
+from mmfusion.data.synthetic import TEMPLATES, caption_for, make_split
 from mmfusion.eval.generation import (
     attribute_accuracy,
     caption_metrics,
@@ -48,33 +48,24 @@ from mmfusion.eval.generation import (
     save_image_grid,
 )
 from mmfusion.eval.judge import SyntheticJudge
-from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
-from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab, collate
+from mmfusion.unified.sequences import collate
 from mmfusion.unified.train import (
     UnifiedBundle,
     UnifiedTrainConfig,
     evaluate_vqvae,
     images_to_tensor,
-    train_text_tokenizer,
+    synthetic_setup,
     train_unified,
-    train_vqvae,
     world_task_data,
 )
 
 
 def setup(seed: int, image_size: int, n: int, vq_kw: dict, vq_steps: int, text_vocab: int):
-    world = SyntheticWorld(WorldConfig(seed=seed, image_size=image_size))
-    samples = make_split(world, "train", n, ("image", "text", "vqa"))
-    tok = train_text_tokenizer(samples, text_vocab)
-    torch.manual_seed(seed)
-    vq = VQVAE(image_size=image_size, dead_code_threshold=3.0, **vq_kw)
-    pixels = images_to_tensor([s["image"] for s in samples])
-    train_vqvae(vq, pixels, steps=vq_steps, batch_size=32, seed=seed)
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
-    builder = SequenceBuilder(vocab, tok)
-    return world, tok, vq, vocab, builder, world_task_data(world, "train", n, vq, builder)
+    st = synthetic_setup(seed, image_size, n, vq_kw, vq_steps, text_vocab)
+    train = world_task_data(st.world, "train", n, st.vqvae, st.builder)
+    return st.world, st.text_tokenizer, st.vqvae, st.vocab, st.builder, train
 
 
 # ---- stability -------------------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ def stability(args) -> list[dict]:
                 "steps": args.stab_steps,
                 "max_attn_logit": res.max_attn_logit,
                 "image_ppl": res.last["image_ppl"],
-                "min_image_ppl": min(h["image_ppl"] for h in res.history[1:]),
+                "min_image_ppl": min(h["image_ppl"] for h in (res.history[1:] or res.history)),
                 "held_image_ppl": float(np.exp(held_ce["ce_image"].item())),
                 "ce": res.last["ce"],
                 "held_log_z_abs": log_z,

@@ -31,18 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
-from mmfusion.models.vq import VQVAE
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
-from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab, collate
-from mmfusion.unified.train import (
-    UnifiedTrainConfig,
-    images_to_tensor,
-    train_text_tokenizer,
-    train_unified,
-    train_vqvae,
-    world_task_data,
-)
+from mmfusion.unified.sequences import UnifiedVocab, collate
+from mmfusion.unified.train import UnifiedTrainConfig, synthetic_setup, train_unified, world_task_data
 
 TASKS = ("caption", "image", "vqa")
 
@@ -59,19 +50,10 @@ def variants(depth: int) -> dict[str, dict]:
 
 
 def data(seed: int, samples: int, codebook: int):
-    world = SyntheticWorld(WorldConfig(seed=seed, image_size=16))
-    train_samples = make_split(world, "train", samples, ("image", "text", "vqa"))
-    tok = train_text_tokenizer(train_samples, 128)
-    torch.manual_seed(seed)
-    vq = VQVAE(image_size=16, channels=16, codebook_size=codebook, code_dim=16, dead_code_threshold=3.0)
-    train_vqvae(
-        vq, images_to_tensor([s["image"] for s in train_samples]), steps=100, batch_size=32, seed=seed
-    )
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
-    builder = SequenceBuilder(vocab, tok)
-    train = world_task_data(world, "train", samples, vq, builder)
-    held = world_task_data(world, "test", 48, vq, builder, uncond_every=0)
-    return vocab, train, held
+    st = synthetic_setup(seed, 16, samples, dict(channels=16, codebook_size=codebook, code_dim=16), 100, 128)
+    train = world_task_data(st.world, "train", samples, st.vqvae, st.builder)
+    held = world_task_data(st.world, "test", 48, st.vqvae, st.builder, uncond_every=0)
+    return st.vocab, train, held
 
 
 @torch.no_grad()

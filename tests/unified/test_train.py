@@ -12,19 +12,15 @@ import math
 import pytest
 import torch
 
-from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
 from mmfusion.errors import ConfigError, DataError
-from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
-from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab, collate
+from mmfusion.unified.sequences import collate
 from mmfusion.unified.train import (
     UnifiedBundle,
     UnifiedTrainConfig,
-    images_to_tensor,
-    train_text_tokenizer,
+    synthetic_setup,
     train_unified,
-    train_vqvae,
     world_task_data,
 )
 
@@ -35,14 +31,8 @@ STABILITY_STEPS = 500
 @pytest.fixture(scope="module")
 def setup():
     torch.set_num_threads(1)
-    world = SyntheticWorld(WorldConfig(seed=0, image_size=16))
-    samples = make_split(world, "train", 256, ("image", "text", "vqa"))
-    tok = train_text_tokenizer(samples, 128)
-    torch.manual_seed(0)
-    vq = VQVAE(image_size=16, channels=16, codebook_size=64, code_dim=16, dead_code_threshold=3.0)
-    train_vqvae(vq, images_to_tensor([s["image"] for s in samples]), steps=100, batch_size=32)
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
-    builder = SequenceBuilder(vocab, tok)
+    st = synthetic_setup(0, 16, 256, dict(channels=16, codebook_size=64, code_dim=16), 100, 128)
+    world, tok, vq, vocab, builder = st.world, st.text_tokenizer, st.vqvae, st.vocab, st.builder
     train = world_task_data(world, "train", 256, vq, builder)
     held = world_task_data(world, "test", 48, vq, builder, uncond_every=0)
     return world, tok, vq, vocab, builder, train, held
@@ -82,14 +72,9 @@ def stability_runs():
     """QK-norm and the no-QK-norm control at lr 1e-2 (constant after 5 warm-up steps), batch 8, on 32x32
     images tokenized by an EMA VQ-VAE with K=256 (64 codes per image); image perplexity per 100-step window."""
     torch.set_num_threads(1)
-    world = SyntheticWorld(WorldConfig(seed=0, image_size=32))
-    samples = make_split(world, "train", 256, ("image", "text", "vqa"))
-    tok = train_text_tokenizer(samples, 128)
-    torch.manual_seed(0)
-    vq = VQVAE(image_size=32, channels=16, codebook_size=256, code_dim=16, dead_code_threshold=3.0)
-    train_vqvae(vq, images_to_tensor([s["image"] for s in samples]), steps=300, batch_size=32)
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
-    train = world_task_data(world, "train", 256, vq, SequenceBuilder(vocab, tok))
+    st = synthetic_setup(0, 32, 256, dict(channels=16, codebook_size=256, code_dim=16), 300, 128)
+    vocab = st.vocab
+    train = world_task_data(st.world, "train", 256, st.vqvae, st.builder)
     out = {}
     for name, qk in (("qk", True), ("no_qk", False)):
         torch.manual_seed(0)

@@ -191,6 +191,43 @@ def world_task_data(
     return TaskData(samples, codes, examples, audio_codes)
 
 
+@dataclass
+class SyntheticSetup:
+    """A synthetic world with what a small unified model needs from it: its training samples, a BPE text
+    tokenizer and a VQ-VAE trained on them, the vocabulary and the sequence builder."""
+
+    world: SyntheticWorld
+    samples: list[dict[str, Any]]
+    text_tokenizer: TextTokenizer
+    vqvae: VQVAE
+    vocab: UnifiedVocab
+    builder: SequenceBuilder
+
+
+def synthetic_setup(
+    seed: int,
+    image_size: int,
+    n: int,
+    vq_kwargs: Mapping[str, Any],
+    vq_steps: int,
+    text_vocab: int,
+    dead_code_threshold: float = 3.0,
+) -> SyntheticSetup:
+    """The recipe the unified tests and benchmarks share: `n` train scenes of SyntheticWorld(seed, image_size),
+    a BPE of `text_vocab` ids on their captions, and VQVAE(image_size, dead_code_threshold, **vq_kwargs) built
+    after torch.manual_seed(seed) and trained `vq_steps` steps of 32 images (`train_vqvae`, same seed)."""
+    from ..data.synthetic import WorldConfig
+
+    world = SyntheticWorld(WorldConfig(seed=seed, image_size=image_size))
+    samples = make_split(world, "train", n, ("image", "text", "vqa"))
+    tok = train_text_tokenizer(samples, text_vocab)
+    torch.manual_seed(seed)
+    vq = VQVAE(image_size=image_size, dead_code_threshold=dead_code_threshold, **vq_kwargs)
+    train_vqvae(vq, images_to_tensor([s["image"] for s in samples]), steps=vq_steps, batch_size=32, seed=seed)
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
+    return SyntheticSetup(world, samples, tok, vq, vocab, SequenceBuilder(vocab, tok))
+
+
 def _words(text: str) -> str:
     return " ".join(re.sub(r"[^a-z ]+", " ", text.lower()).split())
 
