@@ -428,3 +428,66 @@ def test_error_weighted_replacement_serves_rare_clusters():
         errors[sampling] = torch.cdist(far, vq.embed).min(dim=1).values
     assert errors["error"].max().item() < 0.5
     assert (errors["uniform"] > 2.0).sum().item() >= 4, errors["uniform"]
+
+
+@pytest.mark.parametrize("backend", ["mmfusion", "vqtorch"])
+def test_rvq_quantize_dropout_trains_prefixes_and_eval_uses_all(backend):
+    """Train mode: each forward uses the first n ~ U{cutoff..L} levels (the others get no codebook update);
+    eval mode and an explicit num_levels are unaffected."""
+    rvq = ResidualVQ(4, 8, num_levels=4, backend=backend, quantize_dropout=True)
+    z = torch.randn(64, 4)
+    rvq(z)  # k-means init of the levels reached
+    used = [rvq(z)[1].shape[-1] for _ in range(40)]
+    assert set(used) == {1, 2, 3, 4}
+    rvq.eval()
+    assert rvq(z)[1].shape[-1] == 4 and rvq(z, num_levels=2)[1].shape[-1] == 2
+    rvq.train()
+    assert rvq(z, num_levels=3)[1].shape[-1] == 3
+    cut = ResidualVQ(4, 8, num_levels=4, backend=backend, quantize_dropout=True, quantize_dropout_cutoff=3)
+    assert {cut(z)[1].shape[-1] for _ in range(20)} == {3, 4}
+    if backend == "mmfusion":  # skipped levels see no batch: their EMA state is unchanged
+        vq = ResidualVQ(4, 8, num_levels=2, quantize_dropout=True)
+        vq(z, num_levels=2)
+        seed = next(s for s in range(100) if torch.manual_seed(s) and int(torch.randint(1, 3, ())) == 1)
+        before = [lvl.cluster_size.clone() for lvl in vq.levels]
+        z2 = 3 * z + 1
+        torch.manual_seed(seed)
+        assert vq(z2)[1].shape[-1] == 1
+        assert not torch.equal(vq.levels[0].cluster_size, before[0])
+        assert torch.equal(vq.levels[1].cluster_size, before[1])
+
+
+def test_rvq_commitment_per_level_mean_and_depth_one_identity(tmp_path):
+    z = torch.randn(32, 4, requires_grad=True)
+    losses = {}
+    for mode in ("sum", "mean", "final"):
+        torch.manual_seed(0)
+        rvq = ResidualVQ(4, 8, num_levels=3, commitment_per_level=mode, commitment=0.5)
+        z_q, _, info = rvq(z)
+        losses[mode] = info["commit_loss"]
+    assert torch.allclose(losses["mean"] * 3, losses["sum"])
+    # final: one term on the summed codes, and its gradient pulls z towards them (not towards level 1's)
+    assert torch.allclose(losses["final"], 0.5 * (z - z_q).pow(2).mean())
+    (grad,) = torch.autograd.grad(losses["final"], z)
+    assert torch.allclose(grad, (z - z_q).detach() / z.numel())
+    assert losses["final"] < losses["sum"] / 3
+    # depth 1 with the new options is the plain VectorQuantizer's model, RNG stream included
+    out = {}
+    for kw in ({}, {"quantize_dropout": True, "commitment_per_level": "mean"}):
+        torch.manual_seed(0)
+        rvq = ResidualVQ(4, 8, num_levels=1, **kw)
+        out[len(kw)] = [rvq(z)[2]["commit_loss"].item() for _ in range(3)] + [torch.rand(()).item()]
+    assert out[0] == out[2]
+    # config.json: the new keys are written only when set; they need quantizer="rvq"
+    model = VQVAE(channels=8, codebook_size=16, code_dim=4, quantizer="rvq", quantize_dropout=True)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert cfg["quantize_dropout"] is True and "commitment_per_level" not in cfg
+    assert VQVAE.from_pretrained(tmp_path).quantizer.quantize_dropout
+    assert "quantize_dropout" not in VQVAE(quantizer="rvq").config
+    with pytest.raises(ConfigError, match="quantize_dropout.*quantizer='rvq'"):
+        VQVAE(quantize_dropout=True)
+    with pytest.raises(ConfigError, match="commitment_per_level must be one of"):
+        ResidualVQ(4, 8, commitment_per_level="max")
+    with pytest.raises(ConfigError, match="quantize_dropout_cutoff"):
+        ResidualVQ(4, 8, num_levels=2, quantize_dropout_cutoff=3)

@@ -43,7 +43,11 @@ LATER_DEFAULTS = {
     "dead_code_sampling": "uniform",
     "rotation_trick": False,
     "fsq_noise_dropout": 0.0,
+    "quantize_dropout": False,
+    "quantize_dropout_cutoff": 1,
+    "commitment_per_level": "sum",
 }
+COMMITMENT_PER_LEVEL = ("sum", "mean", "final")
 
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
@@ -221,15 +225,43 @@ class ResidualVQ(nn.Module):
     info["commit_loss"] sums the levels' commitment losses; `forward(z, num_levels=n)` uses the first n
     levels only (coarser reconstruction, same codebooks). backend "vqtorch" makes each level a
     LibVectorQuantizer (the library's VectorQuantize); the residual loop is this one, which is what the
-    library's own ResidualVQ does without quantize dropout or beam search (it has no first-n-levels forward).
+    library's own ResidualVQ does without beam search (it has no first-n-levels forward).
+
+    quantize_dropout (opt-in, as in SoundStream and the library's `quantize_dropout`): in training mode a
+    forward without `num_levels` uses the first n levels with n drawn uniformly from
+    {quantize_dropout_cutoff, ..., num_levels} (torch's global RNG), so that every prefix of levels is trained
+    to reconstruct; the skipped levels see no batch and get no codebook update. Eval mode always uses all
+    levels. commitment_per_level: "sum" (default) adds the levels' commitment losses (level l pulls z towards
+    the sum of the codes of levels <= l, so level 1 pulls it onto its coarse code as a plain VQ would), "mean"
+    averages them over the levels used (EnCodec), "final" replaces them by one term, commitment *
+    ||z - sg(sum of all levels' codes)||^2: the VQ-VAE commitment of the RVQ as one quantizer (computed in
+    eval mode too, for either backend). At depth 1 all three are the same loss.
     """
 
     def __init__(
-        self, dim: int, codebook_size: int, num_levels: int = 4, backend: str = "mmfusion", **vq_kwargs: Any
+        self,
+        dim: int,
+        codebook_size: int,
+        num_levels: int = 4,
+        backend: str = "mmfusion",
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff: int = 1,
+        commitment_per_level: str = "sum",
+        **vq_kwargs: Any,
     ):
         super().__init__()
         if num_levels < 1:
             raise ConfigError(f"num_levels must be >= 1; got {num_levels}")
+        if not 1 <= quantize_dropout_cutoff <= num_levels:
+            raise ConfigError(
+                f"quantize_dropout_cutoff must be in [1, num_levels={num_levels}]; got {quantize_dropout_cutoff}"
+            )
+        if commitment_per_level not in COMMITMENT_PER_LEVEL:
+            raise ConfigError(
+                f"commitment_per_level must be one of {COMMITMENT_PER_LEVEL}; got {commitment_per_level!r}"
+            )
+        self.quantize_dropout, self.quantize_dropout_cutoff = quantize_dropout, quantize_dropout_cutoff
+        self.commitment_per_level = commitment_per_level
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.dim, self.codebook_size, self.num_levels = dim, codebook_size, num_levels
@@ -255,6 +287,13 @@ class ResidualVQ(nn.Module):
         self, z: torch.Tensor, num_levels: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         n = self.num_levels if num_levels is None else num_levels
+        if (
+            num_levels is None
+            and self.training
+            and self.quantize_dropout
+            and self.quantize_dropout_cutoff < n
+        ):
+            n = int(torch.randint(self.quantize_dropout_cutoff, self.num_levels + 1, ()))
         if not 1 <= n <= self.num_levels:
             raise ConfigError(f"num_levels must be in [1, {self.num_levels}]; got {n}")
         residual, total = z, torch.zeros_like(z)
@@ -267,6 +306,10 @@ class ResidualVQ(nn.Module):
             all_idx.append(idx)
             commit = commit + info["commit_loss"]
             replaced += info["replaced"]
+        if self.commitment_per_level == "mean":
+            commit = commit / n
+        elif self.commitment_per_level == "final":
+            commit = self.levels[0].commitment * F.mse_loss(z, total.detach())
         indices = torch.stack(all_idx, dim=-1)
         z_q = z + (total - z).detach()
         info = {"commit_loss": commit, "replaced": replaced}
@@ -360,7 +403,7 @@ class LibVectorQuantizer(nn.Module):
         if codebook_size < 1 or dim < 1:
             raise ConfigError(f"codebook_size and dim must be >= 1; got {codebook_size}, {dim}")
         self.dim, self.codebook_size = dim, codebook_size
-        self.decay, self.dead_code_threshold = decay, dead_code_threshold
+        self.decay, self.dead_code_threshold, self.commitment = decay, dead_code_threshold, commitment
         self.vq = VectorQuantize(
             dim,
             codebook_size,
@@ -568,6 +611,8 @@ class VQVAE(nn.Module):
     backend: "mmfusion" (this module's quantizers) or "vqtorch" (the vector-quantize-pytorch library's, see
     LibVectorQuantizer / LibFSQ; `rotation_trick` and `fsq_noise_dropout` are its options).
     dead_code_sampling ("mmfusion" only): how dead codes are re-seeded (see VectorQuantizer).
+    quantize_dropout, quantize_dropout_cutoff, commitment_per_level ("rvq" only, either backend): see
+    ResidualVQ.
     """
 
     def __init__(
@@ -591,6 +636,9 @@ class VQVAE(nn.Module):
         dead_code_sampling: str = "uniform",
         rotation_trick: bool = False,
         fsq_noise_dropout: float = 0.0,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff: int = 1,
+        commitment_per_level: str = "sum",
     ):
         super().__init__()
         if quantizer not in QUANTIZERS:
@@ -602,6 +650,14 @@ class VQVAE(nn.Module):
             raise ConfigError("rotation_trick and fsq_noise_dropout need backend='vqtorch'")
         if lib and (dead_code_patience is not None or dead_code_sampling != "uniform"):
             raise ConfigError("dead_code_patience and dead_code_sampling need backend='mmfusion'")
+        rvq_opts = {
+            "quantize_dropout": quantize_dropout,
+            "quantize_dropout_cutoff": quantize_dropout_cutoff,
+            "commitment_per_level": commitment_per_level,
+        }
+        if quantizer != "rvq" and any(v != LATER_DEFAULTS[k] for k, v in rvq_opts.items()):
+            raise ConfigError(f"quantize_dropout, quantize_dropout_cutoff and commitment_per_level need "
+                              f"quantizer='rvq'; got quantizer={quantizer!r}")  # fmt: skip
         shape = (image_size, image_size) if input_shape is None else tuple(int(v) for v in input_shape)
         if len(shape) != 2 or min(shape) < 4 or shape[0] % 4 or shape[1] % 4:
             name = "image_size" if input_shape is None else "input_shape"
@@ -632,6 +688,7 @@ class VQVAE(nn.Module):
             "dead_code_sampling": dead_code_sampling,
             "rotation_trick": rotation_trick,
             "fsq_noise_dropout": fsq_noise_dropout,
+            **rvq_opts,
         }
         self.config.update({k: v for k, v in later.items() if v != LATER_DEFAULTS[k]})
         self.backend = backend
@@ -655,7 +712,10 @@ class VQVAE(nn.Module):
             vq_cls = LibVectorQuantizer if lib else VectorQuantizer
             self.quantizer: nn.Module = vq_cls(code_dim, codebook_size, **vq_kw)
         elif quantizer == "rvq":
-            self.quantizer = ResidualVQ(code_dim, codebook_size, rvq_levels, backend=backend, **vq_kw)
+            rvq_kw = {k: v for k, v in rvq_opts.items() if v != LATER_DEFAULTS[k]}
+            self.quantizer = ResidualVQ(
+                code_dim, codebook_size, rvq_levels, backend=backend, **rvq_kw, **vq_kw
+            )
         else:
             self.quantizer = LibFSQ(fsq_levels, fsq_noise_dropout) if lib else FSQ(fsq_levels)
         qdim = self.quantizer.dim
