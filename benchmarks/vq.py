@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -108,6 +109,11 @@ def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, 
     torch.manual_seed(seed)
     model = build(setting, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = None
+    if args.lr_schedule == "cosine":  # cosine decay to 0.1 x lr over --steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        )
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
     first_psnr = None
@@ -117,6 +123,8 @@ def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, 
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if step == 0:
             first_psnr = psnr(out.recon.detach(), batch)
     model.eval()
@@ -225,6 +233,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="default 500 (image), 400 (audio)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: decay to 0.1 x lr"
+    )
     p.add_argument("--codebook-size", type=int, help="default 256 (image), 128 (audio)")
     p.add_argument("--code-dim", type=int, help="default 32 (image), 16 (audio)")
     p.add_argument("--channels", type=int, help="default 32 (image), 16 (audio)")
