@@ -91,6 +91,18 @@ def _text_constraint(bundle: UnifiedBundle):
     return _span_constraint(bundle, allow_images=False)
 
 
+def _captions(
+    bundle: UnifiedBundle, prompts, sampling: SamplingConfig | None, max_new_tokens: int
+) -> list[str]:
+    """Text-only constrained decoding of caption prompts (greedy by default) -> the decoded captions."""
+    from .generation import SamplingConfig
+
+    rows = _run_grouped(
+        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
+    )
+    return [bundle.text_tokenizer.decode(r) for r in rows]
+
+
 def caption_images(
     bundle: UnifiedBundle,
     codes: torch.Tensor,
@@ -98,13 +110,7 @@ def caption_images(
     max_new_tokens: int = 40,
 ) -> list[str]:
     """VQ codes (N, ...) -> one caption each (text-only constrained decoding, greedy by default)."""
-    from .generation import SamplingConfig
-
-    prompts = [bundle.builder.caption(c) for c in codes]
-    rows = _run_grouped(
-        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
-    )
-    return [bundle.text_tokenizer.decode(r) for r in rows]
+    return _captions(bundle, [bundle.builder.caption(c) for c in codes], sampling, max_new_tokens)
 
 
 def caption_audio(
@@ -114,13 +120,7 @@ def caption_audio(
     max_new_tokens: int = 40,
 ) -> list[str]:
     """Audio VQ codes (N, ...) -> one caption each (text-only constrained decoding, greedy by default)."""
-    from .generation import SamplingConfig
-
-    prompts = [bundle.builder.audio_caption(c) for c in audio_codes]
-    rows = _run_grouped(
-        bundle, prompts, max_new_tokens, _text_constraint(bundle), sampling or SamplingConfig()
-    )
-    return [bundle.text_tokenizer.decode(r) for r in rows]
+    return _captions(bundle, [bundle.builder.audio_caption(c) for c in audio_codes], sampling, max_new_tokens)
 
 
 def answer_questions(
