@@ -242,3 +242,23 @@ def test_train_unified_rejects_a_bad_decoder_option_before_any_work(tmp_path, ca
     )
     assert code != 0 and "hierarchical_layers = 2: expected an integer in [0, depth=1]" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_audio_front_end_flags(tmp_path, capsys):
+    code, out, _ = _run(
+        capsys, "tokenize", "train", "--modality", "audio", "--out", tmp_path / "t", "--steps", "2",
+        "--train-images", "4", "--eval-images", "2", "--channels", "4", "--codebook-size", "8", "--code-dim", "4",
+        "--threads", "1", "--n-mels", "32", "--hop", "320", "--clip-seconds", "0.25",
+    )  # fmt: skip
+    assert code == 0
+    meta = json.loads((tmp_path / "t" / "frontend.json").read_text())
+    assert meta == {"modality": "audio", "sample_rate": 16000, "seconds": 0.25, "n_mels": 32, "hop": 320}
+    # 32 mels / 4 = 8 rows; 1 + 4000 // 320 = 13 frames, padded to 16, / 4 = 4 columns
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["tokens_per_image"] == 8 * 4
+    code, _, err = _run(capsys, "tokenize", "train", "--out", tmp_path / "i", "--n-mels", "32")
+    assert code != 0 and "--n-mels, --hop, --clip-seconds and --sample-rate need --modality audio" in err
+    code, _, err = _run(
+        capsys, "tokenize", "train", "--modality", "audio", "--out", tmp_path / "a", "--n-mels", "30"
+    )
+    assert code != 0 and "n_mels a positive multiple of 4" in err and "n_mels=30" in err

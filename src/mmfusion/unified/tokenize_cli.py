@@ -50,6 +50,14 @@ def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--out", required=True, help="folder to write the tokenizer to")
     t.add_argument("--modality", default="image", choices=["image", "audio"], help="default image")
+    t.add_argument(
+        "--n-mels", type=int, help="audio: mel bands of the spectrogram, a multiple of 4 (default 64)"
+    )
+    t.add_argument("--hop", type=int, help="audio: STFT hop in samples (default 160 = 10 ms at 16 kHz)")
+    t.add_argument(
+        "--clip-seconds", type=float, help="audio: clip length the front end cuts or pads to (default 0.5)"
+    )
+    t.add_argument("--sample-rate", type=int, help="audio: rate clips are resampled to (default 16000)")
     t.add_argument("--kind", default="vq", choices=["vq", "rvq", "fsq"], help="quantizer (default vq)")
     t.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     t.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
@@ -243,7 +251,14 @@ def cmd_tokenize_train(args) -> int:
     for name in ("steps", "batch", "train_images", "eval_images"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    frontend = AudioFrontEnd() if audio else None
+    frontend_flags = {"n_mels": args.n_mels, "hop": args.hop, "seconds": args.clip_seconds,
+                      "sample_rate": args.sample_rate}  # fmt: skip
+    given_flags = {k: v for k, v in frontend_flags.items() if v is not None}
+    if given_flags and not audio:
+        raise ConfigError("--n-mels, --hop, --clip-seconds and --sample-rate need --modality audio")
+    if given_flags.get("hop", 1) < 1:
+        raise ConfigError(f"--hop must be >= 1; got {args.hop}")
+    frontend = AudioFrontEnd(**given_flags) if audio else None
     if args.images or args.audio:
         given = args.audio or args.images
         if audio:
