@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -172,6 +173,10 @@ def cmd_train(args) -> int:
 
     # a worker restarted by torchrun (--max-restarts) continues from the newest valid checkpoint
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank: never outlive the agent that started it
+        from .process import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
     if restarted:
         print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} (torchrun): resuming", flush=True)
     result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
@@ -186,7 +191,12 @@ def cmd_train(args) -> int:
 
 
 def _launch_torchrun(args) -> int:
-    import subprocess
+    """Re-run this command as `--nproc` ranks under torchrun (standalone rendezvous, `--max-restarts`).
+
+    torchrun runs in its own session: SIGINT / SIGTERM sent to this process are forwarded to it (it stops its
+    ranks), and if this process is SIGKILLed Linux SIGTERMs torchrun, whose ranks in turn die with it
+    (mmfusion.process)."""
+    from .process import run_forwarding_signals
 
     # forward everything but the launcher's own options (torchrun would mistake --nproc for its own)
     argv, skip = [], False
@@ -211,10 +221,7 @@ def _launch_torchrun(args) -> int:
         "mmfusion.cli",
         *argv,
     ]
-    # gloo connects the full mesh lazily: after a restart the ranks come up at different times, and the eager
-    # connect (3 quick retries) failed with "Connection refused" here
-    env = {"TORCH_GLOO_LAZY_INIT": "1", **os.environ}
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd)
 
 
 def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:

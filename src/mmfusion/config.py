@@ -230,6 +230,7 @@ class ParallelConfig(Section):
     pipeline: PipelineConfig = PipelineConfig()
     comm: CommConfig = CommConfig()
     timeout_s: float = Field(300.0, gt=0)  # process-group collective timeout
+    init_timeout_s: float = Field(60.0, gt=0)  # joining the group: a missing peer fails the start this fast
 
 
 # ---- distillation (mmfusion.train.distill) -----------------------------------------------------------------
@@ -250,6 +251,13 @@ class DistillConfig(Section):
     beta: float = Field(0.0, ge=0.0)
     feature_loss: Literal["mse", "cosine"] = "mse"
     n_labelled: int | None = Field(None, ge=0)
+
+
+class CallbackConfig(Section):
+    """One `train.callbacks` entry: `target` ("package.module:Name") is called with `args` (mmfusion.train.callbacks)."""
+
+    target: str
+    args: dict[str, Any] = {}
 
 
 class TrainConfig(Section):
@@ -284,6 +292,19 @@ class TrainConfig(Section):
     parallel: ParallelConfig = ParallelConfig()
     # knowledge distillation (T5): the run's model is the student of a trained teacher (task runs)
     distill: DistillConfig | None = None
+    # objects whose hooks the Trainer calls (mmfusion.train.callbacks), built before any work
+    callbacks: list[CallbackConfig] = []
+
+    @model_validator(mode="after")
+    def _callbacks(self) -> TrainConfig:
+        from .train.callbacks import resolve_target
+
+        for i, cb in enumerate(self.callbacks):
+            try:
+                resolve_target(cb.target)
+            except ValueError as e:
+                raise ValueError(f"callbacks[{i}].target = {e}") from None
+        return self
 
     @model_validator(mode="after")
     def _modality_accumulation(self) -> TrainConfig:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from faults import kill_after
+
 RECIPE = Path(__file__).parents[2] / "configs" / "clft.yaml"
 TINY = [
     "data.synthetic.n_train=1024",
@@ -80,8 +82,8 @@ def test_sigkill_in_stage_2_and_resume_is_bitwise_identical(mmfusion, clft_run):
     killed = mmfusion(
         *args("name=killed", pin),
         "--no-eval",
+        *kill_after(97),  # stage 2, step 17; its newest checkpoint: step 90
         cwd=cwd,
-        env={"MMFUSION_FAULT_INJECT_STEP": "97"},  # stage 2, step 17; its newest checkpoint: step 90
         check=False,
     )
     assert killed.returncode in (-9, 137), killed.stderr

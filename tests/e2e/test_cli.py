@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import kill_after
+
 TINY = Path(__file__).with_name("tiny.yaml")
 
 
@@ -102,8 +104,8 @@ def test_sigkill_and_resume_gives_bitwise_identical_weights(mmfusion, tiny_run, 
         "--set",
         pin,
         "--no-eval",
+        *kill_after(7),
         cwd=cwd,
-        env={"MMFUSION_FAULT_INJECT_STEP": "7"},
         check=False,
     )
     assert killed.returncode in (-9, 137), killed.stderr
@@ -344,26 +346,32 @@ def test_fusion_model_on_a_task_from_yaml(mmfusion, tmp_path):
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.timeout(360)
 def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(mmfusion, tiny_run, tmp_path):
-    """Issue 7 (S5): rank 1 is SIGKILLed after step 7 of a 2-process run; torchrun restarts both ranks, they
-    resume from the step-6 checkpoint and finish with weights bitwise equal to an uninterrupted 2-process run."""
+    """Issue 7 (S5), issue 14: rank 1 is SIGKILLed after step 7 of a 2-process run; torchrun restarts both ranks,
+    they resume from the step-6 checkpoint within 60 s and finish with weights bitwise equal to an uninterrupted
+    2-process run. benchmarks/restart_loop.py runs this test 20 times under CPU load."""
     cwd, run, _ = tiny_run
     pin = f"model.text.tokenizer={run / 'tokenizer.json'}"
     common = ["train", "--config", str(TINY), "--set", pin, "--nproc", "2", "--no-eval"]
-    mmfusion(*common, "--set", "name=ddp_ref", cwd=cwd, timeout=180)
+    # a peer that never shows up fails the start in 20 s, a stuck collective in 60 s: torchrun restarts
+    common += ["--set", "train.parallel.init_timeout_s=20", "--set", "train.parallel.timeout_s=60"]
+    mmfusion(*common, "--set", "name=ddp_ref", cwd=cwd, timeout=120)
     marker = tmp_path / "killed"
-    env = {
-        "MMFUSION_FAULT_INJECT_STEP": "7",
-        "MMFUSION_FAULT_INJECT_RANK": "1",
-        "MMFUSION_FAULT_INJECT_MARKER": str(marker),
-    }
     killed = mmfusion(
-        *common, "--set", "name=ddp_killed", "--max-restarts", "3", cwd=cwd, env=env, timeout=240
+        *common,
+        "--set",
+        "name=ddp_killed",
+        "--max-restarts",
+        "3",
+        *kill_after(7, 1, str(marker)),
+        cwd=cwd,
+        timeout=180,
     )
     assert marker.exists(), "the fault was not injected"
-    # a restarted group can itself fail to connect (gloo "Connection refused" while peers come up): torchrun
-    # then restarts again, which is what --max-restarts is for; every restart resumes from the step-6 checkpoint
-    assert "(torchrun): resuming" in killed.stdout, killed.stdout
+    # every restart joins its own store prefix: no stale peer address from the killed attempt
+    assert "Connection refused" not in killed.stderr, killed.stderr
+    assert killed.stdout.count("(torchrun): resuming") == 2, killed.stdout  # one restart, both ranks
     assert "resumed from" in killed.stdout and "(step 6," in killed.stdout, killed.stdout
     a = load_file(str(cwd / "runs" / "ddp_ref" / "model" / "model.safetensors"))
     b = load_file(str(cwd / "runs" / "ddp_killed" / "model" / "model.safetensors"))
@@ -374,4 +382,6 @@ def test_torchrun_restart_after_a_killed_rank_matches_the_uninterrupted_run(mmfu
     died = marker.stat().st_mtime
     after = [r for r in rows if "time" in r and r["time"] > died]
     assert after and after[0]["step"] == 8  # the first logged step after the restart (log_every 2)
-    print(f"recovery: SIGKILL -> step 8 logged after the restart: {after[0]['time'] - died:.1f} s")
+    recovery = after[0]["time"] - died
+    print(f"recovery: SIGKILL -> step 8 logged after the restart: {recovery:.1f} s")
+    assert recovery < 60, f"recovery took {recovery:.1f} s"

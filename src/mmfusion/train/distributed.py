@@ -21,16 +21,56 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_from_env(device: torch.device, timeout_s: float = 300.0) -> bool:
+def init_from_env(device: torch.device, timeout_s: float = 300.0, init_timeout_s: float = 60.0) -> bool:
     """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1).
 
-    Returns True when a group was created. Collectives time out after `timeout_s` instead of hanging.
+    Returns True when a group was created. Collectives time out after `timeout_s` instead of hanging; joining
+    the group (finding every peer's address in the store) fails after `init_timeout_s`, so a restart whose peer
+    died again fails fast and torchrun restarts again.
+
+    Under torchrun the ranks share the launcher agent's TCPStore, and it keeps every key across restarts:
+    a restarted rank used to read the *killed* peer's gloo address from the previous attempt and either
+    failed ("Connection refused") or hung in gloo's connect (whose listening side has no timeout:
+    pytorch/gloo#520). Each restart attempt therefore joins under its own key prefix
+    (`mmfusion/attempt-<TORCHELASTIC_RESTART_COUNT>`; on several nodes, whose agents may count restarts
+    differently, launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so every attempt gets a new store).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=False if _agent_store() else rank == 0,
+        timeout=datetime.timedelta(seconds=init_timeout_s),
+        wait_for_workers=False,
+    )
+    store = dist.PrefixStore(f"mmfusion/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # joining is bounded by init_timeout_s (the group's timeout while it is created), collectives by timeout_s
+    dist.init_process_group(
+        backend=backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=init_timeout_s),
+    )
+    set_group_timeout(timeout_s)
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def set_group_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
+    """Bound every later collective of `group` (default: the default group) by `timeout_s` seconds."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+
+
+def _agent_store() -> bool:
+    """True when torchrun's agent hosts the TCPStore (its default): every rank is a client."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ The mesh always has the dimensions ("pp", "dp", "tp"); dp = world / (pp * tp).
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import subprocess
@@ -48,7 +47,9 @@ from ..config import (  # noqa: F401 - the parallel config classes live in confi
     TensorConfig,
 )
 from ..layers import Attention, Block, Transformer
+from ..process import die_with_parent, kill_group
 from .comm import CommHandle, register_comm_hook
+from .distributed import init_from_env, set_group_timeout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MESH_DIMS = ("pp", "dp", "tp")
@@ -80,10 +81,12 @@ def build_mesh(cfg: ParallelConfig, world_size: int | None = None, device_type: 
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        init_from_env(torch.device(device_type), cfg.timeout_s, cfg.init_timeout_s)
     world = world_size or dist.get_world_size()
-    return init_device_mesh(device_type, mesh_shape(cfg, world), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, mesh_shape(cfg, world), mesh_dim_names=MESH_DIMS)
+    for dim in MESH_DIMS:  # new groups default to torch's 30-minute bound: give them the run's
+        set_group_timeout(cfg.timeout_s, mesh.get_group(dim))
+    return mesh
 
 
 def _size(mesh: Any, dim: str) -> int:
@@ -399,7 +402,7 @@ def launch_local(
     """Run `python *argv` as `world_size` ranks on this machine (torchrun's env vars, a free port).
 
     Waits at most `timeout_s` in total; on a timeout or any failing rank every rank still running is
-    killed (by its own pid) and RuntimeError carries every rank's output. Returns each rank's output.
+    killed with its process group and RuntimeError carries every rank's output. Returns each rank's output.
     """
     port = _free_port()
     base = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
@@ -419,7 +422,13 @@ def launch_local(
             }
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, *argv], env=rank_env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+                    [sys.executable, *argv],
+                    env=rank_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=cwd,
+                    start_new_session=True,  # one killpg stops the rank and anything it started
+                    preexec_fn=die_with_parent,
                 )
             )
         deadline = time.monotonic() + timeout_s
@@ -437,9 +446,8 @@ def launch_local(
             failed = "a rank failed"
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            kill_group(p)  # also reaps what a rank started (DataLoader workers), even when it exited itself
+            p.wait()
     outputs = []
     for log in logs:
         log.seek(0)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from ..batch import Batch
 from ..config import TrainConfig
 from . import distributed as dist_utils
+from .callbacks import build_callbacks
 from .checkpoint import require_latest, save_checkpoint
 from .precision import autocast, grad_scaler, resolve_precision
 from .rng import get_rng_state, set_rng_state
@@ -39,26 +38,6 @@ class TrainData(Protocol):
     def step_batches(
         self, epoch: int, start_step: int, rank: int, world: int, accumulation: int
     ) -> Iterator[list[Batch]]: ...
-
-
-def _fault_step() -> int:
-    """Step after which to SIGKILL this process (fault-injection tests); -1 = never. Rank-specific when
-    MMFUSION_FAULT_INJECT_RANK is set."""
-    step = int(os.environ.get("MMFUSION_FAULT_INJECT_STEP", "-1"))
-    want_rank = os.environ.get("MMFUSION_FAULT_INJECT_RANK")
-    if want_rank is not None and want_rank != os.environ.get("RANK", "0"):
-        return -1
-    marker = os.environ.get("MMFUSION_FAULT_INJECT_MARKER")  # kill only once across restarts
-    if marker and os.path.exists(marker):
-        return -1
-    return step
-
-
-def _die() -> None:
-    marker = os.environ.get("MMFUSION_FAULT_INJECT_MARKER")
-    if marker:
-        open(marker, "w").close()
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,6 +187,7 @@ class Trainer:
         on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
         stage: StageInfo | None = None,
         groups: list[dict[str, Any]] | None = None,
+        callbacks: list[Any] | None = None,
     ):
         self.cfg = cfg
         self.stage = stage
@@ -215,13 +195,15 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.data = data
         self.on_eval = on_eval
+        # hooks named in the config (train.callbacks) and passed from Python (mmfusion.train.callbacks)
+        self.callbacks = [*build_callbacks(cfg.callbacks), *(callbacks or [])]
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        dist_utils.init_from_env(self.device, timeout_s=cfg.parallel.timeout_s)
+        dist_utils.init_from_env(self.device, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.data_rank, self.data_world = self.rank, self.world  # how the data is split (see below)
         self.is_main = self.rank == 0
@@ -494,7 +476,6 @@ class Trainer:
         window_first = self.step
         report_precision = self.is_main and hasattr(self.module, "precision_report")
         batches = self._batches()
-        fault_step = _fault_step()
         try:
             while self.step < cfg.steps:
                 t_wait = time.perf_counter()
@@ -569,8 +550,9 @@ class Trainer:
                             **{f"val/{k}": v for k, v in results.items()},
                         }
                         jsonl.write(json.dumps(record) + "\n")
-                if self.global_step == fault_step:
-                    _die()  # test hook (MMFUSION_FAULT_INJECT_STEP): die like a killed worker, no cleanup
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(self)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
         finally:
