@@ -152,6 +152,18 @@ def test_saved_at_two_ranks_loads_bitwise_at_three(saved):
     assert (saved / "load3.ok").read_text() == "ok"
 
 
+def test_manifest_is_written_after_every_rank_and_lists_each_shard(saved):
+    import json
+
+    from mmfusion.train.checkpoint import verify
+
+    for mode in ("fsdp", "tp"):
+        for folder in (saved / mode).iterdir():
+            listed = json.loads((folder / "MANIFEST.json").read_text())["sha256"]
+            assert sorted(listed) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"]
+            assert verify(folder) is None
+
+
 @pytest.mark.timeout(60)
 def test_damaged_or_unfinished_checkpoint_is_skipped(saved, tmp_path):
     import shutil

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from ..errors import ConfigError, DataError
+from .access import api_key, exposure_problem
 
 
 def add_commands(sub) -> None:
@@ -31,7 +32,16 @@ def add_commands(sub) -> None:
     p.add_argument("--cache-size", type=int, default=4096, help="feature cache entries (default 4096)")
     p.add_argument("--no-batching", action="store_true", help="one model call per input")
     p.add_argument("--no-cache", action="store_true", help="disable the feature cache")
-    p.add_argument("--api-key", help="require this key (x-api-key header or Authorization: Bearer) on /v1/*")
+    p.add_argument(
+        "--api-key",
+        help="require this key (x-api-key header or Authorization: Bearer) on /v1/*; default $MMFUSION_API_KEY "
+        "(preferred: a flag is visible to other users in `ps`)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key (otherwise the server refuses to start)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument(
@@ -97,7 +107,7 @@ def _settings(args):
         cache_size=args.cache_size,
         batching=not args.no_batching,
         cache=not args.no_cache,
-        api_key=args.api_key,
+        api_key=api_key(args.api_key),
         max_body_bytes=args.max_body_bytes,
     )
     if s.max_batch < 1 or s.queue_size < 1 or s.max_delay_ms < 0 or s.timeout_s <= 0 or s.cache_size < 0:
@@ -135,12 +145,26 @@ def _run(app, host: str, port: int, log_level: str) -> None:
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
+def _check_exposure(args, settings) -> None:
+    """Refuse (ConfigError: one line, exit 2) a non-loopback bind without an API key unless --insecure; checked
+    before any model is loaded. The --split children never enforce a key, so they count as keyless."""
+    key = settings.api_key if args.role == "all" else None
+    problem = exposure_problem(args.host, key, args.insecure)
+    if problem is not None:
+        raise ConfigError(problem)
+    if exposure_problem(args.host, key, False) is not None:
+        print(
+            f"mmfusion serve: WARNING: --insecure: {args.host} is served without an API key", file=sys.stderr
+        )
+
+
 def cmd_serve(args) -> int:
+    settings = _settings(args)
+    _check_exposure(args, settings)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = _settings(args)
     if args.role in ("encoder", "fusion"):  # a child of `--split`: loopback only, no key, no cache
         from .. import load_model
         from .split import create_encoder_app, create_fusion_app

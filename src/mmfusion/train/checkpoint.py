@@ -145,14 +145,22 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def verify(path: Path) -> str | None:
-    """None when every file matches the manifest, else the reason it does not."""
+    """None when every file matches the manifest, else the reason it does not. A file the manifest does not
+    list is a reason too: loaders read files by name (a sharded checkpoint's `.metadata`, `extra.safetensors`),
+    so an unlisted one would be read unchecked."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return "no MANIFEST.json"
     try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError):
+        content = json.loads(manifest.read_text())
+        expected, _ = content["sha256"], int(content["step"])
+        if not isinstance(expected, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
         return "unreadable MANIFEST.json"
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in expected)
+    if unlisted:
+        return f"{unlisted[0]} is not in MANIFEST.json"
     for name, digest in expected.items():
         f = path / name
         if not f.is_file():

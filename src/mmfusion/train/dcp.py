@@ -4,12 +4,15 @@ Layout (same naming as mmfusion.train.checkpoint, so its `list_checkpoints`/`lat
 
     <dir>/step-00000500/{__0_0.distcp, __1_0.distcp, ..., .metadata, state.json, MANIFEST.json}
 
-Every rank writes its own shards into a temporary folder; rank 0 then writes state.json, fsyncs every
-file, writes the SHA-256 MANIFEST.json last (checkpoint.sha256) and renames the folder into place.
-`load_sharded` verifies the manifest first (a checkpoint without one, or with a mismatching file, is
-skipped with a message and the previous one is used) and loads into a model sharded any way, at any world
-size (DCP reshards): saved at 2 ranks, loadable at 1 or 3. `consolidate` writes a single safetensors
-file of the full model state dict.
+Every rank writes its own shards into a temporary folder; rank 0 then (after a barrier) writes state.json,
+fsyncs every file, writes the SHA-256 MANIFEST.json of every file last (checkpoint.publish) and renames the
+folder into place. `load_sharded` verifies the manifest on rank 0 before torch's reader opens any file (it
+unpickles `.metadata` and the non-tensor entries): under a directory, a checkpoint without a manifest, or
+with a mismatching, missing or unlisted file, is skipped with a message and the previous one is used; a
+damaged folder given by name raises CheckpointError naming the file. The manifest catches damage, not an
+attacker (who can rewrite it too): load only sharded checkpoints from a trusted source. It loads into a
+model sharded any way, at any world size (DCP reshards): saved at 2 ranks, loadable at 1 or 3.
+`consolidate` writes a single safetensors file of the full model state dict.
 
 Trainer entry points: `save_sharded(dir, step, model, optimizer, extra)`,
 `load_sharded(dir_or_path, model, optimizer) -> (Checkpoint, extra) | None`, `consolidate(path, out)`.
@@ -119,14 +122,16 @@ def save_sharded(
     return final
 
 
-def _choose(path: Path, log: Callable[[str], None]) -> Checkpoint | None:
+def _choose(path: Path, log: Callable[[str], None]) -> tuple[str, int] | str | None:
+    """(folder, step) of the checkpoint to load, None when there is none, or the message of a CheckpointError.
+    Every file is checked against the SHA-256 manifest here, before torch's reader opens any of them."""
     if (path / ".metadata").is_file() or (path / MANIFEST).is_file():  # one checkpoint folder
         problem = verify(path)
         if problem is not None:
-            log(f"checkpoint {path} is damaged ({problem}); not loading it")
-            return None
-        return Checkpoint(path, int(json.loads((path / MANIFEST).read_text())["step"]))
-    return latest_valid(path, log)
+            return f"checkpoint {path} is damaged ({problem}); not loading it"
+        return str(path), int(json.loads((path / MANIFEST).read_text())["step"])
+    ckpt = latest_valid(path, log)
+    return None if ckpt is None else (str(ckpt.path), ckpt.step)
 
 
 def load_sharded(
@@ -138,13 +143,15 @@ def load_sharded(
     """Load the checkpoint folder `path`, or the newest valid one under the directory `path` (collective).
 
     The model (and optimizer) may be sharded differently, at another world size, than when saved.
-    Returns (checkpoint, state.json contents), or None when there is no valid checkpoint.
+    Returns (checkpoint, state.json contents), or None when no checkpoint under the directory verifies;
+    a folder `path` that does not verify raises CheckpointError naming the file. Rank 0 verifies.
     """
     from torch.distributed.checkpoint.state_dict import set_state_dict
     from torch.distributed.tensor import distribute_tensor
 
-    chosen = _choose(Path(path), log) if _rank() == 0 else None
-    chosen = _broadcast(None if chosen is None else (str(chosen.path), chosen.step))
+    chosen = _broadcast(_choose(Path(path), log) if _rank() == 0 else None)
+    if isinstance(chosen, str):  # raised on every rank, so none waits in a collective
+        raise CheckpointError(chosen)
     if chosen is None:
         return None
     ckpt = Checkpoint(Path(chosen[0]), chosen[1])
