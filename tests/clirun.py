@@ -10,9 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TESTS = Path(__file__).parent
+
+# monotonic time by which the running test must be done (tests/conftest.py sets it from the test's pytest-timeout
+# minus a margin): a subprocess never gets more than what is left, so inner timeouts can never add up to more
+# than the test's own, and a stuck command fails with its output instead of a pytest-timeout stack dump
+DEADLINE: float | None = None
 
 
 def _env(env: dict[str, str] | None) -> dict[str, str]:
@@ -21,8 +27,13 @@ def _env(env: dict[str, str] | None) -> dict[str, str]:
 
 
 def run_group(cmd: list[str], cwd, env=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `cmd` in a new session with output captured. On timeout SIGKILL its whole process group (torchrun
-    ranks die with torchrun: mmfusion.process.die_with_parent) and raise AssertionError with what it printed."""
+    """Run `cmd` in a new session with output captured. On timeout (`timeout`, or what is left of the test's
+    budget) SIGKILL its whole process group (torchrun ranks die with torchrun: mmfusion.process.die_with_parent)
+    and raise AssertionError with what it printed."""
+    if DEADLINE is not None:
+        left = DEADLINE - time.monotonic()
+        if left < timeout:
+            timeout = max(left, 1.0)
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,

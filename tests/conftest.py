@@ -37,6 +37,18 @@ def tiny_contrastive_model():
     return ContrastiveModel(cfg, tok).eval()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Give subprocesses (tests/clirun.py) what is left of this test's pytest-timeout, less a margin."""
+    import time
+
+    import clirun
+
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    clirun.DEADLINE = time.monotonic() + limit - 10 if limit > 0 else None
+
+
 @pytest.fixture(scope="session")
 def make_tiny_model():
     """Factory fixture: call it for a fresh tiny_contrastive_model()."""

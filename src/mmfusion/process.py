@@ -46,7 +46,8 @@ def run_forwarding_signals(
 ) -> int:
     """Run `cmd` in its own session and wait for it; SIGINT / SIGTERM received meanwhile are forwarded to its
     whole process group. If it has not exited `grace_s` seconds after the first forwarded signal, the group is
-    SIGKILLed. Returns the child's exit code (128 + signal number when a signal ended it, like a shell)."""
+    SIGKILLed. Returns the child's exit code, or 128 + the signal number when a signal ended it or was
+    forwarded to it (like a shell)."""
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True, preexec_fn=die_with_parent)
     received: list[int] = []
 
@@ -72,4 +73,6 @@ def run_forwarding_signals(
         if proc.poll() is None:
             kill_group(proc, signal.SIGKILL)
             proc.wait()
+    if received:  # stopped on request: report the signal, like a shell, whatever the child chose to exit with
+        return 128 + received[0]
     return 128 - rc if rc < 0 else rc

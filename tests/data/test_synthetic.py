@@ -3,12 +3,12 @@
 import hashlib
 import json
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from clirun import run_group
 from mmfusion.data.synthetic import (
     BACKGROUND,
     COLOURS,
@@ -96,7 +96,8 @@ def test_same_sample_twice_and_in_a_fresh_world_and_process():
         "    h.update(v.tobytes() if isinstance(v, np.ndarray) else json.dumps(v, sort_keys=True).encode())\n"
         "print(h.hexdigest())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_group([sys.executable, "-c", code], cwd=None, timeout=60)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == digest(a)
 
 

@@ -2,36 +2,18 @@
 800 steps of 128 (about 3 minutes on 2 cores)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from clirun import run_mmfusion
 
 RECIPE = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 
 
 @pytest.mark.timeout(900)
 def test_quickstart_reaches_its_targets(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmfusion.cli",
-            "train",
-            "--config",
-            str(RECIPE),
-            "--set",
-            "train.progress=false",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=850,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_mmfusion("train", "--config", RECIPE, "--set", "train.progress=false", cwd=tmp_path, timeout=850)
     m = json.loads((tmp_path / "runs" / "quickstart" / "metrics.json").read_text())
     assert m["n_pairs"] == 1000
     assert m["zero_shot_colour_acc"] >= 0.95, m

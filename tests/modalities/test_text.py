@@ -57,16 +57,14 @@ def test_non_string_text_is_rejected(tok):
 
 def test_training_is_deterministic_across_processes():
     """The same texts give the same vocabulary and ids in a fresh interpreter (hash seeds differ)."""
-    import subprocess
     import sys
+
+    from clirun import run_group
 
     code = (
         "from mmfusion.modalities.text import TextTokenizer as T;"
         "t = T.train(['a small red circle', 'is there a blue cross?', 'a large red square left of a circle'] * 3, 64, 16);"
         "print(sorted(t.tokenizer.get_vocab().items()), t.encode(['a red cross?']).tolist())"
     )
-    runs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        for _ in range(3)
-    }
+    runs = {run_group([sys.executable, "-c", code], cwd=None, timeout=60).stdout for _ in range(3)}
     assert len(runs) == 1, runs

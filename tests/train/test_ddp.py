@@ -1,17 +1,16 @@
 """Two-process data parallel (torchrun, gloo) follows the one-process loss curve at the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from clirun import run_mmfusion
+
 TINY = Path(__file__).parents[1] / "e2e" / "tiny.yaml"
 
 
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def train_one_and_two(tmp_path: Path, common: list[str]) -> tuple[list[float], list[float]]:
@@ -19,15 +18,7 @@ def train_one_and_two(tmp_path: Path, common: list[str]) -> tuple[list[float], l
     ties differently in every process); their loss curves."""
     pin = ["--set", f"model.text.tokenizer={tmp_path / 'runs' / 'one' / 'tokenizer.json'}"]
     for name, extra in (("one", []), ("two", ["--nproc", "2", *pin])):
-        proc = subprocess.run(
-            [sys.executable, "-m", "mmfusion.cli", "train", *common, "--set", f"name={name}", *extra],
-            cwd=tmp_path,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_mmfusion("train", *common, "--set", f"name={name}", *extra, cwd=tmp_path, env=ENV, timeout=180)
     return loss_curve(tmp_path / "runs" / "one"), loss_curve(tmp_path / "runs" / "two")
 
 

@@ -232,6 +232,7 @@ def _model_type(path: str) -> str:
 def _serve_split(args, settings) -> int:
     """Start the encoder service and (multimodal models) the fusion service as child processes on free
     loopback ports, then the front (API, index, feature cache) in this process."""
+    from ..process import die_with_parent
     from .server import create_app
     from .split import RemoteBackend
 
@@ -244,7 +245,8 @@ def _serve_split(args, settings) -> int:
     ports = {role: _free_port() for role in roles}
     children = {
         role: subprocess.Popen(
-            common + ["--role", role, "--port", str(ports[role])], preexec_fn=_die_with_parent
+            common + ["--role", role, "--port", str(ports[role])],
+            preexec_fn=die_with_parent,  # a SIGKILLed front leaves none behind
         )
         for role in roles
     }
@@ -265,16 +267,6 @@ def _serve_split(args, settings) -> int:
             except subprocess.TimeoutExpired:
                 c.kill()
     return 0
-
-
-def _die_with_parent() -> None:
-    """In a child service, before exec: ask Linux to SIGTERM it when the front process dies, so a killed front
-    (SIGKILL skips its `finally`) never leaves the encoder and cache services running. No-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 __all__ = ["add_commands", "cmd_index_build", "cmd_serve"]
