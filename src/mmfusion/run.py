@@ -205,7 +205,8 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Pat
     from .train.trainer import resolve_device
 
     out = run_dir(cfg)
-    dist_utils.init_from_env(resolve_device(cfg.train.device))
+    par = cfg.train.parallel
+    dist_utils.init_from_env(resolve_device(cfg.train.device), par.timeout_s, par.init_timeout_s)
     is_main = dist_utils.rank() == 0
     ckpts = out / "checkpoints"
     if not resume and ckpts.exists() and any(ckpts.iterdir()):
