@@ -529,6 +529,8 @@ class MultiModalModel(nn.Module):
         aux = fused.aux_loss.float()
         acc = (pred == labels.long()).float().mean().detach()
         metrics = {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
+        if "load_cv" in fused.info:  # moe: std / mean of the tokens per expert (0 = balanced)
+            metrics["load_cv"] = fused.info["load_cv"].detach()
         # per-modality monitoring (S7): the task loss over the samples in which each modality took part
         with torch.no_grad():
             for key, present in masks.items():

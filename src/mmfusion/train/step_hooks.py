@@ -53,10 +53,7 @@ class StepHooks:
                     f"(ModelOutput.routing[{name!r}]), so its expert bias would never move"
                 )
             load = dist_utils.all_reduce_sum(torch.stack(counts).sum(dim=0).float().tolist())
-            total = torch.tensor(load, device=moe.expert_bias.device)
-            moe.update_expert_bias(total)
-            cv = total.std(unbiased=False) / total.mean().clamp(min=1e-9)
-            metrics[f"{name}/load_cv"] = float(cv)
+            moe.update_expert_bias(torch.tensor(load, device=moe.expert_bias.device))
         if self.observe is not None:
             metrics.update(self.observe(micro))
         return metrics
