@@ -138,3 +138,11 @@ def test_training_settings_validate_for_both_recipes():
         ],
     )
     assert fusion.data.ddwa.warmup == 5 and fusion.fusion_model["fusion_kwargs"] == {"aux_free_bias": True}
+
+
+def test_cli_answers_a_bad_setting_with_one_line_and_exit_2(capsys, tmp_path):
+    from mmfusion.cli import main
+
+    assert main(["train", "--set", f"out_dir={tmp_path}", "--set", "train.lora.alpha=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmfusion: config error: defaults: train.lora.alpha = 0: Input should be greater than 0\n"

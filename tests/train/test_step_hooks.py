@@ -84,3 +84,19 @@ def test_bias_update_uses_the_load_of_every_micro_batch():
     hooks.after_step(micro)
     # load [3, 3, 1, 1], mean 2: bias += 0.5 * sign(2 - load) = [-0.5, -0.5, 0.5, 0.5] (already centred)
     assert model["fusion"].expert_bias.tolist() == [-0.5, -0.5, 0.5, 0.5]
+
+
+def test_a_distillation_student_reports_its_routing_under_its_name():
+    from mmfusion.models.multimodal import MultiModalModel
+    from mmfusion.train.distill import DistillationModel
+
+    torch.manual_seed(0)
+    student = MultiModalModel({"image": {"image_size": 16, "patch_size": 8}}, fusion="moe", dim=16,
+                              fusion_kwargs={"aux_free_bias": True, "num_experts": 2, "top_k": 1})  # fmt: skip
+    teacher = MultiModalModel({"image": {"image_size": 16, "patch_size": 8}}, fusion="late", dim=16)
+    wrapped = DistillationModel(student, teacher)
+    batch = Batch({"image": torch.rand(3, 3, 16, 16), "label": torch.tensor([0, 1, 0])}, {})
+    out = wrapped(batch)
+    assert list(out.routing) == ["student.fusion"]
+    assert out.routing["student.fusion"].sum() == 3 * 5  # top-1 of 4 patches + 1 class token per image
+    assert list(StepHooks(wrapped, data=None).balanced) == ["student.fusion"]
