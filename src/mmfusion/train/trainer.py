@@ -380,7 +380,7 @@ class Trainer:
         self.log(f"resumed from {ckpt.path} ({where}, epoch {self.epoch})")
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def _micro_step(self, batch: Batch, scale: float, sync: bool):
+    def _micro_step(self, batch: Batch, scale: float, sync: bool) -> tuple[float, dict[str, float], Any]:
         """Forward + backward of one micro-batch -> (loss, metrics, the model's output)."""
         batch = batch.to(self.device)
         no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else nullcontext
