@@ -53,3 +53,42 @@ def pytest_runtest_protocol(item, nextitem):
 def make_tiny_model():
     """Factory fixture: call it for a fresh tiny_contrastive_model()."""
     return tiny_contrastive_model
+
+
+def tiny_run_config(out_dir, name: str, recipe: str = "task", **sections) -> dict:
+    """A seconds-long run as a config dict: recipe "task" (a router fusion model on vqa: 16 px images and
+    width-32 tiny encoders, 48 training samples) or "two_tower" (the contrastive model, 32 samples); 4 steps of
+    batch 8, fp32 on one CPU thread, a checkpoint every 2 steps. `sections` update the top-level sections
+    (e.g. train={"grad_checkpointing": True})."""
+    train = {
+        "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "precision": "fp32", "device": "cpu",
+        "threads": 1, "deterministic": True, "checkpoint_every": 2, "keep_checkpoints": 5, "log_every": 1,
+        "progress": False,
+    }  # fmt: skip
+    cfg: dict = {"name": name, "out_dir": str(out_dir), "seed": 0, "train": train}
+    if recipe == "task":
+        cfg["task"] = {
+            "name": "vqa", "n_train": 48, "n_val": 16, "n_test": 16, "image_size": 16, "vocab_size": 64,
+            "context_length": 12,
+        }  # fmt: skip
+        cfg["fusion_model"] = {
+            "encoders": {"image": {"image_size": 16, "patch_size": 8}, "text": "tiny"},
+            "dim": 16,
+            "fusion": "router",
+        }
+    else:
+        cfg["data"] = {"synthetic": {"n_train": 32, "n_val": 8, "n_test": 8}}
+        cfg["model"] = {
+            "embed_dim": 16,
+            "text": {"vocab_size": 64, "context_length": 12, "width": 16, "depth": 1, "heads": 2},
+            "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2},
+        }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """Factory fixture: tiny_run_config(out_dir, name, recipe, **sections)."""
+    return tiny_run_config

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=["train", "val", "test"], help="which split (default test)"
     )
     p.add_argument("--out", help="where to write metrics.json and plots (default: the run directory)")
+    p.add_argument(
+        "--prune-threshold",
+        type=float,
+        metavar="T",
+        help="router-fusion task runs: also evaluate with modality pruning at router gate threshold T in [0, 1] "
+        "(calibrated on the val split); adds accuracy_pruned and pruned_<modality> (share of rows skipped)",
+    )
 
     p = sub.add_parser(
         "info",
@@ -94,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quantize",
         help="INT8-quantize a model (ONNX Runtime dynamic, or torchao weight-only)",
-        description="INT8 quantization with its check against fp32 (lowest per-row cosine of the "
-        "embeddings on random inputs) and the size before/after. onnx (default): `export --int8` into "
-        "--out (fp32 and int8 .onnx files). torchao: int8 weight-only on the PyTorch model, checked in "
-        "memory; torchao int8 tensors cannot be saved as safetensors, so --out then gets the ONNX int8 "
-        "files only.",
+        description="INT8 quantization with its check against fp32 (two-tower: lowest per-row cosine of the "
+        "embeddings; fusion model folder: max |logit difference|, on random inputs) and the size before/after. "
+        "onnx (default): `export --int8` into --out (fp32 and int8 .onnx files). torchao: int8 weight-only on "
+        "the PyTorch model, checked in memory; torchao int8 tensors cannot be saved as safetensors, so --out "
+        "then gets the ONNX int8 files only.",
     )
     p.add_argument("model", help="a run directory or a save_pretrained model folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -224,13 +231,19 @@ def _launch_torchrun(args) -> int:
     return run_forwarding_signals(cmd)
 
 
-def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
+def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path, prune_threshold=None) -> dict:
     from .eval.report import format_table
     from .models.multimodal import MultiModalModel
     from .run import evaluate_task
 
     model_dir = model_dir_or_run / "model" if (model_dir_or_run / "model").is_dir() else model_dir_or_run
-    metrics = evaluate_task(cfg, MultiModalModel.from_pretrained(model_dir), split)
+    model = MultiModalModel.from_pretrained(model_dir)
+    pruned = {}
+    if prune_threshold is not None:  # first: a model without router gates fails before any evaluation
+        from .eval.pruning import pruned_eval
+
+        pruned = pruned_eval(model, cfg, prune_threshold, split)
+    metrics = {**evaluate_task(cfg, model, split), **pruned}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_table(metrics))
@@ -238,9 +251,14 @@ def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> di
     return metrics
 
 
-def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path) -> dict:
+def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path, prune_threshold=None) -> dict:
     if cfg.task is not None:
-        return _evaluate_task_run(model_dir_or_run, cfg, split, out)
+        return _evaluate_task_run(model_dir_or_run, cfg, split, out, prune_threshold)
+    if prune_threshold is not None:
+        raise ConfigError(
+            f"--prune-threshold: {model_dir_or_run} is a two-tower run; modality pruning is for router-fusion "
+            "models on a task"
+        )
     from .eval.report import evaluate_contrastive, format_table, plot_loss, plot_retrieval_grid
     from .models.contrastive import ContrastiveModel
     from .run import load_split
@@ -280,7 +298,7 @@ def cmd_eval(args) -> int:
         raise DataError(f"{path} does not exist: expected a run directory or a model folder")
     snapshot = path / "config.yaml"
     cfg = load_config(args.config or (snapshot if snapshot.is_file() else None), args.overrides)
-    _evaluate_run(path, cfg, args.split, Path(args.out) if args.out else path)
+    _evaluate_run(path, cfg, args.split, Path(args.out) if args.out else path, args.prune_threshold)
     return 0
 
 
@@ -390,6 +408,13 @@ def cmd_quantize(args) -> int:
     from .serve.quantize import int8_path, onnx_cosine
 
     model = load_model(args.model)
+    from .models.multimodal import MultiModalModel
+
+    if isinstance(model, MultiModalModel):
+        from .serve.fusion_quantize import quantize_fusion
+
+        quantize_fusion(model, args.out, args.method)
+        return 0
     if args.method == "torchao":
         _quantize_torchao(model)
         print(f"writing the ONNX int8 files to {args.out} instead")

@@ -38,8 +38,20 @@ class SyntheticConfig(Section):
         return self
 
 
+class DDWAConfig(Section):
+    """`data.ddwa`: the DDWASampler's settings (mmfusion.data.samplers) when `data.sampler: ddwa`."""
+
+    warmup: int = Field(100, ge=0)  # uniform steps before the first reweighting
+    update_every: int = Field(50, ge=1)  # reweight every K steps after the warm-up
+    boost: float = Field(1.3, gt=0)  # weight of the top samples (the others 1.0)
+    top_fraction: float = Field(0.25, ge=0, le=1)  # share of the seen samples that gets `boost`
+
+
 class DataConfig(Section):
-    """Where samples come from. `synthetic` needs no files; `jsonl`/`webdataset` read user data."""
+    """Where samples come from. `synthetic` needs no files; `jsonl`/`webdataset` read user data.
+
+    sampler: "shuffle" (an epoch permutation) or "ddwa" (dynamic data weighting of a task run's training
+    samples by their per-sample gradient-norm proxy; see docs/recipes.md)."""
 
     source: Literal["synthetic", "jsonl", "webdataset"] = "synthetic"
     train: str | None = None
@@ -55,9 +67,13 @@ class DataConfig(Section):
     # training-time augmentation (mmfusion.data.engine.augment.AugmentConfig), webdataset training data only;
     # never applied to val/test
     augment: dict[str, Any] | None = None
+    sampler: Literal["shuffle", "ddwa"] = "shuffle"
+    ddwa: DDWAConfig = DDWAConfig()
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
+        if self.ddwa != DDWAConfig() and self.sampler != "ddwa":
+            raise ValueError(f"ddwa is set but sampler = {self.sampler!r}; use sampler: ddwa")
         if self.source != "synthetic" and not self.train:
             raise ValueError(f"data.source={self.source} needs data.train (a manifest path or shard pattern)")
         if self.augment is not None:
@@ -260,6 +276,19 @@ class CallbackConfig(Section):
     args: dict[str, Any] = {}
 
 
+class LoraConfig(Section):
+    """`train.lora`: LoRA adapters (mmfusion.train.lora) on the nn.Linear layers `targets` names (full names,
+    dotted suffixes or regexes); every other parameter is frozen except those `trainable` names (fnmatch
+    patterns, e.g. "head.*"). The run's saved model folder holds the merged weights; <run>/adapters the
+    adapters alone."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"], min_length=1)
+    trainable: list[str] = []
+
+
 class TrainConfig(Section):
     """Modality-agnostic trainer settings."""
 
@@ -292,6 +321,12 @@ class TrainConfig(Section):
     parallel: ParallelConfig = ParallelConfig()
     # knowledge distillation (T5): the run's model is the student of a trained teacher (task runs)
     distill: DistillConfig | None = None
+    # recompute every Transformer block in backward (T8): less activation memory, same loss and gradients
+    grad_checkpointing: bool = False
+    # a save_pretrained model folder whose weights (and tokenizer) start the run; the run's model config must
+    # describe the same architecture
+    init_from: str | None = None
+    lora: LoraConfig | None = None
     # objects whose hooks the Trainer calls (mmfusion.train.callbacks), built before any work
     callbacks: list[CallbackConfig] = []
 
@@ -331,6 +366,8 @@ class TrainConfig(Section):
             )
         if sharded and self.distill is not None:
             raise ValueError("train.distill with parallel.fsdp / parallel.tensor is not supported yet")
+        if sharded and self.lora is not None:
+            raise ValueError("train.lora with parallel.fsdp / parallel.tensor is not supported yet; use DDP")
         if sharded and any(k > 1 for k in self.modality_accumulation.values()):
             raise ValueError(
                 "modality_accumulation with parallel.fsdp / parallel.tensor is not supported yet"
@@ -341,6 +378,11 @@ class TrainConfig(Section):
     def _stages(self) -> TrainConfig:
         if self.stages is None:
             return self
+        if self.lora is not None:
+            raise ValueError(
+                "train.lora with train.stages: stages set which parameters train (train.stages.N.freeze), "
+                "which would unfreeze the LoRA base weights; use one or the other"
+            )
         if not self.stages:
             raise ValueError("stages is empty: list at least one stage or leave stages out")
         names = [s.name for s in self.stages]
@@ -476,6 +518,18 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _run_options(self) -> RunConfig:
+        from .data.ddwa import check_ddwa
+
+        check_ddwa(self)
+        if self.train.init_from and self.model.text.tokenizer:
+            raise ValueError(
+                "train.init_from and model.text.tokenizer are both set: the run uses the tokenizer of the "
+                "model folder it starts from; leave model.text.tokenizer out"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _stage_objectives(self) -> RunConfig:
         stages = self.train.stages or []
         if self.model.probe is not None and self.task is None:
@@ -518,7 +572,8 @@ class RunConfig(Section):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"fusion_model.{where}: {first['msg'].removeprefix('Value error, ')}") from None
+            where = f"fusion_model.{where}" if where else "fusion_model"
+            raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         self.__dict__["fusion_model"] = tree
         return self
 

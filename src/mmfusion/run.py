@@ -19,7 +19,12 @@ from .config import RunConfig, dump_config
 from .errors import ConfigError, DataError
 from .modalities.text import TextTokenizer
 from .train import distributed as dist_utils
+from .train.model_setup import finish_model, init_tokenizer, prepare_model
 from .train.rng import seed_everything
+
+
+def _quiet(message: str) -> None:
+    """The log of non-main ranks."""
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -236,7 +241,9 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
     train_set = [s for v in sources.values() for s in v] if sources else task_samples(cfg, "train")
     has_text = "text" in TASKS[cfg.task.name].modalities
     if not resume and is_main:
-        if has_text:
+        if has_text and init_tokenizer(cfg.train) is not None:  # the tokenizer of the model it starts from
+            shutil.copyfile(init_tokenizer(cfg.train), out / "tokenizer.json")
+        elif has_text:
             task_tokenizer(train_set, cfg.task.vocab_size, cfg.task.context_length).save(out)
         dump_config(cfg, out / "config.yaml")
     dist_utils.barrier()
@@ -249,6 +256,7 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             f"model: {model.config.fusion} fusion over {', '.join(model.modalities)}, {n_params / 1e6:.2f}M "
             f"parameters; task {cfg.task.name}; run directory {out}"
         )
+    student = prepare_model(model, cfg.train, resume, log if is_main else _quiet)
     if cfg.train.distill is not None:
         from .train.distill import drop_labels, wrap_for_distillation
 
@@ -282,6 +290,10 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
             data = MixtureData(
                 sources, weights, collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers
             )
+        elif cfg.data.sampler == "ddwa":
+            from .data.ddwa import DDWAData
+
+            data = DDWAData(train_set, collate, cfg.train.batch_size, cfg.seed, cfg.data.ddwa)
         else:
             data = MapData(
                 ListDataset(train_set), collate, cfg.train.batch_size, cfg.seed, cfg.data.num_workers
@@ -291,6 +303,7 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
         model = unsharded(trainer, model, lambda: MultiModalModel.from_config(cfg.fusion_model, tokenizer))
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
     if is_main:
+        finish_model(student, cfg.train, out, log)
         model.save_pretrained(out / "model")
         if sources is not None:
             plot = plot_run_mixture(out, list(sources))
@@ -376,11 +389,12 @@ def train(
     train_set = load_split(cfg, "train", progress=is_main and cfg.train.progress)
     if not resume and is_main:
         text_cfg = cfg.model.text
-        if text_cfg.tokenizer:
-            source = Path(text_cfg.tokenizer)
+        if text_cfg.tokenizer or cfg.train.init_from:  # init_from: the tokenizer of the model it starts from
+            source = Path(text_cfg.tokenizer or init_tokenizer(cfg.train) or cfg.train.init_from)
             source = source / "tokenizer.json" if source.is_dir() else source
             if not source.is_file():
-                raise ConfigError(f"model.text.tokenizer = {text_cfg.tokenizer!r}: no tokenizer.json there")
+                key = "model.text.tokenizer" if text_cfg.tokenizer else "train.init_from"
+                raise ConfigError(f"{key} = {str(source.parent)!r}: no tokenizer.json there")
             shutil.copyfile(source, out / "tokenizer.json")
         else:
             texts = dataset_texts(train_set)
@@ -402,6 +416,7 @@ def train(
         n_params = sum(p.numel() for p in model.parameters())
         probe = f" + {cfg.model.probe.label} probe" if cfg.model.probe is not None else ""
         log(f"model: two-tower contrastive{probe}, {n_params / 1e6:.2f}M parameters; run directory {out}")
+    prepare_model(model, cfg.train, resume, log if is_main else _quiet)
     if cfg.train.stages:
         from .train.stages import fit_stages
 
@@ -424,5 +439,6 @@ def train(
         model = unsharded(trainer, model, lambda: type(model)(cfg.model, tokenizer))
     result: dict[str, Any] = {"run_dir": str(out), "train": last, "eval": None}
     if is_main:
+        finish_model(model, cfg.train, out, log)
         model.save_pretrained(out / "model")
     return result

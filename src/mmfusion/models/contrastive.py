@@ -25,10 +25,18 @@ MODEL_TYPE = "contrastive"
 
 @dataclass
 class ModelOutput:
-    """What a model returns to the trainer: a scalar loss and metrics to log (floats or 0-d tensors)."""
+    """What a model returns to the trainer: a scalar loss and metrics to log (floats or 0-d tensors).
+
+    Read by the Trainer's step hooks (mmfusion.train.step_hooks), never logged:
+    logits:  the head's detached output ((B, C) class logits or (B,) match logits), for per-sample data
+             weighting (`data.sampler: ddwa`); None for models without a per-sample label.
+    routing: MoE module name (as `named_modules()` names it) -> tokens per expert (E,) of this forward, for
+             aux-loss-free balancing (`aux_free_bias`)."""
 
     loss: torch.Tensor
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ContrastiveModel(nn.Module):

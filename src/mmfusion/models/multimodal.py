@@ -9,6 +9,7 @@ is the same module as ``MultiModalModel.from_config(MultiModalConfig(...), token
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -195,6 +196,14 @@ class MultiModalConfig(Section):
         if unknown:
             raise ValueError(
                 f"precision: {unknown} are not encoders of this model; its encoders are {sorted(self.encoders)}"
+            )
+        params = list(inspect.signature(FUSIONS[self.fusion].__init__).parameters)[
+            3:
+        ]  # after self, modalities, dim
+        unknown = sorted(set(self.fusion_kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"fusion_kwargs: {unknown} are not arguments of the {self.fusion} fusion; allowed: {', '.join(params)}"
             )
         if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
             kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
@@ -520,6 +529,8 @@ class MultiModalModel(nn.Module):
         aux = fused.aux_loss.float()
         acc = (pred == labels.long()).float().mean().detach()
         metrics = {"accuracy": acc, "task_loss": task.detach(), "aux_loss": aux.detach()}
+        if "load_cv" in fused.info:  # moe: std / mean of the tokens per expert (0 = balanced)
+            metrics["load_cv"] = fused.info["load_cv"].detach()
         # per-modality monitoring (S7): the task loss over the samples in which each modality took part
         with torch.no_grad():
             for key, present in masks.items():
@@ -530,7 +541,12 @@ class MultiModalModel(nn.Module):
             align = self.alignment_loss(feats, masks, labels)
             loss = loss + self.config.align_loss * align
             metrics["align_loss"] = align.detach()
-        return ModelOutput(loss, metrics)
+        return ModelOutput(loss, metrics, logits.detach(), self.routing_stats(fused))
+
+    def routing_stats(self, fused: FusionOutput) -> dict[str, torch.Tensor]:
+        """{"fusion": tokens per expert (E,)} when the fusion routes tokens to experts (moe), else {}."""
+        counts = fused.info.get("tokens_per_expert")
+        return {} if counts is None else {"fusion": counts.detach()}
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -634,6 +650,15 @@ class MultiModalModel(nn.Module):
         the others renormalised). The rest encode it and are fused as usual. Returns (predictions (B,),
         {modality: bool (B,) rows skipped}). threshold 0 skips nothing and equals predict().
         """
+        logits, skipped = self.logits_pruned(batch, threshold, candidates)
+        pred = (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
+        return pred, skipped
+
+    @torch.no_grad()
+    def logits_pruned(
+        self, batch: Batch, threshold: float, candidates: Iterable[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """predict_pruned's logits (as `logits()` returns them) and rows skipped per modality."""
         if not hasattr(self, "prune_means"):
             raise ConfigError("call calibrate_pruning(batches) on held-out data before predict_pruned")
         candidates = list(self.modalities[1:] if candidates is None else candidates)
@@ -667,10 +692,9 @@ class MultiModalModel(nn.Module):
                 masks[k] = masks[k] & ~skip
                 feats[k] = self.modality_tokens(k, batch.data[k].to(device), masks[k])
             logits = self.logits_from_tokens(feats, masks)
-            pred = (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
         finally:
             self.train(was_training)
-        return pred, skipped
+        return logits, skipped
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -51,6 +51,14 @@ def add_commands(sub) -> None:
         "front (API, index, feature cache) as three processes talking HTTP on loopback; without it, all run "
         "in this one process",
     )
+    p.add_argument(
+        "--prune-threshold",
+        type=float,
+        metavar="T",
+        help="router-fusion task runs: /v1/classify skips the encoders of modalities whose estimated router gate "
+        "is under T (calibrated on the run's val split; serve the run directory); predictions list them as "
+        "`pruned`",
+    )
     p.add_argument("--role", default="all", choices=["all", "encoder", "fusion"], help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_serve)
@@ -178,11 +186,22 @@ def cmd_serve(args) -> int:
     if folder is not None:
         return _serve_unified(args, settings, folder)
     if args.split:
+        if args.prune_threshold is not None:
+            raise ConfigError(
+                "--prune-threshold with --split: pruning decides per row which encoders run, which the split "
+                "front cannot ask the encoder service; serve without --split"
+            )
         return _serve_split(args, settings)
     from .. import load_model
-    from .server import LocalBackend, create_app
+    from .server import Engine, LocalBackend, create_app
 
-    backend = LocalBackend(_engine_from(load_model(args.model)), settings)
+    if args.prune_threshold is not None:
+        from ..eval.pruning import pruning_model
+
+        engine = Engine(pruning_model(args.model, args.prune_threshold), prune_threshold=args.prune_threshold)
+    else:
+        engine = _engine_from(load_model(args.model))
+    backend = LocalBackend(engine, settings)
     index = _load_index(args.index, backend.info())
     app = create_app(backend=backend, index=index, settings=settings)
     print(
@@ -199,7 +218,8 @@ def _serve_unified(args, settings, folder) -> int:
     from .generate import GenerateBackend, GenerateEngine, load_unified
     from .server import create_app
 
-    for flag, given in (("--split", args.split), ("--index", args.index is not None)):
+    flags = (("--split", args.split), ("--index", args.index is not None))
+    for flag, given in (*flags, ("--prune-threshold", args.prune_threshold is not None)):
         if given:
             raise ConfigError(
                 f"{flag} is for embedding models; {args.model} is a unified model folder (POST /v1/generate)"

@@ -290,16 +290,23 @@ def fusion_example_inputs(model, batch: int = 2, seed: int = 0) -> list[torch.Te
     return out + [torch.ones(batch, dtype=torch.bool) for _ in model.modalities]
 
 
+def fusion_check_inputs(model, batch: int = 5, seed: int = 1) -> list[torch.Tensor]:
+    """fusion_example_inputs in which row r lacks modality r % M (each row keeps the others)."""
+    inputs = fusion_example_inputs(model, batch=batch, seed=seed)
+    names = model.modalities
+    for i in range(len(names)):
+        inputs[len(names) + i] = torch.tensor([r % len(names) != i for r in range(batch)])
+    return inputs
+
+
 def verify_fusion_onnx(model, path: str | Path, batch: int = 5, seed: int = 1) -> float:
     """Max |onnxruntime - PyTorch| of the exported fusion model's logits on random inputs in which every
     modality is absent from some rows (each row keeps at least one)."""
     from ..batch import Batch
 
     session = onnx_session(path)
-    inputs = fusion_example_inputs(model, batch=batch, seed=seed)
+    inputs = fusion_check_inputs(model, batch, seed)
     names = model.modalities
-    for i in range(len(names)):  # row r lacks modality r % M (rows keep the others)
-        inputs[len(names) + i] = torch.tensor([r % len(names) != i for r in range(batch)])
     feed = {spec.name: t.numpy() for spec, t in zip(session.get_inputs(), inputs)}
     got = session.run(None, feed)[0]
     data = dict(zip(names, inputs[: len(names)]))

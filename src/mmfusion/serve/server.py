@@ -150,12 +150,17 @@ class Engine:
     ContrastiveModel: text and image, its own projection heads (the training embedding space).
     MultiModalModel: every encoder it has; an embedding is the mean of the encoder's projected tokens
     (the fusion input), L2-normalised; `classify` runs the whole model (fusion + head).
+    prune_threshold: a calibrated router-fusion model (mmfusion.eval.pruning.pruning_model) classifies with
+    modality pruning at this gate threshold; each prediction then lists its skipped modalities ("pruned").
     """
 
-    def __init__(self, model: torch.nn.Module, model_id: str | None = None):
+    def __init__(
+        self, model: torch.nn.Module, model_id: str | None = None, prune_threshold: float | None = None
+    ):
         from ..models.contrastive import ContrastiveModel
 
         self.model = model.eval()
+        self.prune_threshold = prune_threshold
         self.model_id = model_id or model_fingerprint(model)
         self.contrastive = isinstance(model, ContrastiveModel)
         if self.contrastive:
@@ -187,6 +192,8 @@ class Engine:
         if self.can_classify:
             out["head"] = self.model.config.head
             out["n_classes"] = self.model.config.n_classes if self.model.config.head == "classify" else 2
+        if self.prune_threshold is not None:
+            out["prune_threshold"] = self.prune_threshold
         return out
 
     def _cfg(self, modality: str):
@@ -339,8 +346,15 @@ class Engine:
             fill = next((s[m] for s in samples if m in s), self.placeholder(m))
             data[self.keys[m]] = self._stack(m, [s.get(m, fill) for s in samples], fixed_length=True)
             mask[self.keys[m]] = torch.tensor(present, dtype=torch.bool)
-        logits, _ = self.model.logits(Batch(data, mask))
-        return self.predictions(logits)
+        if self.prune_threshold is None:
+            return self.predictions(self.model.logits(Batch(data, mask))[0])
+        logits, skipped = self.model.logits_pruned(Batch(data, mask), self.prune_threshold)
+        out = self.predictions(logits)
+        for i, p in enumerate(out):
+            p["pruned"] = [
+                m for m in self.modalities if self.keys[m] in skipped and bool(skipped[self.keys[m]][i])
+            ]
+        return out
 
     def predictions(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         """Head output ((B,) match logits or (B, C) class logits) -> one dict each: label, score, logits

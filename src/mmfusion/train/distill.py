@@ -203,7 +203,8 @@ class DistillationModel(nn.Module):
             metrics["feat"] = feat.detach()
         else:
             metrics["feat"] = torch.zeros(())
-        return ModelOutput(loss, metrics)
+        routing = getattr(self.student, "routing_stats", lambda f: {})(fused)
+        return ModelOutput(loss, metrics, logits.detach(), {f"student.{k}": v for k, v in routing.items()})
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """The student's predictions (B,)."""

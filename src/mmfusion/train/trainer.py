@@ -1,8 +1,8 @@
 """The training loop. It knows nothing about modalities: a model takes a Batch and returns a ModelOutput.
 
 Owns: optimizer (AdamW) and warm-up + cosine schedule, gradient accumulation (T7) and clipping, the
-precision policy (T6), DDP (S1), checkpoints with exact resume (S5), and logging (tqdm, TensorBoard,
-metrics.jsonl).
+precision policy (T6), DDP (S1), checkpoints with exact resume (S5), logging (tqdm, TensorBoard,
+metrics.jsonl), and the step hooks (mmfusion.train.step_hooks: MoE expert-bias balancing, DDWA scoring).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .callbacks import build_callbacks
 from .checkpoint import require_latest, save_checkpoint
 from .precision import autocast, grad_scaler, resolve_precision
 from .rng import get_rng_state, set_rng_state
+from .step_hooks import StepHooks, data_state, load_data_state
 
 
 class TrainData(Protocol):
@@ -238,6 +239,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = grad_scaler(self.precision, self.device)
         self.accumulator = ModalityAccumulator(self.module, cfg.modality_accumulation)
+        self.hooks = StepHooks(self.module, data)  # MoE expert-bias balancing, DDWA scoring
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -275,6 +277,7 @@ class Trainer:
             "skipped": dict(skipped),
             "precision": self.precision,
             "world_size": self.world,
+            **({"data": data_state(self.data)[0]} if hasattr(self.data, "state_dict") else {}),
         }
 
     def save(self) -> None:
@@ -299,7 +302,10 @@ class Trainer:
                 self.optimizer.state_dict(),
                 self._state(skipped),
                 self.cfg.keep_checkpoints,
-                extra={f"held_grad.{k}": v for k, v in self.accumulator.state_dict().items()},
+                extra={
+                    **{f"held_grad.{k}": v for k, v in self.accumulator.state_dict().items()},
+                    **data_state(self.data)[1],
+                },
             )
         if dist_utils.is_distributed():
             torch.distributed.barrier()
@@ -341,12 +347,10 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        held = {
-            k.removeprefix("held_grad."): v
-            for k, v in ckpt.load_extra().items()
-            if k.startswith("held_grad.")
-        }
+        extra = ckpt.load_extra()
+        held = {k.removeprefix("held_grad."): v for k, v in extra.items() if k.startswith("held_grad.")}
         self.accumulator.load_state_dict(held, self.device)
+        load_data_state(self.data, state.get("data"), extra, str(ckpt.path))
         self.step = saved_stage["step"] if self.stage is not None else ckpt.step
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         # the checkpoint holds the global counts: rank 0 carries them on, the other ranks start from zero
@@ -358,7 +362,8 @@ class Trainer:
         self.log(f"resumed from {ckpt.path} ({where}, epoch {self.epoch})")
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def _micro_step(self, batch: Batch, scale: float, sync: bool) -> tuple[float, dict[str, float]]:
+    def _micro_step(self, batch: Batch, scale: float, sync: bool) -> tuple[float, dict[str, float], Any]:
+        """Forward + backward of one micro-batch -> (loss, metrics, the model's output)."""
         batch = batch.to(self.device)
         no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else nullcontext
         with no_sync():
@@ -366,7 +371,7 @@ class Trainer:
                 out = self.model(batch)
             self.scaler.scale(out.loss * scale).backward()
         metrics = {k: float(v) for k, v in out.metrics.items()}
-        return float(out.loss.detach()), metrics
+        return float(out.loss.detach()), metrics, out
 
     def _layout(self) -> str:
         if self.world == 1:
@@ -482,7 +487,7 @@ class Trainer:
                 micro = next(batches)
                 window_wait += time.perf_counter() - t_wait
                 n_samples = sum(len(b) for b in micro)
-                losses, metrics = [], {}
+                losses, metrics, outputs = [], {}, []
                 for i, b in enumerate(micro):
                     for _sid, reason in b.meta.get("skipped", []):
                         self.skipped[reason] += 1
@@ -490,8 +495,10 @@ class Trainer:
                         window_mod[key] += int(present.sum())
                     for name in b.meta.get("source") or ():
                         window_src[name] += 1
-                    loss, metrics = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
+                    loss, metrics, out = self._micro_step(b, 1.0 / len(micro), sync=i == len(micro) - 1)
                     losses.append(loss)
+                    if self.hooks.active:
+                        outputs.append((b, out))
                 if report_precision:
                     report_precision = False
                     self._log_precision()
@@ -504,6 +511,8 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
+                if self.hooks.active:
+                    metrics.update(self.hooks.after_step(outputs))
                 self.step += 1
                 self.step_in_epoch += 1
                 window_n += n_samples * self.data_world
