@@ -91,7 +91,9 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
     baselines, fusion "late")."""
     import torch
 
-    from mmfusion.models.multimodal import MultiModalModel, missing_modality_eval
+    from mmfusion.eval.missing import missing_modality_eval
+    from mmfusion.eval.pruning import calibrate_pruning, predict_pruned
+    from mmfusion.models.multimodal import MultiModalModel
     from mmfusion.tasks import TASKS
 
     torch.set_num_threads(1)
@@ -149,13 +151,15 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
         if fusion == "router" and len(mods) > 1:
             gates = torch.cat([model.encode(b).info["gates"] for b in batches])
             result["router_mean_gates"] = dict(zip(model.fusion.modalities, gates.mean(0).tolist()))
-            model.calibrate_pruning(_chunks(_rows(train, torch.arange(min(256, len(train)))), 64))
+            means = calibrate_pruning(model, _chunks(_rows(train, torch.arange(min(256, len(train)))), 64))
             labels = test.data["label"]
             prune = []
             for candidate in mods:
                 for thr in PRUNE_THRESHOLDS:
                     pruned_s, outs = _best_time(
-                        lambda thr=thr, c=candidate: [model.predict_pruned(b, thr, [c]) for b in batches]
+                        lambda thr=thr, c=candidate: [
+                            predict_pruned(model, means, b, thr, [c]) for b in batches
+                        ]
                     )
                     preds, skipped = zip(*outs)
                     acc = float((torch.cat(preds) == labels).float().mean())

@@ -9,7 +9,7 @@ import torch
 from mmfusion.batch import Batch
 from mmfusion.data.synthetic import COLOURS, PITCH, VQA_ANSWERS, Scene, SyntheticWorld
 from mmfusion.errors import ConfigError, DataError
-from mmfusion.models.multimodal import missing_modality_eval
+from mmfusion.eval.missing import missing_modality_eval
 from mmfusion.tasks import TASKS, build_task_model, collate, make_task_data, task_tokenizer
 
 
@@ -141,9 +141,12 @@ def test_vqa_learns_above_the_majority_baseline():
     assert report["without_text"] < report["all"]  # the question matters
 
 
-def test_audio_image_matching_learns_above_chance():
-    report, _ = train_and_eval("audio_image", 1200, 150, 128, 2e-3, dim=64)
-    assert report["all"] > 0.6, report
+def test_audio_image_matching_learns_above_chance_with_alignment():
+    # With align_loss (ALBEF's align-before-fuse, as for video_text) 0.915 here (dim 32: 0.88). Without it the
+    # outcome of 150 steps depended on the CPU's kernels: 0.47 (chance) on an AVX2 EPYC, above 0.6 elsewhere.
+    report, _ = train_and_eval("audio_image", 1200, 150, 128, 2e-3, dim=64, align_loss=1.0)
+    assert report["all"] > 0.8, report
+    assert max(report["without_audio"], report["without_image"]) < 0.6, report
 
 
 def test_video_text_matching_learns_above_chance_with_alignment():

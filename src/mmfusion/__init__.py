@@ -45,10 +45,14 @@ def __getattr__(name):
         from .models.contrastive import ContrastiveModel
 
         return ContrastiveModel
-    if name in ("MultiModalModel", "MultiModalTransformer", "MultiModalConfig", "missing_modality_eval"):
+    if name in ("MultiModalModel", "MultiModalTransformer", "MultiModalConfig"):
         from .models import multimodal
 
         return getattr(multimodal, name)
+    if name == "missing_modality_eval":
+        from .eval.missing import missing_modality_eval
+
+        return missing_modality_eval
     if name in ("load_config", "RunConfig"):
         from . import config
 

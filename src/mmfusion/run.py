@@ -315,7 +315,7 @@ def train_task(cfg: RunConfig, resume: bool = False, overwrite: bool = False, lo
 def evaluate_task(cfg: RunConfig, model, split: str = "test") -> dict[str, Any]:
     """Accuracy of a fusion model on `split` of the configured task, with every modality and with each one
     removed (E4)."""
-    from .models.multimodal import missing_modality_eval
+    from .eval.missing import missing_modality_eval
 
     samples = task_samples(cfg, split)
     collate = task_collate(cfg, model.tokenizer)

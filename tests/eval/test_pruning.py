@@ -64,11 +64,10 @@ def classify(run, threshold, inputs):
     from mmfusion.eval.pruning import pruning_model
     from mmfusion.serve.server import Engine, LocalBackend, ServeSettings, create_app
 
-    model = load_model(run) if threshold is None else pruning_model(run, threshold)
+    model, means = (load_model(run), None) if threshold is None else pruning_model(run, threshold)
     settings = ServeSettings(batching=False, cache=False)
-    app = create_app(
-        backend=LocalBackend(Engine(model, prune_threshold=threshold), settings), settings=settings
-    )
+    engine = Engine(model, prune_threshold=threshold, prune_means=means)
+    app = create_app(backend=LocalBackend(engine, settings), settings=settings)
     with TestClient(app) as c:
         health = c.get("/healthz").json()
         return health, c.post("/v1/classify", json={"inputs": inputs}).json()["predictions"]

@@ -6,13 +6,14 @@ from torch import nn
 
 from mmfusion.batch import Batch
 from mmfusion.errors import CheckpointError, ConfigError
+from mmfusion.eval.missing import missing_modality_eval
+from mmfusion.eval.pruning import calibrate_pruning, predict_pruned
 from mmfusion.fusion import FUSIONS
 from mmfusion.modalities.text import TextTokenizer
 from mmfusion.models.multimodal import (
     MultiModalConfig,
     MultiModalModel,
     MultiModalTransformer,
-    missing_modality_eval,
     modality_dropout,
 )
 
@@ -281,7 +282,7 @@ def test_cross_attention_query_defaults(tok):
 def test_align_loss_is_infonce_over_positive_pairs(tok):
     model = build(tok, head="match", align_loss=0.5)
     batch = make_batch(tok, b=6, modalities=("image", "text"))  # labels 0,1,0,1,0,1
-    fused, feats, masks = model._encode(batch)
+    fused, feats, masks = model.encode_with_tokens(batch)
     rows = batch.data["label"] == 1
     za = nn.functional.normalize(model.align_proj["image"](feats["image"][rows].mean(1)), dim=-1)
     zb = nn.functional.normalize(model.align_proj["text"](feats["text"][rows].mean(1)), dim=-1)
@@ -308,28 +309,26 @@ def test_align_loss_needs_a_two_modality_match_head(tok):
 def test_router_pruning_skips_encoders_under_the_threshold(tok):
     model = build(tok, fusion="router", n_classes=3).eval()
     batch = make_batch(tok, b=6, modalities=("image", "text"))
-    with pytest.raises(ConfigError, match="calibrate_pruning"):
-        model.predict_pruned(batch, 0.5)
-    means = model.calibrate_pruning([batch])
+    means = calibrate_pruning(model, [batch])
     assert set(means) == {"image", "text"} and means["image"].shape == (32,)
     calls = []
     model.encoders["text"].transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    pred, skipped = model.predict_pruned(batch, 0.0, candidates=["text"])  # a gate is never < 0
+    pred, skipped = predict_pruned(model, means, batch, 0.0, candidates=["text"])  # a gate is never < 0
     assert torch.equal(pred, model.predict(batch)) and not skipped["text"].any()
     calls.clear()
-    pred, skipped = model.predict_pruned(batch, 1.01, candidates=["text"])  # every gate is < 1.01
+    pred, skipped = predict_pruned(model, means, batch, 1.01, candidates=["text"])  # every gate is < 1.01
     assert skipped["text"].all()
     assert calls == [1]  # only the 1-row shape probe for the all-absent modality; no real text encoding
     no_text = Batch(batch.data, {"image": batch.mask["image"], "text": torch.zeros(6, dtype=torch.bool)})
     assert torch.equal(pred, model.predict(no_text))
     # a row whose only modality is the candidate is never skipped
     only_text = Batch(batch.data, {"image": torch.tensor([False] + [True] * 5), "text": batch.mask["text"]})
-    _, skipped = model.predict_pruned(only_text, 1.01, candidates=["text"])
+    _, skipped = predict_pruned(model, means, only_text, 1.01, candidates=["text"])
     assert skipped["text"].tolist() == [False] + [True] * 5
     with pytest.raises(ConfigError, match="strict subset"):
-        model.predict_pruned(batch, 0.5, candidates=["image", "text"])
+        predict_pruned(model, means, batch, 0.5, candidates=["image", "text"])
     with pytest.raises(ConfigError, match="router"):
-        build(tok, fusion="late").calibrate_pruning([batch])
+        calibrate_pruning(build(tok, fusion="late"), [batch])
 
 
 def test_encode_each_modality_from_raw_inputs(tok):

@@ -1,1 +1,38 @@
-"""One file per modality: its preprocessing, tokenizer (if any) and encoders."""
+"""Modalities: one file per modality (text.py, image.py, audio.py, video.py), each exporting a ModalitySpec as
+SPEC, and MODALITIES, the table of them. `register_modality(spec)` adds one (docs/modalities.md)."""
+
+from __future__ import annotations
+
+from .audio import SPEC as AUDIO
+from .base import ENCODER_SIZES, EncoderConfigBase, MediaError, ModalitySpec
+from .image import SPEC as IMAGE
+from .text import SPEC as TEXT
+from .video import SPEC as VIDEO
+
+MODALITIES: dict[str, ModalitySpec] = {s.name: s for s in (TEXT, IMAGE, AUDIO, VIDEO)}
+
+
+def register_modality(spec: ModalitySpec) -> ModalitySpec:
+    """Add `spec` to MODALITIES (an explicit call, never an import side effect); its name must be new."""
+    if spec.name in MODALITIES and MODALITIES[spec.name] is not spec:
+        raise ValueError(f"modality {spec.name!r} is already registered")
+    MODALITIES[spec.name] = spec
+    return spec
+
+
+def modality(kind: str) -> ModalitySpec:
+    """The spec of modality `kind`; ValueError naming the known ones."""
+    if kind not in MODALITIES:
+        raise ValueError(f"unknown modality {kind!r}; known: {', '.join(MODALITIES)}")
+    return MODALITIES[kind]
+
+
+__all__ = [
+    "ENCODER_SIZES",
+    "MODALITIES",
+    "EncoderConfigBase",
+    "MediaError",
+    "ModalitySpec",
+    "modality",
+    "register_modality",
+]

@@ -10,16 +10,18 @@ loudness survives (in the synthetic world, object size is loudness) and padded s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..errors import DataError
 from ..layers import Transformer, init_transformer_
+from .base import EncoderConfigBase, MediaError, ModalitySpec, as_source
 
 WaveLike = Any  # np.ndarray | torch.Tensor, (n,) or (channels, n); int16/int32/uint8 PCM or float in [-1, 1]
 
@@ -128,13 +130,16 @@ def preprocess_audio(
     n_mels: int = 64,
     n_fft: int = 400,
     hop: int = 160,
+    max_seconds: float | None = None,
 ) -> torch.Tensor:
     """One waveform -> normalised log-mel (n_mels, frames), frames = 1 + round(seconds * target_rate) // hop.
 
     Mixes to mono, resamples `sample_rate` -> `target_rate`, then trims the end or zero-pads to `seconds`
-    (None keeps the length).
+    (None keeps the length; `max_seconds` then trims longer clips only).
     """
     x = resample(to_mono_float(wave), int(sample_rate), int(target_rate))
+    if seconds is None and max_seconds is not None:
+        x = x[: max(int(round(max_seconds * target_rate)), 1)]
     if seconds is not None:
         n = int(round(seconds * target_rate))
         if n < 1:
@@ -265,3 +270,71 @@ class AudioEncoder(nn.Module):
             valid = (torch.arange(tokens.shape[1], device=tokens.device) < n[:, None]).to(tokens.dtype)
             pooled = (tokens * valid[..., None]).sum(dim=1) / n[:, None].to(tokens.dtype)
         return self.proj(self.ln_post(pooled))
+
+
+class AudioEncoderConfig(EncoderConfigBase):
+    """AudioEncoder over log-mels (n_mels, frames <= max_frames; 100 frames per second)."""
+
+    kind: Literal["audio"] = "audio"
+    n_mels: int = Field(64, ge=1)
+    max_frames: int = Field(101, ge=1)
+    downsample: int = Field(2, ge=0, le=8)
+    backbone: Literal["transformer", "gru"] = "transformer"
+
+
+def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
+    w = cfg.width
+    return AudioEncoder(
+        cfg.n_mels, w, cfg.depth, cfg.heads, w, cfg.max_frames, cfg.downsample, cfg.mlp_ratio, cfg.backbone
+    )
+
+
+def decode_audio(src: Any) -> tuple[np.ndarray, int]:
+    """A WAV / FLAC / OGG path, file object or bytes -> (float32 mono samples in [-1, 1], sample rate): channels
+    averaged; MediaError("corrupt_audio") when it cannot be read or is empty / not finite."""
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(as_source(src), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise MediaError("corrupt_audio", f"cannot decode audio: {e}") from e
+    if data.shape[0] == 0 or not np.isfinite(data).all():
+        raise MediaError("corrupt_audio", "audio is empty or has NaN/infinite values")
+    return np.clip(data.mean(axis=1, dtype=np.float32), -1.0, 1.0), int(sr)
+
+
+def read_audio(sample: Mapping[str, Any], field: str) -> tuple[Any, int] | None:
+    """A sample's (wave, sample rate) of `field` (its rate is `<field>_sr`), or None when absent."""
+    wave = sample.get(field)
+    if wave is None:
+        return None
+    rate = sample.get(f"{field}_sr")
+    if not rate:
+        raise DataError(f"sample {sample.get('id', '?')}: has {field} but no {field}_sr (its sample rate)")
+    return wave, int(rate)
+
+
+def audio_placeholder(cfg: Any) -> tuple[np.ndarray, int]:
+    return np.zeros(1600, dtype=np.float32), 16000
+
+
+def preprocess_clips(clips: Sequence[tuple[Any, int]], cfg: Any, tokenizer: Any = None) -> torch.Tensor:
+    """(wave, rate) pairs -> log-mels (B, n_mels, frames): resampled to 16 kHz, clips longer than the encoder's
+    max_frames cut, the batch right-padded with silence to its longest clip."""
+    max_seconds = max(cfg.max_frames - 1, 1) / 100.0  # hop 160 at 16 kHz: 100 frames per second
+    waves, rates = [c[0] for c in clips], [c[1] for c in clips]
+    return preprocess_audios(waves, rates, seconds=None, max_seconds=max_seconds, n_mels=cfg.n_mels)[0]
+
+
+AUDIO_EXTS = ("wav", "flac", "ogg")
+
+SPEC = ModalitySpec(
+    name="audio",
+    encoder_config=AudioEncoderConfig,
+    build_encoder=build_audio_encoder,
+    preprocess=preprocess_clips,
+    placeholder=audio_placeholder,
+    decode=decode_audio,
+    extensions=AUDIO_EXTS,
+    read=read_audio,
+)

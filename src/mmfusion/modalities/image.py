@@ -1,17 +1,20 @@
-"""Image modality: preprocessing (any PIL mode / size / array -> float tensor) and the ViT encoder."""
+"""Image modality: decoding (any file Pillow reads), preprocessing (any PIL mode / size / array -> float tensor),
+the ViT encoder and its SPEC."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from pydantic import Field
 from torch import nn
 
 from ..errors import DataError
 from ..layers import Transformer, init_transformer_
+from .base import EncoderConfigBase, MediaError, ModalitySpec, as_source
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray (H, W, 3|4|1 or H, W) uint8 | torch.Tensor (3, H, W) float
 
@@ -171,3 +174,49 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln_post(self.forward_tokens(images)[:, 0]))
+
+
+class ImageEncoderConfig(EncoderConfigBase):
+    """ImageEncoder (ViT)."""
+
+    kind: Literal["image"] = "image"
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(4, ge=1)
+    stem: Literal["patch", "conv"] = "patch"
+
+
+def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
+    w = cfg.width
+    return ImageEncoder(cfg.image_size, cfg.patch_size, w, cfg.depth, cfg.heads, w, cfg.mlp_ratio, cfg.stem)
+
+
+def decode_image(src: Any) -> np.ndarray:
+    """A path, file object or bytes -> (H, W, 3) uint8, fully decoded, EXIF orientation applied (any mode:
+    grayscale, RGBA, palette, 16-bit); MediaError("corrupt_image") when Pillow cannot read it."""
+    try:
+        with Image.open(as_source(src)) as img:
+            img.load()
+            return to_rgb_array(ImageOps.exif_transpose(img))
+    except Exception as e:
+        raise MediaError("corrupt_image", f"cannot decode image: {e}") from e
+
+
+def image_placeholder(cfg: Any) -> np.ndarray:
+    return np.zeros((cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+
+
+def _preprocess(images: Sequence[ImageLike], cfg: Any, tokenizer: Any = None) -> torch.Tensor:
+    return preprocess_images(list(images), cfg.image_size)
+
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+SPEC = ModalitySpec(
+    name="image",
+    encoder_config=ImageEncoderConfig,
+    build_encoder=build_image_encoder,
+    preprocess=_preprocess,
+    placeholder=image_placeholder,
+    decode=decode_image,
+    extensions=IMAGE_EXTS,
+)

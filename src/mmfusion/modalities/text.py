@@ -1,16 +1,19 @@
-"""Text modality: a BPE tokenizer (Hugging Face `tokenizers`) and a causal Transformer encoder."""
+"""Text modality: a BPE tokenizer (Hugging Face `tokenizers`), a causal Transformer encoder and its SPEC."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..layers import Transformer, init_transformer_
+from .base import EncoderConfigBase, ModalitySpec
 
 PAD, UNK, EOT = "[PAD]", "[UNK]", "[EOT]"
 SPECIAL_TOKENS = (PAD, UNK, EOT)  # ids 0, 1, 2
@@ -131,3 +134,40 @@ class TextEncoder(nn.Module):
         x = self.forward_tokens(ids)
         eot = (ids != 0).sum(dim=1) - 1  # padding id is 0
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+
+
+class TextEncoderConfig(EncoderConfigBase):
+    """TextEncoder; `vocab_size` None = taken from the model's tokenizer."""
+
+    kind: Literal["text"] = "text"
+    vocab_size: int | None = Field(None, ge=4)
+    context_length: int = Field(32, ge=4, le=4096)
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    if cfg.vocab_size is None:
+        raise ConfigError(
+            "the text encoder needs vocab_size: pass a tokenizer or set encoders.text.vocab_size"
+        )
+    w = cfg.width
+    return TextEncoder(cfg.vocab_size, cfg.context_length, w, cfg.depth, cfg.heads, w, cfg.mlp_ratio)
+
+
+def preprocess_texts(texts: Sequence[str], cfg: Any, tokenizer: TextTokenizer | None) -> torch.Tensor:
+    """Strings -> (B, L) int64 ids (right-padded with 0, each ending in [EOT])."""
+    if tokenizer is None:
+        raise DataError("the samples have text: preprocessing it needs the model's tokenizer")
+    return tokenizer.encode(list(texts))
+
+
+def text_placeholder(cfg: Any) -> str:
+    return ""
+
+
+SPEC = ModalitySpec(
+    name="text",
+    encoder_config=TextEncoderConfig,
+    build_encoder=build_text_encoder,
+    preprocess=preprocess_texts,
+    placeholder=text_placeholder,
+)

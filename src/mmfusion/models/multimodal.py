@@ -11,116 +11,52 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from torch import nn
 
 from ..batch import Batch
-from ..config import Section
 from ..errors import CheckpointError, ConfigError
 from ..fusion import FUSIONS, FusionOutput, build_fusion
 from ..layers import load_scalar_compat, scalar_parameter
-from ..modalities.audio import AudioEncoder, preprocess_audios
-from ..modalities.image import ImageEncoder, preprocess_images
-from ..modalities.text import TextEncoder, TextTokenizer
-from ..modalities.video import VideoEncoder, preprocess_videos
+from ..modalities import ENCODER_SIZES, MODALITIES, EncoderConfigBase
+from ..modalities.audio import AudioEncoderConfig
+from ..modalities.image import ImageEncoderConfig
+from ..modalities.text import TextEncoderConfig, TextTokenizer
+from ..modalities.video import VideoEncoderConfig
+from ..schema import Section
 from .contrastive import ModelOutput
 from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "multimodal"
-# Built-in encoder sizes: width, depth, heads (the encoders' own constructor arguments).
-ENCODER_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"width": 32, "depth": 1, "heads": 2},
-    "small": {"width": 64, "depth": 2, "heads": 4},
-    "base": {"width": 128, "depth": 3, "heads": 4},
-}
 # cross_attention's default query stream: the first of these kinds the model has. Image queries over audio
 # keys learn the audio-image tasks in tasks.py within 150 steps where audio queries stay at chance.
 QUERY_PREFERENCE = ("text", "image", "video", "audio")
 
 
-# ---- config -----------------------------------------------------------------------------------------------
-class EncoderConfigBase(Section):
-    """Size of one encoder: `size` fills width / depth / heads that are not given explicitly."""
-
-    size: Literal["tiny", "small", "base"] = "tiny"
-    width: int = Field(32, ge=8)
-    depth: int = Field(1, ge=1, le=96)
-    heads: int = Field(2, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_size(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            size = data.get("size", "tiny")
-            if size in ENCODER_SIZES:
-                data = {**ENCODER_SIZES[size], **data}
-        return data
-
-
-class TextEncoderConfig(EncoderConfigBase):
-    """modalities.text.TextEncoder; `vocab_size` None = taken from the model's tokenizer."""
-
-    kind: Literal["text"] = "text"
-    vocab_size: int | None = Field(None, ge=4)
-    context_length: int = Field(32, ge=4, le=4096)
-
-
-class ImageEncoderConfig(EncoderConfigBase):
-    """modalities.image.ImageEncoder (ViT)."""
-
-    kind: Literal["image"] = "image"
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
-    stem: Literal["patch", "conv"] = "patch"
-
-
-class AudioEncoderConfig(EncoderConfigBase):
-    """modalities.audio.AudioEncoder over log-mels (n_mels, frames <= max_frames)."""
-
-    kind: Literal["audio"] = "audio"
-    n_mels: int = Field(64, ge=1)
-    max_frames: int = Field(101, ge=1)
-    downsample: int = Field(2, ge=0, le=8)
-    backbone: Literal["transformer", "gru"] = "transformer"
-
-
-class VideoEncoderConfig(EncoderConfigBase):
-    """modalities.video.VideoEncoder (joint space-time ViT over tubelets of `tubelet` frames x patch_size^2 px).
-
-    Defaults (4 px patches, 2-frame tubelets): a tiny encoder learns the motion direction of the synthetic clips in
-    a few hundred steps; with per-frame 8 px patches it stayed at chance after 600 (docs/fusion.md)."""
-
-    kind: Literal["video"] = "video"
-    num_frames: int = Field(4, ge=1)
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
-    stem: Literal["patch", "conv"] = "patch"
-    tubelet: int = Field(2, ge=1)
-
-    @model_validator(mode="after")
-    def _tubelet_divides_frames(self) -> VideoEncoderConfig:
-        if self.num_frames % self.tubelet:
-            raise ValueError(f"tubelet {self.tubelet} must divide num_frames {self.num_frames}")
-        return self
-
-
-EncoderConfig = Annotated[
-    TextEncoderConfig | ImageEncoderConfig | AudioEncoderConfig | VideoEncoderConfig,
-    Field(discriminator="kind"),
-]
-ENCODER_CONFIGS: dict[str, type[EncoderConfigBase]] = {
-    "text": TextEncoderConfig,
-    "image": ImageEncoderConfig,
-    "audio": AudioEncoderConfig,
-    "video": VideoEncoderConfig,
-}
+def encoder_config(key: str, spec: Any) -> EncoderConfigBase:
+    """One encoder's config from a built-in size ("tiny" | "small" | "base"), a dict (its `kind` defaults to
+    the batch key) or a config, validated by its modality's config class (mmfusion.modalities)."""
+    if isinstance(spec, EncoderConfigBase):
+        return spec
+    if isinstance(spec, str):
+        if spec not in ENCODER_SIZES:
+            raise ValueError(
+                f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
+                "(or pass an encoder config or an nn.Module)"
+            )
+        spec = {"size": spec}
+    if not isinstance(spec, dict):
+        raise ValueError(f"encoder {key!r}: expected a size, a config or a dict, got {type(spec).__name__}")
+    kind = spec.get("kind", key)
+    if kind not in MODALITIES:
+        raise ValueError(f"encoder {key!r}: give its kind ({', '.join(MODALITIES)}); {kind!r} is not one")
+    return MODALITIES[kind].config(**{k: v for k, v in spec.items() if k != "kind"})
 
 
 class MultiModalConfig(Section):
@@ -143,7 +79,7 @@ class MultiModalConfig(Section):
               After a forward, `MultiModalModel.precision_report()` says what each part actually ran in.
     """
 
-    encoders: dict[str, EncoderConfig]
+    encoders: dict[str, SerializeAsAny[EncoderConfigBase]]
     dim: int = Field(64, ge=2)
     fusion: str = "cross_attention"
     fusion_kwargs: dict[str, Any] = {}
@@ -155,26 +91,10 @@ class MultiModalConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _encoder_shorthands(cls, data: Any) -> Any:
+    def _encoder_configs(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not isinstance(data.get("encoders"), dict):
             return data
-        encoders = {}
-        for key, spec in data["encoders"].items():
-            if isinstance(spec, str):
-                if spec not in ENCODER_SIZES:
-                    raise ValueError(
-                        f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
-                        "(or pass an encoder config or an nn.Module)"
-                    )
-                spec = {"size": spec}
-            if isinstance(spec, dict) and "kind" not in spec:
-                if key not in ENCODER_CONFIGS:
-                    raise ValueError(
-                        f"encoder {key!r}: give its kind ({', '.join(ENCODER_CONFIGS)}); the key is not one"
-                    )
-                spec = {**spec, "kind": key}
-            encoders[key] = spec
-        return {**data, "encoders": encoders}
+        return {**data, "encoders": {k: encoder_config(k, v) for k, v in data["encoders"].items()}}
 
     @field_validator("fusion")
     @classmethod
@@ -224,27 +144,13 @@ def _validate(cls: type[Section], data: dict[str, Any]) -> Any:
 
 # ---- building blocks --------------------------------------------------------------------------------------
 def build_encoder(cfg: EncoderConfigBase) -> nn.Module:
-    """Encoder module for one config; it is used through `forward_tokens` -> (B, N, width)."""
-    w, d, h, r = cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio
-    if isinstance(cfg, TextEncoderConfig):
-        if cfg.vocab_size is None:
-            raise ConfigError(
-                "the text encoder needs vocab_size: pass a tokenizer or set encoders.text.vocab_size"
-            )
-        enc: nn.Module = TextEncoder(cfg.vocab_size, cfg.context_length, w, d, h, w, r)
-    elif isinstance(cfg, ImageEncoderConfig):
-        enc = ImageEncoder(cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem)
-    elif isinstance(cfg, AudioEncoderConfig):
-        enc = AudioEncoder(cfg.n_mels, w, d, h, w, cfg.max_frames, cfg.downsample, r, cfg.backbone)
-    elif isinstance(cfg, VideoEncoderConfig):
-        enc = VideoEncoder(
-            cfg.num_frames, cfg.image_size, cfg.patch_size, w, d, h, w, r, cfg.stem, cfg.tubelet
-        )
-    else:  # pragma: no cover - the discriminated union admits nothing else
-        raise ConfigError(f"unknown encoder config {type(cfg).__name__}")
-    # Only the token path is used here (the model projects tokens itself), so the pooled projection would be
+    """Encoder module for one config (its modality's builder); it is used through `forward_tokens` -> (B, N,
+    width)."""
+    enc = MODALITIES[cfg.kind].build_encoder(cfg)
+    # Only the token path is used here (the model projects tokens itself), so a pooled projection would be
     # a parameter without gradients (DDP rejects those): replace it.
-    enc.proj = nn.Identity()
+    if hasattr(enc, "proj"):
+        enc.proj = nn.Identity()
     return enc
 
 
@@ -352,8 +258,8 @@ class MultiModalModel(nn.Module):
                 }
             specs[key] = spec
         # Module encoders are validated as a placeholder config (replaced below) so the rest is still checked.
-        placeholder = {k: "tiny" for k in modules if k in ENCODER_CONFIGS}
-        placeholder.update({k: {"kind": "image"} for k in modules if k not in ENCODER_CONFIGS})
+        placeholder = {k: "tiny" for k in modules if k in MODALITIES}
+        placeholder.update({k: {"kind": "image"} for k in modules if k not in MODALITIES})
         config = _validate(
             MultiModalConfig,
             {
@@ -460,9 +366,11 @@ class MultiModalModel(nn.Module):
 
     def encode(self, batch: Batch) -> FusionOutput:
         """Batch -> FusionOutput (pooled (B, dim), tokens, aux_loss, info). Applies modality dropout in training."""
-        return self._encode(batch)[0]
+        return self.encode_with_tokens(batch)[0]
 
-    def _encode(self, batch: Batch) -> tuple[FusionOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def encode_with_tokens(
+        self, batch: Batch
+    ) -> tuple[FusionOutput, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """encode() plus the projected per-modality tokens (B, N_m, dim) and the masks the fusion saw."""
         missing = [k for k in self.encoders if k not in batch.data]
         if missing:
@@ -516,7 +424,7 @@ class MultiModalModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         """Loss = task loss (cross-entropy / binary cross-entropy on data["label"]) + fusion aux_loss
         (+ align_loss * alignment_loss in training, when configured)."""
-        fused, feats, masks = self._encode(batch)
+        fused, feats, masks = self.encode_with_tokens(batch)
         logits = self._head(fused)
         labels = batch.data["label"].to(logits.device)
         if self.config.head == "match":
@@ -586,115 +494,29 @@ class MultiModalModel(nn.Module):
         """Texts -> (B, dim) L2-normalised embeddings (embed_modality on the tokenizer's ids)."""
         if self.tokenizer is None:
             raise ConfigError("this model has no tokenizer: it cannot encode raw text")
-        return self.embed_modality(self._key("text"), self.tokenizer.encode(list(texts)))
+        return self._embed_raw("text", list(texts))
+
+    def _embed_raw(self, kind: str, raws: list[Any]) -> torch.Tensor:
+        key = self._key(kind)
+        cfg = self.config.encoders[key]
+        return self.embed_modality(key, MODALITIES[kind].preprocess(raws, cfg, self.tokenizer))
 
     def encode_image(self, images) -> torch.Tensor:
-        """PIL images / uint8 arrays / tensors of any size -> (B, dim) L2-normalised embeddings."""
-        key = self._key("image")
-        return self.embed_modality(key, preprocess_images(images, self.config.encoders[key].image_size))
+        """PIL images / uint8 arrays of any size -> (B, dim) L2-normalised embeddings (the image modality's
+        preprocessing, as in training)."""
+        return self._embed_raw("image", list(images))
 
     def encode_audio(self, waves, sample_rate: int | list[int]) -> torch.Tensor:
         """Waveforms ((n,) or (n, channels) arrays) at any sample rate (resampled to 16 kHz) -> (B, dim)
-        L2-normalised embeddings; clips are cut or padded to the encoder's max_frames."""
-        key = self._key("audio")
-        cfg = self.config.encoders[key]
-        seconds = max(cfg.max_frames - 1, 1) / 100.0  # hop 160 at 16 kHz: 100 frames per second
-        mels, _ = preprocess_audios(list(waves), sample_rate, seconds=seconds, n_mels=cfg.n_mels)
-        return self.embed_modality(key, mels)
+        L2-normalised embeddings; clips longer than the encoder's max_frames are cut (as in training)."""
+        waves = list(waves)
+        rates = [sample_rate] * len(waves) if isinstance(sample_rate, int) else list(sample_rate)
+        return self._embed_raw("audio", list(zip(waves, rates)))
 
     def encode_video(self, videos) -> torch.Tensor:
         """Clips ((T, H, W, 3) uint8 arrays or lists of frames; T resampled to num_frames) -> (B, dim)
         L2-normalised embeddings."""
-        key = self._key("video")
-        cfg = self.config.encoders[key]
-        return self.embed_modality(key, preprocess_videos(list(videos), cfg.num_frames, cfg.image_size))
-
-    # ---- inference-time modality pruning (A11) -----------------------------------------------------------
-    @torch.no_grad()
-    def calibrate_pruning(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        """Store each modality's mean projected token (D,) over the present rows of `batches` (eval mode).
-
-        predict_pruned() stands it in for a modality that is not encoded yet, to estimate its router gate."""
-        if self.config.fusion != "router":
-            raise ConfigError(
-                f"modality pruning needs the router fusion; this model uses {self.config.fusion!r}"
-            )
-        was_training = self.training
-        self.eval()
-        sums = {k: torch.zeros(self.config.dim, device=self.device) for k in self.modalities}
-        counts = dict.fromkeys(self.modalities, 0)
-        try:
-            for batch in batches:
-                _, feats, masks = self._encode(batch)
-                for k in self.modalities:
-                    rows = masks[k]
-                    sums[k] += feats[k][rows].mean(dim=1).sum(dim=0).float()
-                    counts[k] += int(rows.sum())
-        finally:
-            self.train(was_training)
-        empty = [k for k, c in counts.items() if c == 0]
-        if empty:
-            raise ConfigError(f"calibrate_pruning: no calibration sample has {empty}")
-        self.prune_means = {k: sums[k] / counts[k] for k in self.modalities}
-        return self.prune_means
-
-    @torch.no_grad()
-    def predict_pruned(
-        self, batch: Batch, threshold: float, candidates: Iterable[str] | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Predict while skipping the encoders of modalities whose router gate would fall under `threshold`.
-
-        The other modalities are encoded first; each candidate (default: all but the first modality) is stood in
-        for by its calibrated mean token (calibrate_pruning) and the router's gates are computed. Rows where a
-        candidate's estimated gate < threshold never run its encoder: the modality counts as absent there (gate 0,
-        the others renormalised). The rest encode it and are fused as usual. Returns (predictions (B,),
-        {modality: bool (B,) rows skipped}). threshold 0 skips nothing and equals predict().
-        """
-        logits, skipped = self.logits_pruned(batch, threshold, candidates)
-        pred = (logits > 0).long() if self.config.head == "match" else logits.argmax(dim=-1)
-        return pred, skipped
-
-    @torch.no_grad()
-    def logits_pruned(
-        self, batch: Batch, threshold: float, candidates: Iterable[str] | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """predict_pruned's logits (as `logits()` returns them) and rows skipped per modality."""
-        if not hasattr(self, "prune_means"):
-            raise ConfigError("call calibrate_pruning(batches) on held-out data before predict_pruned")
-        candidates = list(self.modalities[1:] if candidates is None else candidates)
-        unknown = [c for c in candidates if c not in self.modalities]
-        if unknown or len(candidates) >= len(self.modalities):
-            raise ConfigError(
-                f"candidates {candidates}: must be a strict subset of the model's modalities {self.modalities}"
-            )
-        was_training = self.training
-        self.eval()
-        try:
-            device = self.device
-            masks = {
-                k: batch.mask.get(k, torch.ones(len(batch), dtype=torch.bool)).to(device).bool()
-                for k in self.modalities
-            }
-            feats = {
-                k: self.modality_tokens(k, batch.data[k].to(device), masks[k])
-                for k in self.modalities
-                if k not in candidates
-            }
-            n = len(batch)
-            guess = {k: self.prune_means[k].to(device).expand(n, 1, -1) for k in candidates}
-            gates = self.fusion({**feats, **guess}, masks).info["gates"]  # (B, M)
-            skipped = {}
-            for k in candidates:
-                skip = masks[k] & (gates[:, self.fusion.modalities.index(k)] < threshold)
-                others = torch.stack([masks[o] for o in self.modalities if o != k], dim=1).any(dim=1)
-                skip &= others  # never skip a row's only modality
-                skipped[k] = skip
-                masks[k] = masks[k] & ~skip
-                feats[k] = self.modality_tokens(k, batch.data[k].to(device), masks[k])
-            logits = self.logits_from_tokens(feats, masks)
-        finally:
-            self.train(was_training)
-        return logits, skipped
+        return self._embed_raw("video", list(videos))
 
     # ---- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -715,7 +537,7 @@ class MultiModalModel(nn.Module):
         config = _validate(MultiModalConfig, read_config(directory, MODEL_TYPE))
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
-            text = [c for c in config.encoders.values() if isinstance(c, TextEncoderConfig)]
+            text = [c for c in config.encoders.values() if c.kind == "text"]
             tokenizer = TextTokenizer.load(directory, text[0].context_length if text else 32)
         model = MultiModalModel.from_config(config, tokenizer)
         return load_weights(model, directory, map_location)
@@ -743,45 +565,6 @@ class MultiModalTransformer(MultiModalModel):
         super().__init__({k: v for k, v in towers.items() if v is not None}, fusion=fusion_method, **kwargs)
 
 
-@torch.no_grad()
-def missing_modality_eval(model: MultiModalModel, batches: Iterable[Batch]) -> dict[str, float]:
-    """Accuracy with every modality, and with each one removed (its mask set to False) (E4).
-
-    Returns {"all": acc, "without_<modality>": acc, ...}. Samples left with no modality are skipped for
-    strategies that cannot represent them (cross_attention, moe); with one modality, "without_*" is omitted.
-    """
-    batches = list(batches)
-    was_training = model.training
-    model.eval()
-    settings: dict[str, str | None] = {"all": None}
-    if len(model.modalities) > 1:
-        settings.update({f"without_{m}": m for m in model.modalities})
-    out: dict[str, float] = {}
-    try:
-        for name, removed in settings.items():
-            correct = total = 0
-            for b in batches:
-                mask = {
-                    k: b.mask.get(k, torch.ones(len(b), dtype=torch.bool)).bool() for k in model.modalities
-                }
-                if removed is not None:
-                    mask[removed] = torch.zeros_like(mask[removed])
-                keep = torch.stack(list(mask.values()), dim=1).any(dim=1)
-                if not bool(keep.any()):
-                    continue
-                idx = keep.nonzero().flatten()
-                sub = Batch(
-                    {k: v[idx] for k, v in b.data.items()}, {k: v[idx] for k, v in mask.items()}, b.meta
-                )
-                pred = model.predict(sub).cpu()
-                correct += int((pred == sub.data["label"].cpu().long()).sum())
-                total += len(idx)
-            out[name] = correct / max(total, 1)
-    finally:
-        model.train(was_training)
-    return out
-
-
 __all__ = [
     "ENCODER_SIZES",
     "AudioEncoderConfig",
@@ -792,6 +575,6 @@ __all__ = [
     "TextEncoderConfig",
     "VideoEncoderConfig",
     "build_encoder",
-    "missing_modality_eval",
+    "encoder_config",
     "modality_dropout",
 ]

@@ -198,7 +198,8 @@ def cmd_serve(args) -> int:
     if args.prune_threshold is not None:
         from ..eval.pruning import pruning_model
 
-        engine = Engine(pruning_model(args.model, args.prune_threshold), prune_threshold=args.prune_threshold)
+        model, means = pruning_model(args.model, args.prune_threshold)
+        engine = Engine(model, prune_threshold=args.prune_threshold, prune_means=means)
     else:
         engine = _engine_from(load_model(args.model))
     backend = LocalBackend(engine, settings)

@@ -150,17 +150,22 @@ class Engine:
     ContrastiveModel: text and image, its own projection heads (the training embedding space).
     MultiModalModel: every encoder it has; an embedding is the mean of the encoder's projected tokens
     (the fusion input), L2-normalised; `classify` runs the whole model (fusion + head).
-    prune_threshold: a calibrated router-fusion model (mmfusion.eval.pruning.pruning_model) classifies with
-    modality pruning at this gate threshold; each prediction then lists its skipped modalities ("pruned").
+    prune_threshold, prune_means: a router-fusion model with its pruning calibration
+    (mmfusion.eval.pruning.pruning_model) classifies with modality pruning at this gate threshold; each
+    prediction then lists its skipped modalities ("pruned").
     """
 
     def __init__(
-        self, model: torch.nn.Module, model_id: str | None = None, prune_threshold: float | None = None
+        self,
+        model: torch.nn.Module,
+        model_id: str | None = None,
+        prune_threshold: float | None = None,
+        prune_means: dict[str, torch.Tensor] | None = None,
     ):
         from ..models.contrastive import ContrastiveModel
 
         self.model = model.eval()
-        self.prune_threshold = prune_threshold
+        self.prune_threshold, self.prune_means = prune_threshold, prune_means
         self.model_id = model_id or model_fingerprint(model)
         self.contrastive = isinstance(model, ContrastiveModel)
         if self.contrastive:
@@ -348,7 +353,9 @@ class Engine:
             mask[self.keys[m]] = torch.tensor(present, dtype=torch.bool)
         if self.prune_threshold is None:
             return self.predictions(self.model.logits(Batch(data, mask))[0])
-        logits, skipped = self.model.logits_pruned(Batch(data, mask), self.prune_threshold)
+        from ..eval.pruning import logits_pruned
+
+        logits, skipped = logits_pruned(self.model, self.prune_means, Batch(data, mask), self.prune_threshold)
         out = self.predictions(logits)
         for i, p in enumerate(out):
             p["pruned"] = [
