@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- shards -----------------------------------------------------------------------------------------------
 def write_shards(args: argparse.Namespace, folder: Path) -> list[str]:
-    from mmfusion.data.sources import write_webdataset
     from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+    from mmfusion.data.writers import write_webdataset
 
     world = SyntheticWorld(WorldConfig(seed=0, image_size=args.image_size))
     samples = make_split(world, "train", args.n, ("image", "text"), progress=True)
@@ -187,9 +187,12 @@ class TimedData:
 
 def data_wait(urls: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     from mmfusion.config import load_config
+    from mmfusion.data.collate import Collate, Input
     from mmfusion.data.engine.stream import StreamingDataset
-    from mmfusion.data.loader import ImageTextCollator, ListDataset, MapData, StreamData
+    from mmfusion.data.loader import ListDataset, MapData, StreamData
     from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+    from mmfusion.modalities.image import SPEC as IMAGE
+    from mmfusion.modalities.text import SPEC as TEXT
     from mmfusion.modalities.text import TextTokenizer
     from mmfusion.models.contrastive import ContrastiveModel
     from mmfusion.train.trainer import Trainer
@@ -212,7 +215,11 @@ def data_wait(urls: list[str], args: argparse.Namespace) -> list[dict[str, Any]]
     tok = TextTokenizer.train(
         [s["text"] for s in memory], cfg.model.text.vocab_size, cfg.model.text.context_length
     )
-    collate = ImageTextCollator(tok, cfg.model.image.image_size)
+    inputs = {
+        "image": Input(IMAGE, IMAGE.config(image_size=cfg.model.image.image_size)),
+        "text": Input(TEXT, TEXT.config()),
+    }
+    collate = Collate(inputs, tok, required=("image", "text"), meta=("id", "text", "scene_key", "scene"))
     stream = StreamingDataset(urls, shuffle=1000, seed=cfg.seed)
     paths = {
         "quickstart (in-memory synthetic, MapData)": lambda: MapData(

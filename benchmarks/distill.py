@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does knowledge distillation help a student? Two comparisons against the student trained alone (T5).
 
-Data: paired scenes of the synthetic world (`mmfusion.train.distill.paired_samples`): each scene's image and
+Data: paired scenes of the synthetic world (`mmfusion.data.tasks.paired_samples`): each scene's image and
 audio, labelled with an attribute of the leftmost object (--label, default its colour: 8 classes). The
 audio carries it too: the leftmost object sounds first, its colour as the pitch.
 
@@ -155,7 +155,8 @@ def compare(name: str, seed: int, data, args) -> list[dict]:
     """One comparison for one seed: teacher, student alone, distilled student."""
     import torch
 
-    from mmfusion.train.distill import DistillationModel, label_classes
+    from mmfusion.data.tasks import label_classes
+    from mmfusion.train.distill import DistillationModel
 
     train, test = data
     n_cls = len(label_classes(args.label))
@@ -242,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
-    from mmfusion.tasks import collate
-    from mmfusion.train.distill import paired_samples
+    from mmfusion.data.tasks import collate, paired_samples
 
     torch.set_num_threads(args.threads)
     world = SyntheticWorld(WorldConfig(seed=0))

@@ -54,7 +54,7 @@ MATCH_TASKS = ("audio_image", "video_text", "audio_visual")
 def _data(task: str, n_train: int):
     """(train Batch, test Batch, tokenizer) for `task`; the same data for every fusion and seed."""
     from mmfusion.data.synthetic import SyntheticWorld
-    from mmfusion.tasks import TASKS, collate, make_task_data, task_tokenizer
+    from mmfusion.data.tasks import TASKS, collate, make_task_data, task_tokenizer
 
     world = SyntheticWorld()
     train = make_task_data(task, world, "train", n_train, seed=0)
@@ -91,10 +91,10 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
     baselines, fusion "late")."""
     import torch
 
+    from mmfusion.data.tasks import TASKS
     from mmfusion.eval.missing import missing_modality_eval
     from mmfusion.eval.pruning import calibrate_pruning, predict_pruned
     from mmfusion.models.multimodal import MultiModalModel
-    from mmfusion.tasks import TASKS
 
     torch.set_num_threads(1)
     spec, cfg = TASKS[task], SETTINGS[task]
@@ -179,7 +179,7 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
 
 
 def _jobs(tasks, fusions, seeds, baselines: bool) -> list[tuple[str, str, int, tuple[str, ...] | None]]:
-    from mmfusion.tasks import TASKS
+    from mmfusion.data.tasks import TASKS
 
     jobs = [(t, f, s, None) for t in tasks for f in fusions for s in seeds]
     if baselines:

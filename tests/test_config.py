@@ -19,7 +19,7 @@ def test_defaults_validate_and_overrides_are_typed():
         ("train.foo=1", "unknown key 'train.foo'; allowed keys here: accumulation"),
         (
             "nope=1",
-            "unknown key 'nope'; allowed keys here: data, eval, fusion_model, model, name, out_dir, seed, task, train",
+            "unknown key 'nope'; allowed keys here: data, eval, model, name, out_dir, seed, train",
         ),
         ("train.precision=fp8", "train.precision = 'fp8': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("train.steps=0", "train.steps = 0: Input should be greater than or equal to 1"),
@@ -111,7 +111,7 @@ TASK = ["task.name=vqa"]
         ),
         (
             [*TASK, "fusion_model.fusion=router", "fusion_model.fusion_kwargs.aux_free_bias=true"],
-            "fusion_model: fusion_kwargs: ['aux_free_bias'] are not arguments of the router fusion; allowed: "
+            "model: fusion_kwargs: ['aux_free_bias'] are not arguments of the router fusion; allowed: "
             "hidden, prune_threshold",
         ),
     ],
@@ -137,7 +137,7 @@ def test_training_settings_validate_for_both_recipes():
             "fusion_model.fusion_kwargs.aux_free_bias=true",
         ],
     )
-    assert fusion.data.ddwa.warmup == 5 and fusion.fusion_model["fusion_kwargs"] == {"aux_free_bias": True}
+    assert fusion.data.ddwa.warmup == 5 and fusion.model.fusion_kwargs == {"aux_free_bias": True}
 
 
 def test_cli_answers_a_bad_setting_with_one_line_and_exit_2(capsys, tmp_path):

@@ -4,8 +4,8 @@ augmentation config (D7) wired into runs."""
 import pytest
 
 from mmfusion.config import config_from_dict
-from mmfusion.data.sources import write_webdataset
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+from mmfusion.data.writers import write_webdataset
 from mmfusion.errors import ConfigError
 from mmfusion.run import load_split
 

@@ -8,9 +8,10 @@ import torch
 
 from mmfusion.batch import Batch
 from mmfusion.data.synthetic import COLOURS, PITCH, VQA_ANSWERS, Scene, SyntheticWorld
+from mmfusion.data.tasks import TASKS, collate, make_task_data, task_tokenizer
 from mmfusion.errors import ConfigError, DataError
 from mmfusion.eval.missing import missing_modality_eval
-from mmfusion.tasks import TASKS, build_task_model, collate, make_task_data, task_tokenizer
+from mmfusion.models.multimodal import build_task_model
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,9 @@ def cmd_train(args) -> int:
     if dist_utils.rank() != 0:
         return 0
     if not args.no_eval:
-        _evaluate_run(Path(result["run_dir"]), cfg, "test", Path(result["run_dir"]))
+        from .evaluate import evaluate_run
+
+        evaluate_run(Path(result["run_dir"]), cfg, "test", Path(result["run_dir"]))
     print(f"run directory: {result['run_dir']}")
     return 0
 
@@ -231,65 +233,6 @@ def _launch_torchrun(args) -> int:
     return run_forwarding_signals(cmd)
 
 
-def _evaluate_task_run(model_dir_or_run: Path, cfg, split: str, out: Path, prune_threshold=None) -> dict:
-    from .eval.report import format_table
-    from .models.multimodal import MultiModalModel
-    from .run import evaluate_task
-
-    model_dir = model_dir_or_run / "model" if (model_dir_or_run / "model").is_dir() else model_dir_or_run
-    model = MultiModalModel.from_pretrained(model_dir)
-    pruned = {}
-    if prune_threshold is not None:  # first: a model without router gates fails before any evaluation
-        from .eval.pruning import pruned_eval
-
-        pruned = pruned_eval(model, cfg, prune_threshold, split)
-    metrics = {**evaluate_task(cfg, model, split), **pruned}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(format_table(metrics))
-    print(f"metrics: {out / 'metrics.json'}")
-    return metrics
-
-
-def _evaluate_run(model_dir_or_run: Path, cfg, split: str, out: Path, prune_threshold=None) -> dict:
-    if cfg.task is not None:
-        return _evaluate_task_run(model_dir_or_run, cfg, split, out, prune_threshold)
-    if prune_threshold is not None:
-        raise ConfigError(
-            f"--prune-threshold: {model_dir_or_run} is a two-tower run; modality pruning is for router-fusion "
-            "models on a task"
-        )
-    from .eval.report import evaluate_contrastive, format_table, plot_loss, plot_retrieval_grid
-    from .models.contrastive import ContrastiveModel
-    from .run import load_split
-
-    model_dir = model_dir_or_run / "model" if (model_dir_or_run / "model").is_dir() else model_dir_or_run
-    model = ContrastiveModel.from_pretrained(model_dir)
-    if cfg.model.image.image_size != model.image_size:
-        cfg = cfg.model_copy(update={"model": model.config})
-    dataset = load_split(cfg, split)
-    metrics, emb = evaluate_contrastive(model, dataset, cfg.eval.recall_at, cfg.eval.batch_size)
-    metrics = {"split": split, **metrics}
-    from .train.stages import has_probe
-
-    if has_probe(model_dir):  # a CL-FT run: the classification probe on the image embedding
-        from .run import evaluate_probe
-
-        metrics.update(evaluate_probe(cfg, model_dir, split))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plots = [
-        plot_loss(model_dir_or_run / "metrics.jsonl", out / "plots" / "loss.png"),
-        plot_retrieval_grid(emb, dataset, out / "plots" / "retrieval_grid.png", cfg.eval.grid_queries),
-    ]
-    print(format_table(metrics))
-    print(f"metrics: {out / 'metrics.json'}")
-    for p in plots:
-        if p:
-            print(f"plot: {p}")
-    return metrics
-
-
 def cmd_eval(args) -> int:
     from .config import load_config
 
@@ -298,7 +241,9 @@ def cmd_eval(args) -> int:
         raise DataError(f"{path} does not exist: expected a run directory or a model folder")
     snapshot = path / "config.yaml"
     cfg = load_config(args.config or (snapshot if snapshot.is_file() else None), args.overrides)
-    _evaluate_run(path, cfg, args.split, Path(args.out) if args.out else path, args.prune_threshold)
+    from .evaluate import evaluate_run
+
+    evaluate_run(path, cfg, args.split, Path(args.out) if args.out else path, args.prune_threshold)
     return 0
 
 
@@ -345,8 +290,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data.sources import write_jsonl, write_webdataset
     from .data.synthetic import SyntheticWorld, WorldConfig, make_split
+    from .data.writers import write_jsonl, write_webdataset
 
     mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     allowed = {"image", "text", "audio", "video", "vqa"}

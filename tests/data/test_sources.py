@@ -17,10 +17,9 @@ from mmfusion.data.sources import (
     WebDatasetSource,
     count_samples,
     open_source,
-    write_jsonl,
-    write_webdataset,
 )
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+from mmfusion.data.writers import write_jsonl, write_webdataset
 from mmfusion.errors import ConfigError, DataError
 
 ALL = ("image", "text", "audio", "video", "vqa")

@@ -84,7 +84,7 @@ def test_prune_rejects_bad_arguments(make_tiny_model):
 
 def test_finetune_after_pruning_keeps_the_sparsity_and_lowers_the_loss(make_tiny_model, tmp_path):
     from mmfusion.config import config_from_dict
-    from mmfusion.run import build_train_data, load_split
+    from mmfusion.run import load_split, model_collate, train_data
 
     cfg = config_from_dict(
         {
@@ -107,7 +107,7 @@ def test_finetune_after_pruning_keeps_the_sparsity_and_lowers_the_loss(make_tiny
     )
     m = make_tiny_model()
     fixed = next(
-        iter(build_train_data(cfg, load_split(cfg, "train"), m.tokenizer).step_batches(0, 0, 0, 1, 1))
+        iter(train_data(cfg, load_split(cfg, "train"), model_collate(cfg, m), 32).step_batches(0, 0, 0, 1, 1))
     )[0]
 
     def loss() -> float:

@@ -15,10 +15,10 @@ from mmfusion.batch import Batch
 from mmfusion.config import TrainConfig
 from mmfusion.data.loader import ListDataset, MapData
 from mmfusion.data.synthetic import COLOURS, Scene, SyntheticWorld, WorldConfig
+from mmfusion.data.tasks import collate, paired_samples
 from mmfusion.errors import ConfigError, DataError
 from mmfusion.modalities.text import TextTokenizer
 from mmfusion.models.multimodal import MultiModalModel
-from mmfusion.tasks import collate
 from mmfusion.train.distill import (
     UNLABELLED,
     DistillationModel,
@@ -27,7 +27,6 @@ from mmfusion.train.distill import (
     drop_labels,
     feature_loss,
     kd_loss,
-    paired_samples,
     wrap_for_distillation,
 )
 from mmfusion.train.trainer import Trainer

@@ -24,8 +24,9 @@ from .loader import rank_micro_batches
 from .samplers import DDWASampler
 
 if TYPE_CHECKING:
-    from ..config import DDWAConfig, RunConfig
+    from ..config import RunConfig
     from ..models.contrastive import ModelOutput
+    from .config import DDWAConfig
 
 
 def check_ddwa(cfg: RunConfig) -> None:
@@ -33,13 +34,15 @@ def check_ddwa(cfg: RunConfig) -> None:
     if cfg.data.sampler != "ddwa":
         return
     why = None
-    if cfg.task is None:
+    if cfg.kind != "fusion":
         why = (
             "it weights each training sample by its classification gradient (logits vs label), so it needs a "
-            "task run (task: + fusion_model:); the two-tower contrastive loss has no per-sample label"
+            "fusion model (model.kind: fusion); the two-tower contrastive loss has no per-sample label"
         )
-    elif cfg.task.mixture is not None:
-        why = "a task.mixture run draws its batches with the mixture sampler; use one or the other"
+    elif cfg.data.mixture is not None:
+        why = "a data.mixture run draws its batches with the mixture sampler; use one or the other"
+    elif cfg.data.source == "webdataset":
+        why = "it draws samples by index: use a map-style source (synthetic or jsonl)"
     elif cfg.train.stages:
         why = "train.stages is not supported with it yet"
     elif cfg.train.distill is not None:

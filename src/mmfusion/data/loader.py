@@ -1,4 +1,4 @@
-"""From samples to Batches: collation for image–text models and resumable, rank-sharded step iteration."""
+"""From samples to Batches: resumable, rank-sharded step iteration over datasets (collated by mmfusion.data.collate)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..batch import Batch
 from ..errors import DataError
-from ..modalities.image import preprocess_image
-from ..modalities.text import TextTokenizer
-from .sources import SkippedSample
 
 
 class ListDataset(Dataset):
@@ -26,41 +23,6 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.samples[i]
-
-
-class ImageTextCollator:
-    """Sample dicts -> Batch with "image" (B, 3, S, S) in [-1, 1] and "text" (B, L) ids.
-
-    Unreadable samples (SkippedSample) and samples lacking image or text are left out and listed in
-    batch.meta["skipped"] as (id, reason).
-    """
-
-    def __init__(self, tokenizer: TextTokenizer, image_size: int):
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-
-    def __call__(self, samples: list[dict[str, Any] | SkippedSample]) -> Batch:
-        good, skipped = [], []
-        for s in samples:
-            if isinstance(s, SkippedSample):
-                skipped.append((s.id, s.reason))
-            elif s.get("image") is None or not s.get("text"):
-                skipped.append((s.get("id", "?"), "missing_modality"))
-            else:
-                good.append(s)
-        if not good:
-            return Batch({}, {}, {"skipped": skipped})
-        images = torch.stack([preprocess_image(s["image"], self.image_size) for s in good])
-        texts = self.tokenizer.encode([s["text"] for s in good])
-        present = torch.ones(len(good), dtype=torch.bool)
-        meta = {
-            "id": [s.get("id") for s in good],
-            "text": [s["text"] for s in good],
-            "scene_key": [s.get("scene_key") for s in good],
-            "scene": [s.get("scene") for s in good],
-            "skipped": skipped,
-        }
-        return Batch({"image": images, "text": texts}, {"image": present, "text": present.clone()}, meta)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

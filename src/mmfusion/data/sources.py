@@ -34,7 +34,6 @@ of REASONS ("corrupt_shard" / "missing_file" with the shard as id for a tar that
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -45,19 +44,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import soundfile as sf
 import webdataset as wds
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
 from ..errors import ConfigError, DataError
-from ..modalities.image import to_rgb_array
+from ..modalities import MODALITIES, MediaError
+from ..modalities.audio import AUDIO_EXTS
+from ..modalities.image import IMAGE_EXTS
 
-MODALITIES = ("image", "text", "audio", "video", "vqa")
+FIELDS = ("image", "text", "audio", "video", "vqa")  # the fields a source reads as media / typed values
 REASONS = (
     "bad_json",
     "wrong_field_type",
@@ -68,10 +66,8 @@ REASONS = (
     "missing_modality",
     "corrupt_shard",
 )
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-AUDIO_EXTS = ("wav", "flac", "ogg")
 _FIELDS = ("id", "text", "image", "audio", "video", "scene", "scene_key", "vqa", "video_text")
-_RESERVED = {*_FIELDS, "audio_sr", "meta"}
+RESERVED = {*_FIELDS, "audio_sr", "meta"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +79,9 @@ class SkippedSample:
     detail: str
 
 
-class _Bad(Exception):
-    """Internal: one sample is unreadable (reason code, field or None, problem)."""
+class SampleProblem(Exception):
+    """One sample is unreadable: a reason code (REASONS), the field (or None) and the problem; readers turn it
+    into a SkippedSample or, with on_error="fail", a DataError naming where."""
 
     def __init__(self, reason: str, field: str | None, problem: str):
         super().__init__(problem)
@@ -109,21 +106,23 @@ def _jtype(v: Any) -> str:
 def _typed(obj: dict, key: str, kind: type) -> Any:
     v = obj[key]
     if not isinstance(v, kind):
-        raise _Bad("wrong_field_type", key, f"expected {_jtype(kind())}, got {_jtype(v)}")
+        raise SampleProblem("wrong_field_type", key, f"expected {_jtype(kind())}, got {_jtype(v)}")
     return v
 
 
-def _vqa(obj: dict) -> list:
+def vqa_field(obj: dict) -> list:
     vqa = _typed(obj, "vqa", list)
     if not all(
         isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
         for q in vqa
     ):
-        raise _Bad("wrong_field_type", "vqa", 'expected a list of {"question": string, "answer": string}')
+        raise SampleProblem(
+            "wrong_field_type", "vqa", 'expected a list of {"question": string, "answer": string}'
+        )
     return vqa
 
 
-def _common(obj: dict) -> dict[str, Any]:
+def annotation_fields(obj: dict) -> dict[str, Any]:
     """The annotation fields (id, scene, scene_key, video_text) and meta of a JSON object, type-checked."""
     out: dict[str, Any] = {}
     for key, kind in (("id", str), ("scene", dict), ("scene_key", str), ("video_text", str)):
@@ -135,67 +134,12 @@ def _common(obj: dict) -> dict[str, Any]:
     return out
 
 
-def _decode_image(src: Any, field: str = "image") -> np.ndarray:
-    """Path or file object -> (H, W, 3) uint8 (fully decoded, EXIF orientation applied)."""
+def _decode(kind: str, src: Any, field: str) -> Any:
+    """The modality's one decoder (mmfusion.modalities), its MediaError as this sample's SampleProblem."""
     try:
-        with Image.open(src) as img:
-            img.load()
-            return to_rgb_array(ImageOps.exif_transpose(img))
-    except Exception as e:
-        raise _Bad("corrupt_image", field, f"cannot decode image: {e}") from e
-
-
-def _decode_audio(src: Any, field: str = "audio") -> tuple[np.ndarray, int]:
-    """Path or file object -> (float32 mono samples in [-1, 1], sample rate)."""
-    try:
-        data, sr = sf.read(src, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise _Bad("corrupt_audio", field, f"cannot decode audio: {e}") from e
-    if data.shape[0] == 0 or not np.isfinite(data).all():
-        raise _Bad("corrupt_audio", field, "audio is empty or has NaN/infinite values")
-    return np.clip(data.mean(axis=1, dtype=np.float32), -1.0, 1.0), int(sr)
-
-
-def _check_video(arr: Any, field: str = "video") -> np.ndarray:
-    if not (
-        isinstance(arr, np.ndarray)
-        and arr.dtype == np.uint8
-        and arr.ndim == 4
-        and arr.shape[-1] == 3
-        and arr.shape[0] > 0
-    ):
-        got = f"shape {arr.shape}, dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise _Bad("corrupt_video", field, f"expected a (T, H, W, 3) uint8 array, got {got}")
-    return arr
-
-
-def _decode_npy(src: Any, field: str = "video") -> np.ndarray:
-    try:
-        arr = np.load(src, allow_pickle=False)
-    except Exception as e:
-        raise _Bad("corrupt_video", field, f"cannot load array: {e}") from e
-    if isinstance(arr, np.lib.npyio.NpzFile):
-        arr.close()
-    return _check_video(arr, field)
-
-
-def _decode_frames(folder: Path, rel: str, field: str = "video") -> np.ndarray:
-    """A folder of frame images (sorted by name) -> (T, H, W, 3) uint8."""
-    exts = Image.registered_extensions()
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and p.name[0] != "."
-    )
-    if not files:
-        raise _Bad("corrupt_video", field, f"folder {rel} has no frame images")
-    frames = []
-    for p in files:
-        try:
-            frames.append(_decode_image(p, field))
-        except _Bad as b:
-            raise _Bad("corrupt_video", field, f"frame {rel}/{p.name}: {b.problem}") from None
-    if len({f.shape for f in frames}) > 1:
-        raise _Bad("corrupt_video", field, f"frames in {rel} differ in size")
-    return np.stack(frames)
+        return MODALITIES[kind].decode(src)
+    except MediaError as e:
+        raise SampleProblem(e.reason, field, e.problem) from None
 
 
 def _check_args(modalities: Sequence[str] | None, on_error: str) -> tuple[str, ...] | None:
@@ -204,16 +148,16 @@ def _check_args(modalities: Sequence[str] | None, on_error: str) -> tuple[str, .
     if modalities is None:
         return None
     mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
-    bad = [m for m in mods if m not in MODALITIES]
+    bad = [m for m in mods if m not in FIELDS]
     if bad:
-        raise ConfigError(f"unknown modalities {bad}; expected a subset of {list(MODALITIES)}")
+        raise ConfigError(f"unknown modalities {bad}; expected a subset of {list(FIELDS)}")
     return mods
 
 
 class _Reader:
     on_error: str
 
-    def _bad(self, sid: str, bad: _Bad, where: str) -> SkippedSample:
+    def _bad(self, sid: str, bad: SampleProblem, where: str) -> SkippedSample:
         msg = bad.message(where)
         if self.on_error == "fail":
             raise DataError(msg)
@@ -224,14 +168,20 @@ class JsonlDataset(_Reader, Dataset):
     """Map-style dataset over a JSONL manifest: item i is a sample dict or a SkippedSample.
 
     The manifest is parsed at construction (no media decoding); media of the requested modalities
-    (None = all present in the line) are decoded in __getitem__.
+    (None = all present in the line) are decoded in __getitem__. `require`: a requested modality a line lacks
+    makes it a SkippedSample ("missing_modality"); with False the sample simply lacks it (a fusion model
+    masks it).
     """
 
     def __init__(
-        self, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"
+        self,
+        path: str | os.PathLike,
+        modalities: Sequence[str] | None = None,
+        on_error: str = "skip",
+        require: bool = True,
     ):
         self.modalities = _check_args(modalities, on_error)
-        self.on_error = on_error
+        self.on_error, self.require = on_error, require
         self.path, self.name = Path(path), str(path)
         if not self.path.is_file():
             raise DataError(
@@ -271,37 +221,36 @@ class JsonlDataset(_Reader, Dataset):
         n, obj = self.entries[i]
         where, sid = f"{self.name} line {n}", f"{self.path.stem}-{n}"
         if isinstance(obj, str):
-            return self._bad(sid, _Bad("bad_json", None, obj), where)
+            return self._bad(sid, SampleProblem("bad_json", None, obj), where)
         if isinstance(obj.get("id"), str):
             sid = obj["id"]
         try:
             return self._read(obj, f"{self.path.stem}-{n}")
-        except _Bad as b:
+        except SampleProblem as b:
             return self._bad(sid, b, where)
 
     def _file(self, obj: dict, key: str) -> tuple[Path, str]:
         rel = _typed(obj, key, str)
         path = self.root / rel
         if not path.exists():
-            raise _Bad("missing_file", key, f"file {rel} not found")
+            raise SampleProblem("missing_file", key, f"file {rel} not found")
         return path, rel
 
     def _read(self, obj: dict, default_id: str) -> dict[str, Any]:
-        sample = {"id": default_id, **_common(obj)}
-        for m in self.modalities or [m for m in MODALITIES if obj.get(m) is not None]:
+        sample = {"id": default_id, **annotation_fields(obj)}
+        for m in self.modalities or [m for m in FIELDS if obj.get(m) is not None]:
             if obj.get(m) is None:
-                raise _Bad("missing_modality", m, "requested modality is absent")
+                if self.require:
+                    raise SampleProblem("missing_modality", m, "requested modality is absent")
+                continue
             if m == "text":
                 sample["text"] = _typed(obj, "text", str)
             elif m == "vqa":
-                sample["vqa"] = _vqa(obj)
-            elif m == "image":
-                sample["image"] = _decode_image(self._file(obj, m)[0])
+                sample["vqa"] = vqa_field(obj)
             elif m == "audio":
-                sample["audio"], sample["audio_sr"] = _decode_audio(self._file(obj, m)[0])
+                sample["audio"], sample["audio_sr"] = _decode("audio", self._file(obj, m)[0], m)
             else:
-                path, rel = self._file(obj, m)
-                sample["video"] = _decode_frames(path, rel) if path.is_dir() else _decode_npy(path)
+                sample[m] = _decode(m, self._file(obj, m)[0], m)
         return sample
 
 
@@ -348,7 +297,7 @@ def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
-def _shard_samples(url: str, select_files=None) -> Iterator[dict]:
+def shard_samples(url: str, select_files=None) -> Iterator[dict]:
     """Raw samples ({"__key__", "__url__", ext: bytes}) of one shard, grouped by webdataset's tar iterators;
     the file is closed when the generator ends."""
     stream = wds.gopen(url, "rb")
@@ -360,7 +309,7 @@ def _shard_samples(url: str, select_files=None) -> Iterator[dict]:
         stream.close()
 
 
-def _truncation(path: str) -> str | None:
+def truncation(path: str) -> str | None:
     """Why a local .tar looks truncated (Python's tarfile silently stops at a cut header), or None."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
@@ -396,9 +345,11 @@ class WebDatasetSource(_Reader, IterableDataset):
         shuffle: int = 0,
         seed: int = 0,
         keep: Callable[[str, str], bool] | None = None,
+        require: bool = True,
     ):
         self.modalities = _check_args(modalities, on_error)
         self.on_error, self.shuffle, self.seed, self.epoch = on_error, int(shuffle), int(seed), 0
+        self.require = require
         self.keep = keep
         self.urls = shard_list(urls)
         self._sizes: dict[str, int] | None = None
@@ -418,7 +369,7 @@ class WebDatasetSource(_Reader, IterableDataset):
         """Every caption (.txt member) of every shard (that `keep` accepts), without decoding media."""
         for url in self.urls:
             try:
-                for raw in _shard_samples(url, lambda f: f.endswith(".txt")):
+                for raw in shard_samples(url, lambda f: f.endswith(".txt")):
                     if "txt" in raw and (self.keep is None or self.keep(url, raw["__key__"])):
                         yield raw["txt"].decode("utf-8", errors="replace")
             except Exception:  # unreadable shards are reported when the samples are read
@@ -461,13 +412,13 @@ class WebDatasetSource(_Reader, IterableDataset):
 
     def _raw(self, url: str) -> Iterator[dict | SkippedSample]:
         try:
-            yield from _shard_samples(url)
-            problem = _truncation(url) if url.endswith(".tar") and not _is_remote(url) else None
-            bad = _Bad("corrupt_shard", None, problem) if problem else None
+            yield from shard_samples(url)
+            problem = truncation(url) if url.endswith(".tar") and not _is_remote(url) else None
+            bad = SampleProblem("corrupt_shard", None, problem) if problem else None
         except Exception as e:
             reason = "missing_file" if isinstance(e, FileNotFoundError) else "corrupt_shard"
             detail = f"{type(e).__name__}: {str(e.args[0]).split(' @ ')[0] if e.args else ''}"
-            bad = _Bad(reason, None, f"cannot read shard: {detail}")
+            bad = SampleProblem(reason, None, f"cannot read shard: {detail}")
         if bad is not None:
             yield self._bad(url, bad, url)
 
@@ -480,39 +431,39 @@ class WebDatasetSource(_Reader, IterableDataset):
                 try:
                     obj = json.loads(raw["json"].decode("utf-8"))
                 except ValueError as e:
-                    raise _Bad("bad_json", "json", f"invalid JSON: {e}") from None
+                    raise SampleProblem("bad_json", "json", f"invalid JSON: {e}") from None
                 if not isinstance(obj, dict):
-                    raise _Bad("bad_json", "json", f"expected a JSON object, got {_jtype(obj)}")
+                    raise SampleProblem("bad_json", "json", f"expected a JSON object, got {_jtype(obj)}")
                 sid = obj["id"] if isinstance(obj.get("id"), str) else key
             return self._read(raw, obj)
-        except _Bad as b:
+        except SampleProblem as b:
             return self._bad(sid, b, where)
 
     def _read(self, raw: dict, obj: dict) -> dict[str, Any]:
-        sample = {"id": raw["__key__"], **_common(obj)}
+        sample = {"id": raw["__key__"], **annotation_fields(obj)}
         members = {"image": _pick(raw, IMAGE_EXTS), "audio": _pick(raw, AUDIO_EXTS), "video": raw.get("npy")}
         present = {m for m, v in members.items() if v is not None}
         present |= {m for m in ("text", "vqa") if obj.get(m) is not None} | (
             {"text"} if "txt" in raw else set()
         )
-        for m in self.modalities or [m for m in MODALITIES if m in present]:
+        for m in self.modalities or [m for m in FIELDS if m in present]:
             if m not in present:
-                raise _Bad("missing_modality", m, "requested modality is absent")
+                if self.require:
+                    raise SampleProblem("missing_modality", m, "requested modality is absent")
+                continue
             if m == "text" and "txt" in raw:
                 try:
                     sample["text"] = raw["txt"].decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise _Bad("wrong_field_type", "text", f"not UTF-8 text: {e}") from None
+                    raise SampleProblem("wrong_field_type", "text", f"not UTF-8 text: {e}") from None
             elif m == "text":
                 sample["text"] = _typed(obj, "text", str)
             elif m == "vqa":
-                sample["vqa"] = _vqa(obj)
-            elif m == "image":
-                sample["image"] = _decode_image(io.BytesIO(members["image"]))
+                sample["vqa"] = vqa_field(obj)
             elif m == "audio":
-                sample["audio"], sample["audio_sr"] = _decode_audio(io.BytesIO(members["audio"]))
+                sample["audio"], sample["audio_sr"] = _decode("audio", members["audio"], m)
             else:
-                sample["video"] = _decode_npy(io.BytesIO(members["video"]))
+                sample[m] = _decode(m, members[m], m)
         return sample
 
 
@@ -538,119 +489,26 @@ def count_samples(urls) -> int:
     return sum(_count_shard(url) for url in shard_list(urls))
 
 
-def _annotations(s: dict) -> dict[str, Any]:
-    """The JSON part of a sample: id, scene, scene_key, vqa, video_text, then meta and extra JSON fields."""
-    out = {k: s[k] for k in ("id", "scene", "scene_key", "vqa", "video_text") if s.get(k) is not None}
-    extra = {**{k: v for k, v in s.items() if k not in _RESERVED}, **(s.get("meta") or {})}
-    clash = sorted(set(extra) & _RESERVED)
-    if clash:
-        raise DataError(f"sample {s.get('id', '?')}: meta fields {clash} clash with reserved field names")
-    try:
-        json.dumps(extra)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"sample {s.get('id', '?')}: extra fields are not JSON-serialisable: {e}") from None
-    return {**out, **extra}
-
-
-def _audio_of(s: dict) -> tuple[np.ndarray, int]:
-    if not s.get("audio_sr"):
-        raise DataError(f"sample {s.get('id', '?')}: has audio but no audio_sr")
-    return np.clip(np.asarray(s["audio"], dtype=np.float32), -1.0, 1.0), int(s["audio_sr"])
-
-
-def _video_of(s: dict) -> np.ndarray:
-    try:
-        return _check_video(np.asarray(s["video"]))
-    except _Bad as b:
-        raise DataError(f"sample {s.get('id', '?')}: video: {b.problem}") from None
-
-
-def write_jsonl(
-    samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "manifest", image_format: str = "png"
-) -> Path:
-    """Write samples as out_dir/<name>.jsonl with media in out_dir/<name>/ (images as image_format, audio as
-    16-bit PCM WAV at audio_sr, video as .npy); SkippedSample entries are left out. Returns the manifest path."""
-    out_dir = Path(out_dir)
-    (out_dir / name).mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for i, s in enumerate(x for x in samples if not isinstance(x, SkippedSample)):
-            line, stem = _annotations(s), f"{name}/{i:07d}"
-            if s.get("text") is not None:
-                line["text"] = s["text"]
-            if s.get("image") is not None:
-                line["image"] = f"{stem}.{image_format}"
-                Image.fromarray(to_rgb_array(s["image"])).save(out_dir / line["image"])
-            if s.get("audio") is not None:
-                line["audio"] = f"{stem}.wav"
-                sf.write(out_dir / line["audio"], *_audio_of(s), subtype="PCM_16")
-            if s.get("video") is not None:
-                line["video"] = f"{stem}.npy"
-                np.save(out_dir / line["video"], _video_of(s), allow_pickle=False)
-            f.write(json.dumps(line) + "\n")
-    return path
-
-
-def _wds_record(s: dict, key: str) -> dict[str, Any]:
-    rec: dict[str, Any] = {"__key__": key, "json": json.dumps(_annotations(s)).encode()}
-    if s.get("text") is not None:
-        rec["txt"] = str(s["text"]).encode("utf-8")
-    if s.get("image") is not None:
-        buf = io.BytesIO()
-        Image.fromarray(to_rgb_array(s["image"])).save(buf, format="PNG")
-        rec["png"] = buf.getvalue()
-    if s.get("audio") is not None:
-        buf = io.BytesIO()
-        sf.write(buf, *_audio_of(s), format="WAV", subtype="PCM_16")
-        rec["wav"] = buf.getvalue()
-    if s.get("video") is not None:
-        buf = io.BytesIO()
-        np.save(buf, _video_of(s), allow_pickle=False)
-        rec["npy"] = buf.getvalue()
-    return rec
-
-
-def write_webdataset(
-    samples: Iterable[dict], out_dir: str | os.PathLike, name: str = "shard", samples_per_shard: int = 1000
-) -> list[Path]:
-    """Write samples into out_dir/<name>-000000.tar, ... (samples_per_shard each; keys are running numbers,
-    ids go in the .json member); SkippedSample entries are left out. Returns the shard paths."""
-    if samples_per_shard < 1:
-        raise ConfigError(f"samples_per_shard = {samples_per_shard}: expected a positive number")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    writer = None
-    try:
-        for i, s in enumerate(x for x in samples if not isinstance(x, SkippedSample)):
-            if i % samples_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                paths.append(out_dir / f"{name}-{len(paths):06d}.tar")
-                writer = wds.TarWriter(str(paths[-1]), encoder=False, mtime=0)
-            writer.write(_wds_record(s, f"{i:09d}"))
-    finally:
-        if writer is not None:
-            writer.close()
-    return paths
-
-
 def open_source(
-    kind: str, path: str | os.PathLike, modalities: Sequence[str] | None = None, on_error: str = "skip"
+    kind: str,
+    path: str | os.PathLike,
+    modalities: Sequence[str] | None = None,
+    on_error: str = "skip",
+    require: bool = True,
 ) -> JsonlDataset | WebDatasetSource:
     """A JsonlDataset ("jsonl": path to the manifest) or a WebDatasetSource ("webdataset": a tar, a brace
     pattern or a folder of tars)."""
     if kind == "jsonl":
-        return JsonlDataset(path, modalities=modalities, on_error=on_error)
+        return JsonlDataset(path, modalities=modalities, on_error=on_error, require=require)
     if kind == "webdataset":
-        return WebDatasetSource(path, modalities=modalities, on_error=on_error)
+        return WebDatasetSource(path, modalities=modalities, on_error=on_error, require=require)
     raise ConfigError(f"unknown data source kind {kind!r}; expected 'jsonl' or 'webdataset'")
 
 
 __all__ = [
     "AUDIO_EXTS",
     "IMAGE_EXTS",
-    "MODALITIES",
+    "FIELDS",
     "REASONS",
     "JsonlDataset",
     "SkippedSample",
@@ -658,6 +516,10 @@ __all__ = [
     "count_samples",
     "open_source",
     "shard_list",
-    "write_jsonl",
-    "write_webdataset",
+    "RESERVED",
+    "SampleProblem",
+    "annotation_fields",
+    "shard_samples",
+    "truncation",
+    "vqa_field",
 ]

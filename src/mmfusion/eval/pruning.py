@@ -123,13 +123,13 @@ def check_threshold(threshold: float) -> None:
 
 
 def task_batches(cfg: RunConfig, model: MultiModalModel, split: str) -> list[Batch]:
-    """The configured task's `split`, collated with the model's tokenizer in batches of eval.batch_size."""
-    from ..run import task_collate, task_samples
+    """The run's `split`, collated by the model's Collate in batches of eval.batch_size."""
+    from ..data.loader import iterate_eval
+    from ..run import fusion_target, load_split
 
-    samples = task_samples(cfg, split)
-    collate = task_collate(cfg, model.tokenizer)
-    size = cfg.eval.batch_size
-    return [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
+    collate = model.collate(cfg.data.inputs, fusion_target(cfg, model.config))
+    batches = iterate_eval(load_split(cfg, split), collate, cfg.eval.batch_size, cfg.data.num_workers)
+    return [b for b in batches if b.data]
 
 
 def calibrate(model: MultiModalModel, cfg: RunConfig, where: str) -> dict[str, torch.Tensor]:
@@ -183,10 +183,8 @@ def pruning_model(path: str | Path, threshold: float) -> tuple[MultiModalModel, 
     check_threshold(threshold)
     cfg = run_config_of(path)
     model = load_model(path)
-    if cfg.task is None:
-        raise ConfigError(
-            f"--prune-threshold: {path} is a two-tower run; pruning is for fusion models on a task"
-        )
+    if cfg.kind != "fusion":
+        raise ConfigError(f"--prune-threshold: {path} is a {cfg.kind} run; pruning is for fusion models")
     return model, calibrate(model, cfg, str(path))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.loader import ImageTextCollator, iterate_eval
+from ..data.loader import iterate_eval
 
 
 def match_keys(batch_keys: Sequence[str | None], texts: Sequence[str]) -> list[str]:
@@ -19,7 +19,7 @@ def match_keys(batch_keys: Sequence[str | None], texts: Sequence[str]) -> list[s
 @torch.no_grad()
 def embed_dataset(model, dataset, batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
     """Embed every (image, caption) pair of `dataset` -> {"image": (N, D), "text": (N, D), "keys", "texts", "ids"}."""
-    collate = ImageTextCollator(model.tokenizer, model.image_size)
+    collate = model.collate()
     img, txt, keys, texts, ids, scenes, skipped = [], [], [], [], [], [], []
     model.eval()
     for batch in iterate_eval(dataset, collate, batch_size, num_workers):

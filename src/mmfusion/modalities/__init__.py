@@ -3,6 +3,8 @@ SPEC, and MODALITIES, the table of them. `register_modality(spec)` adds one (doc
 
 from __future__ import annotations
 
+from typing import Any
+
 from .audio import SPEC as AUDIO
 from .base import ENCODER_SIZES, EncoderConfigBase, MediaError, ModalitySpec
 from .image import SPEC as IMAGE
@@ -18,6 +20,26 @@ def register_modality(spec: ModalitySpec) -> ModalitySpec:
         raise ValueError(f"modality {spec.name!r} is already registered")
     MODALITIES[spec.name] = spec
     return spec
+
+
+def encoder_config(key: str, spec: Any) -> EncoderConfigBase:
+    """One encoder's config from a built-in size ("tiny" | "small" | "base"), a dict (its `kind` defaults to
+    the batch key) or a config, validated by its modality's config class (mmfusion.modalities)."""
+    if isinstance(spec, EncoderConfigBase):
+        return spec
+    if isinstance(spec, str):
+        if spec not in ENCODER_SIZES:
+            raise ValueError(
+                f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
+                "(or pass an encoder config or an nn.Module)"
+            )
+        spec = {"size": spec}
+    if not isinstance(spec, dict):
+        raise ValueError(f"encoder {key!r}: expected a size, a config or a dict, got {type(spec).__name__}")
+    kind = spec.get("kind", key)
+    if kind not in MODALITIES:
+        raise ValueError(f"encoder {key!r}: give its kind ({', '.join(MODALITIES)}); {kind!r} is not one")
+    return MODALITIES[kind].config(**{k: v for k, v in spec.items() if k != "kind"})
 
 
 def modality(kind: str) -> ModalitySpec:

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batch import Batch
-from ..config import ModelConfig
+from ..data.collate import Collate, Input, Target
 from ..layers import load_scalar_compat, scalar_parameter
 from ..losses import clip_loss, dual_contrastive_loss
 from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
 from ..train.distributed import gather_with_grad
+from .contrastive_config import ModelConfig
 from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "contrastive"
@@ -66,6 +67,27 @@ class ContrastiveModel(nn.Module):
     @property
     def image_size(self) -> int:
         return self.config.image.image_size
+
+    def inputs(self) -> dict[str, Input]:
+        """The model's inputs for the one Collate: image at the image tower's size, text by the tokenizer."""
+        from ..modalities.image import SPEC as IMAGE
+        from ..modalities.text import SPEC as TEXT
+
+        return {
+            "image": Input(IMAGE, IMAGE.config(image_size=self.image_size)),
+            "text": Input(TEXT, TEXT.config(context_length=self.config.text.context_length)),
+        }
+
+    def collate(self, target: Target | None = None) -> Collate:
+        """Sample dicts -> Batch for this model: every sample needs both an image and a caption; meta keeps the
+        captions and scenes (retrieval's ground truth). `target` adds a label (a CL-FT probe stage)."""
+        return Collate(
+            self.inputs(),
+            self.tokenizer,
+            target,
+            required=("image", "text"),
+            meta=("id", "text", "scene_key", "scene"),
+        )
 
     def modality_parameters(self) -> dict[str, list[str]]:
         """Modality -> its parameter-name prefixes (per-modality gradient accumulation)."""

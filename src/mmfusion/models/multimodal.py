@@ -9,137 +9,30 @@ is the same module as ``MultiModalModel.from_config(MultiModalConfig(...), token
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from torch import nn
 
 from ..batch import Batch
+from ..data.collate import Collate, Input, Target
 from ..errors import CheckpointError, ConfigError
-from ..fusion import FUSIONS, FusionOutput, build_fusion
+from ..fusion import FusionOutput, build_fusion
 from ..layers import load_scalar_compat, scalar_parameter
 from ..modalities import ENCODER_SIZES, MODALITIES, EncoderConfigBase
 from ..modalities.audio import AudioEncoderConfig
 from ..modalities.image import ImageEncoderConfig
 from ..modalities.text import TextEncoderConfig, TextTokenizer
 from ..modalities.video import VideoEncoderConfig
-from ..schema import Section
 from .contrastive import ModelOutput
+from .fusion_config import QUERY_PREFERENCE, MultiModalConfig, validate_section  # noqa: F401
 from .persistence import load_weights, read_config, save_folder
 
 MODEL_TYPE = "multimodal"
-# cross_attention's default query stream: the first of these kinds the model has. Image queries over audio
-# keys learn the audio-image tasks in tasks.py within 150 steps where audio queries stay at chance.
-QUERY_PREFERENCE = ("text", "image", "video", "audio")
-
-
-def encoder_config(key: str, spec: Any) -> EncoderConfigBase:
-    """One encoder's config from a built-in size ("tiny" | "small" | "base"), a dict (its `kind` defaults to
-    the batch key) or a config, validated by its modality's config class (mmfusion.modalities)."""
-    if isinstance(spec, EncoderConfigBase):
-        return spec
-    if isinstance(spec, str):
-        if spec not in ENCODER_SIZES:
-            raise ValueError(
-                f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
-                "(or pass an encoder config or an nn.Module)"
-            )
-        spec = {"size": spec}
-    if not isinstance(spec, dict):
-        raise ValueError(f"encoder {key!r}: expected a size, a config or a dict, got {type(spec).__name__}")
-    kind = spec.get("kind", key)
-    if kind not in MODALITIES:
-        raise ValueError(f"encoder {key!r}: give its kind ({', '.join(MODALITIES)}); {kind!r} is not one")
-    return MODALITIES[kind].config(**{k: v for k, v in spec.items() if k != "kind"})
-
-
-class MultiModalConfig(Section):
-    """Everything MultiModalModel's constructor takes, typed; maps 1:1 onto its arguments.
-
-    encoders: batch key -> encoder config; `kind` defaults to the key ("image", "text", "audio", "video"),
-              a string is a built-in size ("tiny", "small", "base").
-    fusion:   a name in mmfusion.fusion.FUSIONS; fusion_kwargs go to its constructor. For cross_attention the
-              query modality defaults to the first encoder whose kind is text, else image, video, audio.
-    head:     "classify" (n_classes logits, cross-entropy) or "match" (one logit, binary cross-entropy).
-    modality_dropout: in training, drop each present modality of each sample with this probability, never all.
-    align_loss: weight of an "align before fuse" contrastive loss (ALBEF's ITC, Li et al. 2021) for match heads
-              with two modalities: InfoNCE between the two modalities' mean-pooled, projected tokens over the
-              positive pairs (label 1) of the batch. It gives each encoder a first-order signal; a match label
-              alone is independent of either modality, and from scratch that plateaus at chance.
-    precision: encoder key -> "fp32" | "bf16" | "fp16": the precision that encoder runs in (T6, seed 002's
-              `"precision": {"text": "bf16", "image": "fp16"}`), under the one autocast policy of the run: a listed
-              encoder runs in its own autocast region (fp32 = autocast off), its tokens return as fp32, and the
-              projections, fusion and head follow the run's `train.precision`. Unlisted encoders follow it too.
-              After a forward, `MultiModalModel.precision_report()` says what each part actually ran in.
-    """
-
-    encoders: dict[str, SerializeAsAny[EncoderConfigBase]]
-    dim: int = Field(64, ge=2)
-    fusion: str = "cross_attention"
-    fusion_kwargs: dict[str, Any] = {}
-    head: Literal["classify", "match"] = "classify"
-    n_classes: int = Field(2, ge=2)
-    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    align_loss: float = Field(0.0, ge=0.0)
-    precision: dict[str, Literal["fp32", "bf16", "fp16"]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encoder_configs(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("encoders"), dict):
-            return data
-        return {**data, "encoders": {k: encoder_config(k, v) for k, v in data["encoders"].items()}}
-
-    @field_validator("fusion")
-    @classmethod
-    def _known_fusion(cls, v: str) -> str:
-        if v not in FUSIONS:
-            raise ValueError(f"unknown fusion {v!r}; allowed: {', '.join(sorted(FUSIONS))}")
-        return v
-
-    @model_validator(mode="after")
-    def _defaults(self) -> MultiModalConfig:
-        if not self.encoders:
-            raise ValueError("encoders: a model needs at least one encoder")
-        if self.align_loss > 0 and (self.head != "match" or len(self.encoders) != 2):
-            raise ValueError(
-                f"align_loss={self.align_loss} needs head='match' and exactly two encoders; "
-                f"got head={self.head!r} and encoders {sorted(self.encoders)}"
-            )
-        unknown = sorted(set(self.precision) - set(self.encoders))
-        if unknown:
-            raise ValueError(
-                f"precision: {unknown} are not encoders of this model; its encoders are {sorted(self.encoders)}"
-            )
-        params = list(inspect.signature(FUSIONS[self.fusion].__init__).parameters)[
-            3:
-        ]  # after self, modalities, dim
-        unknown = sorted(set(self.fusion_kwargs) - set(params))
-        if unknown:
-            raise ValueError(
-                f"fusion_kwargs: {unknown} are not arguments of the {self.fusion} fusion; allowed: {', '.join(params)}"
-            )
-        if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
-            kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
-            query = min(kinds, key=lambda k: QUERY_PREFERENCE.index(kinds[k]))
-            # assign through __dict__: validate_assignment would re-run this validator
-            self.__dict__["fusion_kwargs"] = {**self.fusion_kwargs, "query_modality": query}
-        return self
-
-
-def _validate(cls: type[Section], data: dict[str, Any]) -> Any:
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{cls.__name__}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---- building blocks --------------------------------------------------------------------------------------
@@ -231,6 +124,7 @@ class MultiModalModel(nn.Module):
         tokenizer: TextTokenizer | None = None,
         align_loss: float = 0.0,
         precision: Mapping[str, str] | None = None,
+        classes: Sequence[str] | None = None,
     ):
         super().__init__()
         if not encoders:
@@ -260,7 +154,7 @@ class MultiModalModel(nn.Module):
         # Module encoders are validated as a placeholder config (replaced below) so the rest is still checked.
         placeholder = {k: "tiny" for k in modules if k in MODALITIES}
         placeholder.update({k: {"kind": "image"} for k in modules if k not in MODALITIES})
-        config = _validate(
+        config = validate_section(
             MultiModalConfig,
             {
                 "encoders": {**placeholder, **specs},
@@ -268,7 +162,8 @@ class MultiModalModel(nn.Module):
                 "fusion": fusion,
                 "fusion_kwargs": fusion_kwargs or {},
                 "head": head,
-                "n_classes": n_classes,
+                "n_classes": len(classes) if classes is not None else n_classes,
+                "classes": list(classes) if classes is not None else None,
                 "modality_dropout": modality_dropout,
                 "align_loss": align_loss,
                 "precision": dict(precision or {}),
@@ -301,7 +196,7 @@ class MultiModalModel(nn.Module):
     ) -> MultiModalModel:
         """The model a (validated) MultiModalConfig describes: the same module as the equal constructor call."""
         if isinstance(config, dict):
-            config = _validate(MultiModalConfig, config)
+            config = validate_section(MultiModalConfig, config)
         return MultiModalModel(
             encoders={k: v.model_dump() for k, v in config.encoders.items()},
             fusion=config.fusion,
@@ -313,11 +208,32 @@ class MultiModalModel(nn.Module):
             tokenizer=tokenizer,
             align_loss=config.align_loss,
             precision=dict(config.precision),
+            classes=config.classes,
         )
 
     @property
     def modalities(self) -> list[str]:
         return list(self.encoders)
+
+    def inputs(self, fields: Mapping[str, str] | None = None) -> dict[str, Input]:
+        """The model's inputs for the one Collate: batch key -> Input(its modality, its encoder config, the
+        sample field it reads: `fields.get(key)`, default the modality's name)."""
+        fields = fields or {}
+        return {
+            k: Input(MODALITIES[c.kind], c, fields.get(k)) for k, c in sorted(self.config.encoders.items())
+        }
+
+    def collate(self, fields: Mapping[str, str] | None = None, target: Target | None = None) -> Collate:
+        """Sample dicts -> Batch for this model (absent inputs masked); `target` (default: the "label" field,
+        named by `config.classes` when it has them) adds data["label"]."""
+        if target is None:
+            classes = tuple(self.config.classes) if self.config.classes else None
+            target = Target(
+                "label",
+                classes,
+                None if classes else self.config.n_classes if self.config.head == "classify" else 2,
+            )
+        return Collate(self.inputs(fields), self.tokenizer, target)
 
     @property
     def device(self) -> torch.device:
@@ -534,7 +450,7 @@ class MultiModalModel(nn.Module):
     ) -> MultiModalModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         directory = Path(directory)
-        config = _validate(MultiModalConfig, read_config(directory, MODEL_TYPE))
+        config = validate_section(MultiModalConfig, read_config(directory, MODEL_TYPE))
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             text = [c for c in config.encoders.values() if c.kind == "text"]
@@ -565,6 +481,36 @@ class MultiModalTransformer(MultiModalModel):
         super().__init__({k: v for k, v in towers.items() if v is not None}, fusion=fusion_method, **kwargs)
 
 
+def build_task_model(
+    task: str,
+    size: str = "tiny",
+    tokenizer: TextTokenizer | None = None,
+    modalities: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> MultiModalModel:
+    """A MultiModalModel with `size` encoders for the task's modalities (or the subset `modalities`, e.g. a
+    single-modality baseline) and its head; kwargs (fusion, dim, modality_dropout, fusion_kwargs ...) go to the
+    constructor."""
+    from ..data.tasks import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    spec = TASKS[task]
+    modalities = list(spec.modalities if modalities is None else modalities)
+    extra = [m for m in modalities if m not in spec.modalities]
+    if extra or not modalities:
+        raise ConfigError(
+            f"modalities {modalities}: task {task!r} has {list(spec.modalities)}; pick a non-empty subset"
+        )
+    return MultiModalModel(
+        encoders={m: size for m in modalities},
+        head=spec.head,
+        n_classes=spec.n_classes,
+        tokenizer=tokenizer,
+        **kwargs,
+    )
+
+
 __all__ = [
     "ENCODER_SIZES",
     "AudioEncoderConfig",
@@ -575,6 +521,6 @@ __all__ = [
     "TextEncoderConfig",
     "VideoEncoderConfig",
     "build_encoder",
-    "encoder_config",
+    "build_task_model",
     "modality_dropout",
 ]

@@ -143,7 +143,7 @@ def finetune_pruned(model: nn.Module, cfg, steps: int, work_dir: str | Path, log
     pruned weights stay exactly zero (their `_orig` entries get no gradient and are multiplied by 0).
     Returns the Trainer's last logged metrics; the masks are still there: call `make_permanent` next.
     """
-    from ..run import build_train_data, load_split
+    from ..run import load_split, model_collate, train_data
     from ..train.rng import seed_everything
     from ..train.trainer import Trainer
 
@@ -151,9 +151,9 @@ def finetune_pruned(model: nn.Module, cfg, steps: int, work_dir: str | Path, log
         raise ConfigError(f"fine-tuning steps = {steps}: expected a positive number")
     if not prune.is_pruned(model):
         raise ConfigError("the model has no pruning masks: prune it with prune_model(..., permanent=False)")
-    if cfg.task is not None or cfg.model.probe is not None:
+    if cfg.kind != "contrastive" or cfg.model.probe is not None:
         raise ConfigError(
-            "fine-tuning after pruning supports image–text contrastive runs only (no task/probe)"
+            "fine-tuning after pruning supports image–text contrastive runs only (no fusion/probe)"
         )
     cfg = cfg.model_copy(update={"model": model.config})  # the image size and tokenizer of the model
     train_cfg = cfg.train.model_copy(
@@ -168,7 +168,7 @@ def finetune_pruned(model: nn.Module, cfg, steps: int, work_dir: str | Path, log
         }
     )
     seed_everything(cfg.seed)
-    data = build_train_data(cfg, load_split(cfg, "train"), model.tokenizer)
+    data = train_data(cfg, load_split(cfg, "train"), model_collate(cfg, model), train_cfg.batch_size)
     last = Trainer(model, data, train_cfg, work_dir, log=log).fit()
     model.cpu().eval()
     return last

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import CommConfig, HookKind  # noqa: F401 - defined in config.py, re-exported
+from .config import CommConfig, HookKind  # noqa: F401 - defined in config.py, re-exported
 
 
 def _backend(group: Any = None) -> str:

@@ -10,7 +10,7 @@ mix a few labelled samples with many unlabelled ones (the teacher labels those).
 teacher's modalities is present (batch.mask) get no KD or feature term and w_ce = 1.
 
 Cross-modal distillation (seeds 001, 004): teacher and student are any two models that read different
-modalities of the same Batch, e.g. an image teacher and an audio student on paired scenes (`paired_samples`):
+modalities of the same Batch, e.g. an image teacher and an audio student on paired scenes (`mmfusion.data.tasks.paired_samples`):
 each model encodes only its own modalities, so the batch simply carries both.
 
 `DistillationModel` is an ordinary model for the Trainer (forward(batch) -> ModelOutput). The teacher is
@@ -29,15 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batch import Batch
-from ..config import DistillConfig  # noqa: F401 - defined in config.py (train.distill), re-exported
 from ..errors import ConfigError, DataError
+from .config import DistillConfig  # noqa: F401 - defined in config.py (train.distill), re-exported
 
 if TYPE_CHECKING:  # imported in forward: config.py can import DistillConfig without a models <-> config cycle
-    from ..data.synthetic import SyntheticWorld
     from ..models.contrastive import ModelOutput
 
 UNLABELLED = -1  # data["label"] of a row without a label (distilled from the teacher only)
-PAIRED_LABELS = ("colour", "shape", "size")  # paired_samples: an attribute of the leftmost object
 
 
 # ---- losses -------------------------------------------------------------------------------------------------
@@ -258,43 +256,6 @@ def drop_labels(samples: Sequence[dict[str, Any]], n_labelled: int | None) -> li
     return [s if i < n_labelled else {**s, "label": UNLABELLED} for i, s in enumerate(samples)]
 
 
-def paired_samples(
-    world: SyntheticWorld,
-    split: str,
-    n: int,
-    label: str = "colour",
-    modalities: tuple[str, ...] = ("image", "audio"),
-) -> list[dict[str, Any]]:
-    """n paired scenes of `split`: the scene's `modalities` ("image", "audio", "text" caption) and "label" =
-    an attribute of the leftmost object (colour: 8 classes, shape: 5, size: 2).
-
-    Every modality carries the label: the image shows the object, the caption names it, and the audio plays
-    the leftmost object first (colour -> pitch, shape -> waveform, size -> loudness)."""
-    from ..data.synthetic import Scene
-
-    classes = label_classes(label)
-    if n < 1:
-        raise DataError(f"paired_samples needs n >= 1, got {n}")
-    out = []
-    for i in range(n):
-        s = world.sample(split, i, modalities)
-        first = Scene.from_dict(s["scene"]).left_to_right()[0]
-        s["label"] = classes.index(getattr(first, label))
-        del s["scene"]
-        out.append(s)
-    return out
-
-
-def label_classes(label: str) -> tuple[str, ...]:
-    """The class names of a paired_samples label, in label order."""
-    from ..data.synthetic import COLOURS, SHAPES, SIZES
-
-    classes = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
-    if label not in classes:
-        raise ConfigError(f"paired label {label!r}: allowed: {', '.join(PAIRED_LABELS)}")
-    return classes[label]
-
-
 def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
     """Fraction of labelled rows the model's predict() gets right (eval mode, restored afterwards)."""
     was = model.training
@@ -313,7 +274,6 @@ def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
 
 
 __all__ = [
-    "PAIRED_LABELS",
     "UNLABELLED",
     "DistillConfig",
     "DistillationModel",
@@ -323,7 +283,5 @@ __all__ = [
     "feature_loss",
     "kd_loss",
     "load_teacher",
-    "label_classes",
-    "paired_samples",
     "wrap_for_distillation",
 ]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import LoraConfig, TrainConfig
 from ..errors import ConfigError
 from ..layers import set_grad_checkpointing
+from .config import LoraConfig, TrainConfig
 
 ADAPTERS_DIR = "adapters"
 

@@ -39,16 +39,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (  # noqa: F401 - the parallel config classes live in config.py, re-exported here
+from ..layers import Attention, Block, Transformer
+from ..process import die_with_parent, kill_group
+from .comm import CommHandle, register_comm_hook
+from .config import (  # noqa: F401 - the parallel config classes live in config.py, re-exported here
     CommConfig,
     FSDPConfig,
     ParallelConfig,
     PipelineConfig,
     TensorConfig,
 )
-from ..layers import Attention, Block, Transformer
-from ..process import die_with_parent, kill_group
-from .comm import CommHandle, register_comm_hook
 from .distributed import init_from_env, set_group_timeout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -15,6 +15,7 @@ from the synthetic scene (colour / shape / size of the leftmost object, or the o
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 from collections import Counter
@@ -29,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..batch import Batch
-from ..config import ModelConfig, ProbeConfig, StageConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models.contrastive import ContrastiveModel, ModelOutput
+from ..models.contrastive_config import ModelConfig, ProbeConfig
 from ..models.persistence import read_config, save_folder
 from .checkpoint import require_latest
+from .config import StageConfig, TrainConfig
 from .rng import set_rng_state
 from .trainer import StageInfo, TrainData, Trainer
 
@@ -59,20 +61,17 @@ def probe_label(scene: dict[str, Any] | None, label: str) -> int:
     return probe_classes(label).index(leftmost[label])
 
 
-class LabelledCollator:
-    """Wraps an image–text collator and adds batch["label"] (B,) int64 from each sample's scene."""
+def probe_target(label: str):
+    """The Collate target of a probe stage: the class of `label` read from each sample's scene record."""
+    from ..data.collate import Target
 
-    def __init__(self, collate: Callable[[list], Batch], label: str):
-        self.collate = collate
-        self.label = label
+    return Target(
+        "scene", tuple(probe_classes(label)), extract=functools.partial(_scene_attribute, label=label)
+    )
 
-    def __call__(self, samples: list) -> Batch:
-        batch = self.collate(samples)
-        if batch.data:
-            batch.data["label"] = torch.tensor(
-                [probe_label(s, self.label) for s in batch.meta["scene"]], dtype=torch.long
-            )
-        return batch
+
+def _scene_attribute(scene: dict[str, Any] | None, label: str) -> str:
+    return probe_classes(label)[probe_label(scene, label)]
 
 
 class ContrastiveProbe(ContrastiveModel):

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..batch import Batch
-from ..config import TrainConfig
 from . import distributed as dist_utils
 from .callbacks import build_callbacks
 from .checkpoint import require_latest, save_checkpoint
+from .config import TrainConfig
 from .precision import autocast, grad_scaler, resolve_precision
 from .rng import get_rng_state, set_rng_state
 from .step_hooks import StepHooks, data_state, load_data_state

@@ -16,8 +16,9 @@ from mmfusion.data.engine.pseudo import (
     pseudo_label,
     pseudo_label_main,
 )
-from mmfusion.data.sources import WebDatasetSource, write_webdataset
+from mmfusion.data.sources import WebDatasetSource
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+from mmfusion.data.writers import write_webdataset
 from mmfusion.errors import ConfigError, DataError
 
 

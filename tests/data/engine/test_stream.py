@@ -9,8 +9,8 @@ from mmfusion.data.engine.stream import (
     scan_shards,
     stratified_holdout,
 )
-from mmfusion.data.sources import write_webdataset
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+from mmfusion.data.writers import write_webdataset
 from mmfusion.errors import ConfigError, DataError
 
 

@@ -5,8 +5,9 @@ import pytest
 
 from mmfusion.data.engine.stream import combination_counts, sample_combination, scan_shards
 from mmfusion.data.engine.topup import add_arguments, plan_topup, topup, topup_main
-from mmfusion.data.sources import WebDatasetSource, write_webdataset
+from mmfusion.data.sources import WebDatasetSource
 from mmfusion.data.synthetic import Scene, SyntheticWorld, WorldConfig, make_split
+from mmfusion.data.writers import write_webdataset
 from mmfusion.errors import ConfigError
 
 WORLD = SyntheticWorld(WorldConfig(seed=0, image_size=8, audio_sample_rate=1000, audio_seconds=0.05))

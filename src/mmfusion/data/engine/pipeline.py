@@ -36,7 +36,8 @@ from typing import Any
 import webdataset as wds
 
 from ...errors import ConfigError, DataError
-from ..sources import JsonlDataset, _Bad, _common, _shard_samples, _truncation, _vqa, _wds_record
+from ..sources import JsonlDataset, SampleProblem, annotation_fields, shard_samples, truncation, vqa_field
+from ..writers import wds_record
 from .align import PairScorer, pair_by_name, pair_scores
 from .build_config import BuildConfig
 from .dedup import DedupItem, colour_signature, find_duplicates, perceptual_hash, sample_hash, sha256
@@ -124,19 +125,19 @@ def _jsonl_specs(path: Path) -> Iterator[SampleSpec]:
             yield spec
             continue
         try:
-            spec.annotations = _common(obj)
+            spec.annotations = annotation_fields(obj)
             if obj.get("vqa") is not None:
-                spec.annotations["vqa"] = _vqa(obj)
+                spec.annotations["vqa"] = vqa_field(obj)
             if obj.get("text") is not None:
                 if not isinstance(obj["text"], str):
-                    raise _Bad("wrong_field_type", "text", "expected a string")
+                    raise SampleProblem("wrong_field_type", "text", "expected a string")
                 spec.members.append(Member(f"{path.name}:{n}:text", "text", data=obj["text"].encode()))
             for m in MEDIA:
                 if obj.get(m) is None:
                     continue
                 rel = obj[m]
                 if not isinstance(rel, str):
-                    raise _Bad("wrong_field_type", m, "expected a path string")
+                    raise SampleProblem("wrong_field_type", m, "expected a path string")
                 file = ds.root / rel
                 if not file.is_file():
                     what = (
@@ -144,10 +145,10 @@ def _jsonl_specs(path: Path) -> Iterator[SampleSpec]:
                         if file.is_dir()
                         else "not found"
                     )
-                    raise _Bad("missing_file", m, f"file {rel} {what}")
+                    raise SampleProblem("missing_file", m, f"file {rel} {what}")
                 spec.sources.append(rel)
                 spec.members.append(Member(rel, m, path=str(file)))
-        except _Bad as b:
+        except SampleProblem as b:
             spec.error = ("bad_source", b.message(f"line {n}"))
         spec.annotations.pop("id", None)
         yield spec
@@ -159,7 +160,7 @@ def _wds_specs(src: Path) -> Iterator[SampleSpec]:
     for url in urls:
         name = Path(url).name
         try:
-            for raw in _shard_samples(url):
+            for raw in shard_samples(url):
                 key = raw["__key__"]
                 spec = SampleSpec(i, key, [f"{name}:{key}"])
                 i += 1
@@ -171,22 +172,22 @@ def _wds_specs(src: Path) -> Iterator[SampleSpec]:
                             obj = json.loads(data.decode("utf-8"))
                             if not isinstance(obj, dict):
                                 raise ValueError("expected a JSON object")
-                            spec.annotations = _common(obj)
+                            spec.annotations = annotation_fields(obj)
                             if obj.get("vqa") is not None:
-                                spec.annotations["vqa"] = _vqa(obj)
+                                spec.annotations["vqa"] = vqa_field(obj)
                             spec.id = spec.annotations.pop("id", key)
                             if isinstance(obj.get("text"), str) and "txt" not in raw:
                                 spec.members.append(
                                     Member(f"{name}:{key}.json:text", "text", data=obj["text"].encode())
                                 )
-                        except (ValueError, _Bad) as e:
+                        except (ValueError, SampleProblem) as e:
                             spec.error = ("bad_source", f"{name} key {key}: .json: {e}")
                         continue
                     spec.members.append(
                         Member(f"{name}:{key}.{ext}", declared_modality(f"x.{ext}"), data=data)
                     )
                 yield spec
-            problem = _truncation(url)  # tarfile stops quietly at a cut header: say so
+            problem = truncation(url)  # tarfile stops quietly at a cut header: say so
         except (OSError, tarfile.TarError, ValueError) as e:
             problem = f"cannot read shard: {e}"
         if problem:
@@ -344,7 +345,7 @@ def run_chunk(chunk: int, specs: list[SampleSpec], cfg: BuildConfig, work: str, 
     with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
         for v, s in zip(verdicts, samples):
             if s is not None:
-                writer.write(_wds_record(s, _key(v["index"])))
+                writer.write(wds_record(s, _key(v["index"])))
     tmp.replace(base.with_suffix(".tar"))
     _write_json(base.with_suffix(".json"), {"key": key, "samples": verdicts})
     return {"n": len(specs), "cpu_s": time.process_time() - cpu}
@@ -604,7 +605,7 @@ def _write_shards(
                     url = str(work / f"chunk-{chunk:06d}.tar")
                     cache[chunk] = {
                         r["__key__"]: {k: b for k, b in r.items() if not k.startswith("__") or k == "__key__"}
-                        for r in _shard_samples(url)
+                        for r in shard_samples(url)
                     }
                 writer.write(cache[chunk][v["key"]])
         tmp.replace(path)

@@ -216,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def pseudo_label_main(args: argparse.Namespace) -> int:
     """`mmfusion data pseudo-label`: label, write the accepted samples as shards, report precision."""
     from ... import load_model
-    from ..sources import write_webdataset
+    from ..writers import write_webdataset
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit = {args.limit}: expected a positive number")

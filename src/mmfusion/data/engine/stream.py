@@ -186,6 +186,7 @@ class StreamingDataset(IterableDataset):
         shuffle: int = 1000,
         seed: int = 0,
         augment: AugmentConfig | dict | None = None,
+        require: bool = True,
     ):
         if split not in SPLITS:
             raise ConfigError(f"split = {split!r}: expected one of {', '.join(SPLITS)}")
@@ -209,7 +210,13 @@ class StreamingDataset(IterableDataset):
         train = split != "val"
         self.augmenter = Augmenter(augment, train=train)
         self.source = WebDatasetSource(
-            self.urls, modalities, on_error, shuffle=shuffle if train else 0, seed=seed, keep=keep
+            self.urls,
+            modalities,
+            on_error,
+            shuffle=shuffle if train else 0,
+            seed=seed,
+            keep=keep,
+            require=require,
         )
 
     def set_epoch(self, epoch: int) -> None:

@@ -75,8 +75,8 @@ def topup(
     """Count the combinations of the shards `src`, render what the plan needs, write it under out_dir.
 
     Returns {"before": counts, "added": plan, "after": counts, "shards": paths}."""
-    from ..sources import write_webdataset
     from ..synthetic import SyntheticWorld, WorldConfig
+    from ..writers import write_webdataset
     from .stream import combination_counts, scan_shards
 
     before = dict(sorted(combination_counts(scan_shards(src)).items()))

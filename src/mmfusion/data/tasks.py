@@ -1,41 +1,62 @@
-"""Multimodal tasks on the synthetic world that need more than one modality, and their collation to a Batch.
+"""Multimodal tasks on the synthetic world, as a data source: samples in the manifest format a user's JSONL has.
 
-TASKS lists each task's modalities, head and number of classes. `make_task_data` builds samples (dicts with
-the raw inputs and an int "label"); `collate` turns a list of them into a Batch whose data holds the
-preprocessed modalities plus "label" (B,) int64 (targets have no mask).
+TASKS lists each task's modalities, head and classes, the sample field each model input reads (`inputs`, e.g.
+VQA's text input is the "question" field) and the target field. `make_task_data` builds samples:
+
+    vqa            {"id", "scene_key", "image", "question", "answer"}            target: answer (VQA_ANSWERS)
+    audio_image    {"id", "scene_key", "image", "audio", "audio_sr", "label"}    target: label (0/1 match)
+    video_text     {"id", "scene_key", "video", "text", "label"}                 target: label (0/1 match)
+    audio_visual   {"id", "scene_key", "image", "audio", "audio_sr", "label"}    target: label (0/1 match)
+    paired_colour  {"id", "scene_key", "image", "audio", "audio_sr", "label"}    target: label (colour index)
+
+`mmfusion data synth --task NAME` writes them as JSONL / WebDataset, and a run with `data.synthetic.task: NAME`
+reads them in memory: the same fields either way, collated by the one Collate (mmfusion.data.collate).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
-from .batch import Batch
-from .data.synthetic import COLOURS, SHAPES, SIZES, VQA_ANSWERS, Obj, Scene, SyntheticWorld, describe_motion
-from .errors import ConfigError, DataError
-from .modalities.audio import preprocess_audios
-from .modalities.image import preprocess_images
-from .modalities.text import TextTokenizer
-from .modalities.video import preprocess_videos
-from .models.multimodal import MultiModalModel
+from ..batch import Batch
+from ..errors import ConfigError, DataError
+from ..modalities import MODALITIES, encoder_config
+from ..modalities.text import TextTokenizer
+from .collate import Collate, Input, Target
+from .synthetic import COLOURS, SHAPES, SIZES, VQA_ANSWERS, Obj, Scene, SyntheticWorld, describe_motion
 
 MODALITY_ORDER = ("image", "text", "audio", "video")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: the modalities it feeds, its head ("classify" | "match") and its number of classes."""
+    """One task: the modalities it feeds, its head ("classify" | "match"), its classes, the sample field of each
+    input whose field is not the modality's own name, and its target field (class names or indices)."""
 
     name: str
     modalities: tuple[str, ...]
     head: Literal["classify", "match"]
     n_classes: int
     description: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    target_field: str = "label"
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def target(self) -> Target:
+        return Target(self.target_field, self.classes, None if self.classes else self.n_classes)
+
+    def target_config(self) -> dict[str, Any]:
+        """The `data.target` section of a run on this task."""
+        return {"field": self.target_field, **({"classes": list(self.classes)} if self.classes else {})}
+
+    def default_encoders(self) -> dict[str, Any]:
+        """Tiny encoders for the task's modalities."""
+        return dict.fromkeys(self.modalities, "tiny")
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -45,6 +66,9 @@ TASKS: dict[str, TaskSpec] = {
         "classify",
         len(VQA_ANSWERS),
         "image + question -> one of VQA_ANSWERS (one question per scene, drawn from its VQA families)",
+        inputs={"text": "question"},
+        target_field="answer",
+        classes=tuple(VQA_ANSWERS),
     ),
     "audio_image": TaskSpec(
         "audio_image",
@@ -96,9 +120,8 @@ def _vqa(world: SyntheticWorld, split: str, n: int, seed: int) -> list[dict[str,
                 "id": s["id"],
                 "scene_key": s["scene_key"],
                 "image": s["image"],
-                "text": qa["question"],
+                "question": qa["question"],
                 "answer": qa["answer"],
-                "label": VQA_ANSWERS.index(qa["answer"]),
             }
         )
     return out
@@ -190,9 +213,43 @@ def _audio_visual(world: SyntheticWorld, split: str, n: int, seed: int) -> list[
     return out[: n - n % 4] if n >= 4 else out[:4]
 
 
-def _paired_colour(world: SyntheticWorld, split: str, n: int, seed: int) -> list[dict[str, Any]]:
-    from .train.distill import paired_samples
+PAIRED_LABELS = ("colour", "shape", "size")  # paired_samples: an attribute of the leftmost object
 
+
+def paired_samples(
+    world: SyntheticWorld,
+    split: str,
+    n: int,
+    label: str = "colour",
+    modalities: tuple[str, ...] = ("image", "audio"),
+) -> list[dict[str, Any]]:
+    """n paired scenes of `split`: the scene's `modalities` ("image", "audio", "text" caption) and "label" =
+    an attribute of the leftmost object (colour: 8 classes, shape: 5, size: 2).
+
+    Every modality carries the label: the image shows the object, the caption names it, and the audio plays
+    the leftmost object first (colour -> pitch, shape -> waveform, size -> loudness)."""
+    classes = label_classes(label)
+    if n < 1:
+        raise DataError(f"paired_samples needs n >= 1, got {n}")
+    out = []
+    for i in range(n):
+        s = world.sample(split, i, modalities)
+        first = Scene.from_dict(s["scene"]).left_to_right()[0]
+        s["label"] = classes.index(getattr(first, label))
+        del s["scene"]
+        out.append(s)
+    return out
+
+
+def label_classes(label: str) -> tuple[str, ...]:
+    """The class names of a paired_samples label, in label order."""
+    classes = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}
+    if label not in classes:
+        raise ConfigError(f"paired label {label!r}: allowed: {', '.join(PAIRED_LABELS)}")
+    return classes[label]
+
+
+def _paired_colour(world: SyntheticWorld, split: str, n: int, seed: int) -> list[dict[str, Any]]:
     return paired_samples(world, split, n, "colour")
 
 
@@ -221,81 +278,72 @@ def make_task_data(
 
 
 def task_tokenizer(
-    samples: Sequence[dict[str, Any]], vocab_size: int = 256, context_length: int = 32
+    samples: Sequence[dict[str, Any]],
+    vocab_size: int = 256,
+    context_length: int = 32,
+    field: str | None = None,
 ) -> TextTokenizer:
-    """A BPE TextTokenizer trained on the samples' texts (train on the training split only)."""
-    texts = [s["text"] for s in samples if s.get("text") is not None]
+    """A BPE TextTokenizer trained on the samples' texts (train on the training split only); `field`: where
+    the text is (default: the text input's field of the samples' task, e.g. VQA's "question")."""
+    if field is None:
+        field = TASKS[_task_of(samples[0])].inputs.get("text", "text") if samples else "text"
+    texts = [s[field] for s in samples if s.get(field) is not None]
     if not texts:
         raise DataError("no sample has a text to train a tokenizer on")
     return TextTokenizer.train(texts, vocab_size, context_length)
 
 
-def collate(
-    samples: Sequence[dict[str, Any]],
+def task_collate(
+    task: str,
     tokenizer: TextTokenizer | None = None,
-    image_size: int = 32,
-    num_frames: int = 4,
-    audio_seconds: float | None = None,
+    encoders: dict[str, Any] | None = None,
+    keys: Sequence[str] | None = None,
+) -> Collate:
+    """The Collate of `task`'s samples for a model with `encoders` (batch key -> encoder config; default the
+    task's tiny encoders), restricted to `keys` (default: every encoder)."""
+    spec = _spec(task)
+    encoders = encoders or spec.default_encoders()
+    cfgs = {k: encoder_config(k, v) for k, v in encoders.items() if keys is None or k in keys}
+    inputs = {k: Input(MODALITIES[c.kind], c, spec.inputs.get(k)) for k, c in sorted(cfgs.items())}
+    return Collate(inputs, tokenizer, spec.target)
+
+
+def collate(
+    samples: Sequence[dict[str, Any]], tokenizer: TextTokenizer | None = None, task: str | None = None
 ) -> Batch:
-    """Samples -> Batch: data "image" (B, 3, S, S), "text" (B, L) ids, "audio" (B, 64, frames) log-mels,
-    "video" (B, num_frames, 3, S, S), "label" (B,) int64; mask per modality (False where a sample lacks it or
-    its value is None; those rows are placeholders). Meta: "id", "scene_key"."""
+    """Task samples -> Batch with the task's tiny-encoder preprocessing (the task is told by the samples' fields
+    when not given): data "image" (B, 3, 32, 32), "text" (B, L), "audio" (B, 64, frames), "video" (B, 4, 3, 32,
+    32), "label" (B,) int64; a mask per modality. Convenience for tests and benchmarks: runs use the Collate of
+    their model (mmfusion.run)."""
     if not samples:
         raise DataError("cannot collate an empty list of samples")
-    data: dict[str, torch.Tensor] = {}
-    mask: dict[str, torch.Tensor] = {}
-    for m in MODALITY_ORDER:
-        if not any(s.get(m) is not None for s in samples):
-            continue
-        present = [s.get(m) is not None for s in samples]
-        first = next(s for s in samples if s.get(m) is not None)
-        rows = [s[m] if ok else first[m] for s, ok in zip(samples, present)]  # placeholders: a real row
-        if m == "image":
-            data[m] = preprocess_images(rows, image_size)
-        elif m == "text":
-            if tokenizer is None:
-                raise DataError("the samples have text: collate needs a tokenizer")
-            data[m] = tokenizer.encode(rows)
-        elif m == "audio":
-            rates = [
-                s.get("audio_sr", first["audio_sr"]) if ok else first["audio_sr"]
-                for s, ok in zip(samples, present)
-            ]
-            data[m] = preprocess_audios(rows, rates, seconds=audio_seconds)[0]
-        else:
-            data[m] = preprocess_videos(rows, num_frames, image_size)
-        mask[m] = torch.tensor(present, dtype=torch.bool)
-    if any("label" not in s for s in samples):
-        raise DataError("every task sample needs a 'label'")
-    data["label"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
-    meta = {k: [s.get(k) for s in samples] for k in ("id", "scene_key")}
-    return Batch(data, mask, meta)
+    collate = task_collate(task or _task_of(samples[0]), tokenizer)
+    if task is None:  # the fields tell the inputs, not the classes (paired_colour looks like audio_image)
+        collate.target = Target(collate.target.field, collate.target.classes)
+    batch = collate(samples)
+    if batch.meta["skipped"]:
+        raise DataError(f"samples that do not fit task {task!r}: {batch.meta['skipped'][:3]}")
+    return batch
 
 
-def build_task_model(
-    task: str,
-    size: str = "tiny",
-    tokenizer: TextTokenizer | None = None,
-    modalities: Sequence[str] | None = None,
-    **kwargs: Any,
-) -> MultiModalModel:
-    """A MultiModalModel with `size` encoders for the task's modalities (or the subset `modalities`, e.g. a
-    single-modality baseline) and its head; kwargs (fusion, dim, modality_dropout, fusion_kwargs ...) go to the
-    constructor."""
-    spec = _spec(task)
-    modalities = list(spec.modalities if modalities is None else modalities)
-    extra = [m for m in modalities if m not in spec.modalities]
-    if extra or not modalities:
-        raise ConfigError(
-            f"modalities {modalities}: task {task!r} has {list(spec.modalities)}; pick a non-empty subset"
-        )
-    return MultiModalModel(
-        encoders={m: size for m in modalities},
-        head=spec.head,
-        n_classes=spec.n_classes,
-        tokenizer=tokenizer,
-        **kwargs,
-    )
+def _task_of(sample: dict[str, Any]) -> str:
+    if "question" in sample:
+        return "vqa"
+    if "video" in sample:
+        return "video_text"
+    if "audio" in sample and "image" in sample:
+        return "audio_image"  # audio_visual and paired_colour collate the same way
+    raise DataError(f"cannot tell the task of a sample with fields {sorted(sample)}; pass task=")
 
 
-__all__ = ["TASKS", "TaskSpec", "build_task_model", "collate", "make_task_data", "task_tokenizer"]
+__all__ = [
+    "PAIRED_LABELS",
+    "TASKS",
+    "TaskSpec",
+    "collate",
+    "label_classes",
+    "make_task_data",
+    "paired_samples",
+    "task_collate",
+    "task_tokenizer",
+]

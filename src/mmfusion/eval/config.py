@@ -1,0 +1,18 @@
+"""The `eval:` section."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..schema import Section
+
+
+class EvalConfig(Section):
+    """Evaluation settings: batch size, the K of recall@K, queries in the retrieval grid plot."""
+
+    batch_size: int = Field(256, ge=1)
+    recall_at: tuple[int, ...] = (1, 5, 10)
+    grid_queries: int = Field(4, ge=0, le=32)
+
+
+__all__ = ["EvalConfig"]

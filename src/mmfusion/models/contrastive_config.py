@@ -1,0 +1,69 @@
+"""The two-tower contrastive model's config (`model:` with kind contrastive, the default)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Section
+
+
+class TextConfig(Section):
+    # a tokenizer.json to use instead of training one on the training captions (HF `tokenizers` breaks
+    # ties between equally frequent BPE merges differently in every process, so pin one for bitwise
+    # reproducible runs)
+    tokenizer: str | None = None
+    vocab_size: int = Field(1000, ge=16, le=1_000_000)
+    context_length: int = Field(32, ge=4, le=4096)
+    width: int = Field(128, ge=8)
+    depth: int = Field(3, ge=1, le=96)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+
+class ImageConfig(Section):
+    # patch: one strided conv (ViT); conv: a stack of 3x3 stride-2 convs with the same token grid
+    stem: Literal["patch", "conv"] = "patch"
+    image_size: int = Field(32, ge=8, le=4096)
+    patch_size: int = Field(4, ge=1)
+    width: int = Field(128, ge=8)
+    depth: int = Field(3, ge=1, le=96)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> ImageConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}"
+            )
+        return self
+
+
+class ProbeConfig(Section):
+    """A classification head on the image embedding of the two-tower model (CL-FT, T2).
+
+    The label is read from the sample's ground-truth scene: the colour, shape or size of the leftmost
+    object (the one every caption names first), or the number of objects.
+    """
+
+    label: Literal["colour", "shape", "size", "count"] = "shape"
+    hidden: int = Field(0, ge=0)  # 0: a linear probe; > 0: an MLP with one hidden layer of this width
+
+
+class ModelConfig(Section):
+    """Two-tower contrastive model (A3, T1)."""
+
+    kind: Literal["contrastive"] = "contrastive"
+    embed_dim: int = Field(128, ge=2)
+    text: TextConfig = TextConfig()
+    image: ImageConfig = ImageConfig()
+    init_temperature: float = Field(0.07, gt=0, le=1)
+    loss: Literal["infonce", "dual"] = "infonce"
+    intra_weight: float = Field(0.5, ge=0)
+    # a classification head on the image embedding, trained by stages with `objective: probe`
+    probe: ProbeConfig | None = None
+
+
+__all__ = ["ImageConfig", "ModelConfig", "ProbeConfig", "TextConfig"]
