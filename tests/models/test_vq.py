@@ -344,7 +344,7 @@ def test_vqtorch_backend_interface(kind):
     z = model.encoder(x).permute(0, 2, 3, 1)
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     z_q, indices, info = q(z)
-    assert indices.shape == (4, 8, 8, 3) if kind == "rvq" else (4, 8, 8)
+    assert indices.shape == ((4, 8, 8, 3) if kind == "rvq" else (4, 8, 8))
     assert indices.dtype == torch.long and 0 <= indices.min() and indices.max() < model.codebook_size
     assert (q.indices_to_codes(indices) - z_q).abs().max().item() < 1e-6
     assert (model.decode(indices) - model(x).recon.clamp(-1, 1)).abs().max().item() < 1e-5

@@ -16,7 +16,17 @@ from mmfusion.serve.quantize import (
     weight_sparsity,
 )
 
-MIN_COSINE = 0.98  # int8 vs fp32 embeddings of the same inputs, per row (measured >= 0.99 on this model)
+# Thresholds near the values measured on this tiny model (width 16; onnxruntime 1.32, torchao 0.18).
+# Lowest per-row cosine of int8 to fp32 embeddings of the same inputs: ONNX measured 0.99932 (text, onnx_cosine;
+# image 0.99989); 7-bit weights (quantize_dynamic's reduce_range) give 0.99837 and fail. torchao measured 0.99996.
+MIN_COSINE = 0.999
+MIN_COSINE_TORCHAO = 0.9995
+# int8 / fp32 ONNX file size: measured 0.604 (text) and 0.519 (image); below 1 only because the weights are
+# int8 (the pre-processed fp32 graph alone is 0.89), above 0.25 because of the graph and the float biases and
+# norms of so small a model
+MAX_SIZE_RATIO = {"text": 0.65, "image": 0.56}
+# torchao in-memory parameters + buffers, int8 / fp32: measured 0.608 (int8 Linear weights + scales)
+MAX_TORCHAO_BYTES_RATIO = 0.65
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +41,8 @@ def test_int8_onnx_is_smaller_and_close_to_fp32(model, tmp_path):
     assert not list(tmp_path.glob("*.prep.onnx"))
     a, b = OnnxEncoders(model, fp32), OnnxEncoders(model, int8)
     for name in ("text", "image"):
-        assert int8[name].stat().st_size < fp32[name].stat().st_size
+        ratio = int8[name].stat().st_size / fp32[name].stat().st_size
+        assert ratio <= MAX_SIZE_RATIO[name], (name, ratio)
         for batch, length in ((1, 16), (5, 3)):
             x = example_inputs(model, batch, length, seed=7)[name]
             cos = F.cosine_similarity(a.run(name, x), b.run(name, x), dim=1)
@@ -51,8 +62,8 @@ def test_torchao_int8_weight_only_keeps_embeddings_close(model, make_tiny_model,
     q = quantize_torchao_int8(make_tiny_model())
     with torch.no_grad():
         cos = F.cosine_similarity(q.embed_text_ids(ids), ref, dim=1)
-    assert cos.min() >= MIN_COSINE
-    assert tensor_bytes(q) < 0.75 * tensor_bytes(model)  # int8 Linear weights (+ scales)
+    assert cos.min() >= MIN_COSINE_TORCHAO
+    assert tensor_bytes(q) <= MAX_TORCHAO_BYTES_RATIO * tensor_bytes(model)  # int8 Linear weights (+ scales)
     with pytest.raises(RuntimeError):  # why `quantize --method torchao` saves only the ONNX files
         q.save_pretrained(tmp_path)
 

@@ -1,26 +1,37 @@
 """The unified training recipe (issue 6 part 8): stability at lr 1e-2 with and without QK-norm, z-loss,
-per-modality losses, task-prefix steering, the model folder and task-level generation.
+per-modality losses, task-prefix steering, the model folder and task-level generation, and captions / VQA
+answers that depend on the image.
 
 Scale: 256 scenes, a 2-layer dim-128 decoder (2 heads), 8 sequences per step at lr 1e-2.
 - QK-norm vs the no-QK-norm control: 32x32 images (8x8 = 64 codes, EMA VQ K=256), 500 steps at a constant
   lr (the setting of benchmarks/unified.py --part stability, which calibrates it over 3 seeds at 800 steps).
 - Everything else: 16x16 images (4x4 = 16 codes, K=64), 90 steps with a cosine schedule.
+- What captions and VQA answers read from the image: a dim-64 decoder trained 500 steps on captioning and VQA
+  only (`captioner`), scored against the same model given other scenes' codes.
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from mmfusion.data.synthetic import TEMPLATES, Scene, SyntheticWorld, WorldConfig, caption_for, make_split
 from mmfusion.errors import ConfigError, DataError
+from mmfusion.eval.generation import caption_metrics
+from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import answer_questions, caption_images, generate_images
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
-from mmfusion.unified.sequences import collate
+from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab, collate
 from mmfusion.unified.train import (
     UnifiedBundle,
     UnifiedTrainConfig,
+    images_to_tensor,
+    parse_caption,
     synthetic_setup,
+    train_text_tokenizer,
     train_unified,
+    train_vqvae,
     world_task_data,
 )
 
@@ -142,6 +153,73 @@ def test_task_prefix_steers_the_first_target_token(setup, runs):
             with torch.no_grad():
                 hits += model(ids[None], mod[None]).logits[0, -1].argmax().item() in allowed
         assert hits / len(seqs) >= 0.95, task
+
+
+CAPTION_STEPS = 500
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    """A decoder trained only on captioning and VQA of 16x16 scenes (1-3 objects), for what it reads from the
+    image: EMA VQ K=64 trained 150 steps at lr 1e-2 (count and size survive its codes, colour and shape mostly
+    do not at 16 px: a bag-of-codes linear probe on 200 test images got count 0.73, size 0.67, leftmost colour
+    0.30), then a dim-64 2-layer decoder, CAPTION_STEPS steps of 16 sequences at lr 3e-3."""
+    torch.set_num_threads(1)
+    world = SyntheticWorld(WorldConfig(seed=0, image_size=16))
+    samples = make_split(world, "train", 256, ("image", "text", "vqa"))
+    tok = train_text_tokenizer(samples, 128)
+    torch.manual_seed(0)
+    vq = VQVAE(image_size=16, dead_code_threshold=3.0, channels=16, codebook_size=64, code_dim=16)
+    train_vqvae(
+        vq, images_to_tensor([s["image"] for s in samples]), steps=150, batch_size=32, lr=1e-2, seed=0
+    )
+    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, vq.tokens_per_image)
+    builder = SequenceBuilder(vocab, tok)
+    train = world_task_data(world, "train", 256, vq, builder, tasks=("caption", "vqa"))
+    held = world_task_data(world, "test", 48, vq, builder, tasks=("caption", "vqa"))
+    torch.manual_seed(0)
+    model = UnifiedDecoder(UnifiedConfig(vocab.size, dim=64, depth=2, heads=2, max_len=64, qk_norm=True))
+    cfg = UnifiedTrainConfig(
+        steps=CAPTION_STEPS, batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0, log_every=CAPTION_STEPS,
+        device="cpu",
+    )  # fmt: skip
+    train_unified(model, train.examples, vocab, cfg)
+    return UnifiedBundle(model.eval(), vocab, tok, vq), held
+
+
+def _caption_and_vqa_scores(bundle, codes, held) -> dict[str, float]:
+    """Greedy captions of `codes` scored against the held-out scenes: BLEU over all template captions of each
+    scene, the fraction whose parsed caption has the scene's number of objects; VQA exact match."""
+    scenes = [Scene.from_dict(s["scene"]) for s in held.samples]
+    refs = [[caption_for(sc, k) for k in range(len(TEMPLATES[len(sc.objects)]))] for sc in scenes]
+    caps = caption_images(bundle, codes)
+    parsed = [parse_caption(c) for c in caps]
+    qa = [(i, q["question"], q["answer"]) for i, s in enumerate(held.samples) for q in s["vqa"]]
+    answers = answer_questions(bundle, codes[[i for i, _, _ in qa]], [q for _, q, _ in qa])
+    return {
+        "bleu": caption_metrics(caps, refs)["bleu"],
+        "count": float(
+            np.mean([p is not None and len(p) == len(sc.objects) for p, sc in zip(parsed, scenes)])
+        ),
+        "parsed": float(np.mean([p is not None for p in parsed])),
+        "vqa": float(np.mean([a.strip() == truth for a, (_, _, truth) in zip(answers, qa)])),
+    }
+
+
+def test_captions_and_vqa_answers_read_the_image(captioner):
+    """48 held-out scenes (280 questions). With each scene's own codes, against the same model given another
+    scene's codes (prompts unchanged: what it says from the prompt alone) and the answer priors:
+    measured BLEU 39.2 vs 20.3 shuffled; object count stated right 0.688 vs 0.375 shuffled (majority count:
+    0.50); VQA 0.486 vs 0.389 shuffled (uniform over each family's answers: 0.31; most frequent answer of each
+    family on these questions: 0.475)."""
+    bundle, held = captioner
+    own = _caption_and_vqa_scores(bundle, held.codes, held)
+    other = _caption_and_vqa_scores(bundle, held.codes.roll(1, 0), held)
+    print(f"own {own}\nshuffled {other}")
+    assert own["parsed"] >= 0.8  # captions follow the world's templates
+    assert own["bleu"] >= 30 and own["bleu"] >= other["bleu"] + 10
+    assert own["count"] >= 0.55 and own["count"] >= other["count"] + 0.15
+    assert own["vqa"] >= 0.40 and own["vqa"] >= other["vqa"] + 0.05
 
 
 def test_bundle_round_trip_and_constrained_generation(tmp_path, setup, runs):
