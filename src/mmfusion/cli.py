@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "synth",
         help="write the embedded synthetic world to disk",
         description="Render N samples of the synthetic world (image, caption, audio, video, VQA, "
-        "scene record) as a JSONL manifest with media files, or as WebDataset shards.",
+        "scene record), or of one of its tasks (--task: vqa rows carry question/answer, match and "
+        "classification tasks a label), as a JSONL manifest with media files, or as WebDataset shards: "
+        "the format `mmfusion train` reads with data.source jsonl / webdataset.",
     )
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n", type=int, required=True, help="number of samples")
@@ -154,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--modalities",
         default="image,text,audio,video,vqa",
-        help="comma-separated subset of image,text,audio,video,vqa",
+        help="comma-separated subset of image,text,audio,video,vqa (without --task)",
     )
+    s.add_argument("--task", default=None, help="write this task's samples (vqa, audio_image, video_text, ...)")
+    s.add_argument("--task-seed", type=int, default=0, help="the task's own draws (questions, negatives)")
     # `data build|info|diff` (the data engine), handlers via set_defaults(func=)
     from .data.engine.commands import add_data_commands
 
@@ -301,7 +305,14 @@ def cmd_data(args) -> int:
     if args.n < 1:
         raise ConfigError(f"--n = {args.n}: expected a positive number of samples")
     world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
-    samples = make_split(world, args.split, args.n, modalities=mods, progress=True)
+    if args.task is not None:
+        from .data.tasks import TASKS, make_task_data
+
+        if args.task not in TASKS:
+            raise ConfigError(f"--task {args.task!r}: unknown task; allowed: {', '.join(sorted(TASKS))}")
+        samples = make_task_data(args.task, world, args.split, args.n, seed=args.task_seed)
+    else:
+        samples = make_split(world, args.split, args.n, modalities=mods, progress=True)
     out = Path(args.out)
     if args.format == "jsonl":
         path = write_jsonl(samples, out, name=args.split)
