@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="image,text,audio,video,vqa",
         help="comma-separated subset of image,text,audio,video,vqa (without --task)",
     )
-    s.add_argument("--task", default=None, help="write this task's samples (vqa, audio_image, video_text, ...)")
+    s.add_argument(
+        "--task", default=None, help="write this task's samples (vqa, audio_image, video_text, ...)"
+    )
     s.add_argument("--task-seed", type=int, default=0, help="the task's own draws (questions, negatives)")
     # `data build|info|diff` (the data engine), handlers via set_defaults(func=)
     from .data.engine.commands import add_data_commands

@@ -37,23 +37,27 @@ from __future__ import annotations
 import json
 import os
 import random
-import tarfile
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
 from ..errors import ConfigError, DataError
 from ..modalities import MODALITIES, MediaError
 from ..modalities.audio import AUDIO_EXTS
 from ..modalities.image import IMAGE_EXTS
+from .shards import (  # noqa: F401 - count_samples, shard_list, shard_samples, truncation: re-exported
+    buffer_shuffle,
+    count_samples,
+    count_shard,
+    is_remote,
+    shard_list,
+    shard_samples,
+    truncation,
+)
 
 FIELDS = ("image", "text", "audio", "video", "vqa")  # the fields a source reads as media / typed values
 REASONS = (
@@ -254,72 +258,6 @@ class JsonlDataset(_Reader, Dataset):
         return sample
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
-def shard_list(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Expand a brace pattern ("train-{000000..000003}.tar"), a tar, a folder of tars or a list of them.
-
-    Local shards must exist (DataError naming the missing one); remote URLs ("s3://", "pipe:") pass unchecked.
-    """
-    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
-    out: list[str] = []
-    for item in map(str, items):
-        if _is_remote(item):
-            out += expand_urls(item)
-        elif Path(item).is_dir():
-            tars = sorted(str(p) for p in Path(item).glob("*.tar"))
-            if not tars:
-                raise DataError(f"WebDataset folder {item} has no .tar shards")
-            out += tars
-        else:
-            for url in expand_urls(item):
-                if not Path(url).is_file():
-                    raise DataError(
-                        f"WebDataset shard {url} not found" + (f" (from {item})" if url != item else "")
-                    )
-                out.append(url)
-    if not out:
-        raise DataError("no WebDataset shards given")
-    return out
-
-
-def _buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    buf: list = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= size:
-            j = rng.randrange(len(buf))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
-def shard_samples(url: str, select_files=None) -> Iterator[dict]:
-    """Raw samples ({"__key__", "__url__", ext: bytes}) of one shard, grouped by webdataset's tar iterators;
-    the file is closed when the generator ends."""
-    stream = wds.gopen(url, "rb")
-    try:
-        yield from group_by_keys(
-            tar_file_expander([{"url": url, "stream": stream}], select_files=select_files)
-        )
-    finally:
-        stream.close()
-
-
-def truncation(path: str) -> str | None:
-    """Why a local .tar looks truncated (Python's tarfile silently stops at a cut header), or None."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(size - 1024, 0))
-        tail = f.read()
-    if size % 512 or len(tail) < 1024 or tail.strip(b"\0"):
-        return f"truncated: {size} bytes and no end-of-archive blocks"
-    return None
-
-
 def _pick(raw: dict, exts: Sequence[str]) -> bytes | None:
     return next((raw[e] for e in exts if e in raw), None)
 
@@ -361,8 +299,8 @@ class WebDatasetSource(_Reader, IterableDataset):
 
     def shard_sizes(self) -> dict[str, int] | None:
         """Samples per shard from tar headers (cached); None when a shard is remote."""
-        if self._sizes is None and not any(map(_is_remote, self.urls)):
-            self._sizes = {url: _count_shard(url, self.keep) for url in self.urls}
+        if self._sizes is None and not any(map(is_remote, self.urls)):
+            self._sizes = {url: count_shard(url, self.keep) for url in self.urls}
         return self._sizes
 
     def texts(self) -> Iterator[str]:
@@ -395,7 +333,7 @@ class WebDatasetSource(_Reader, IterableDataset):
             plan = (shards[worker::workers], 1, 0) if len(shards) >= workers else (shards, workers, worker)
             items = self._items(*plan)
         if self.shuffle > 1:
-            items = _buffer_shuffle(
+            items = buffer_shuffle(
                 items, self.shuffle, random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
             )
         return items
@@ -413,7 +351,7 @@ class WebDatasetSource(_Reader, IterableDataset):
     def _raw(self, url: str) -> Iterator[dict | SkippedSample]:
         try:
             yield from shard_samples(url)
-            problem = truncation(url) if url.endswith(".tar") and not _is_remote(url) else None
+            problem = truncation(url) if url.endswith(".tar") and not is_remote(url) else None
             bad = SampleProblem("corrupt_shard", None, problem) if problem else None
         except Exception as e:
             reason = "missing_file" if isinstance(e, FileNotFoundError) else "corrupt_shard"
@@ -465,28 +403,6 @@ class WebDatasetSource(_Reader, IterableDataset):
             else:
                 sample[m] = _decode(m, members[m], m)
         return sample
-
-
-def _count_shard(url: str, keep: Callable[[str, str], bool] | None = None) -> int:
-    """Samples in one local shard (consecutive member keys, as webdataset groups them), from tar headers;
-    with `keep`, only those keep(url, key) accepts."""
-    total, prev = 0, None
-    try:
-        with tarfile.open(url, "r:*") as tf:
-            for m in tf:
-                key = base_plus_ext(m.name)[0] if m.isreg() and not m.name.startswith("__") else None
-                if key is not None and key != prev:
-                    total, prev = total + (keep is None or keep(url, key)), key
-    except (OSError, tarfile.TarError) as e:
-        warnings.warn(f"counting samples: cannot read all of {url}: {e}", stacklevel=3)
-    return total
-
-
-def count_samples(urls) -> int:
-    """Number of samples in local shards (a brace pattern, tar, folder or list), from tar headers only.
-
-    An unreadable shard is counted as far as it can be read, with a warning."""
-    return sum(_count_shard(url) for url in shard_list(urls))
 
 
 def open_source(

@@ -8,7 +8,6 @@ metrics.jsonl), and the step hooks (mmfusion.train.step_hooks: MoE expert-bias b
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from . import distributed as dist_utils
 from .callbacks import build_callbacks
 from .checkpoint import require_latest, save_checkpoint
 from .config import TrainConfig
+from .optim import ModalityAccumulator, clip_grad_norm, lr_lambda, param_groups  # noqa: F401 - re-exported
 from .precision import autocast, grad_scaler, resolve_precision
 from .rng import get_rng_state, set_rng_state
 from .step_hooks import StepHooks, data_state, load_data_state
@@ -51,28 +51,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; biases, norms, embeddings' positions and scalar parameters are not decayed (as CLIP)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine down to `min_lr_ratio` at `steps`."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
 @dataclass(frozen=True)
 class StageInfo:
     """Where a Trainer's steps sit in a multi-stage run (mmfusion.train.stages): stage `index` (0-based)
@@ -82,92 +60,6 @@ class StageInfo:
     name: str
     offset: int
     count: int = 1  # how many stages the run has (for messages)
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the gradients' global L2 norm to `max_norm`; returns the norm before clipping.
-
-    Works on plain tensors and on DTensors from several device meshes at once (FSDP2 over "dp" for some
-    modules, FSDP2 x tensor parallel over ("dp", "tp") for the Transformer blocks), which
-    `torch.nn.utils.clip_grad_norm_` refuses to stack: each mesh's norm is reduced to a full tensor first.
-    """
-    groups: dict[Any, list[nn.Parameter]] = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
-    if not groups:
-        return 0.0
-    norms = []
-    for group in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
-        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    for group in groups.values():  # one mesh at a time: foreach kernels refuse to mix meshes
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return float(total)
-
-
-class ModalityAccumulator:
-    """Per-modality gradient accumulation (T7, seed 002: "accumulation steps by modality"): the parameters of
-    a modality with k > 1 are updated every k-th optimizer step, with the mean of the k steps' gradients.
-
-    Call `hold(step)` after the gradients are final (all-reduced, unscaled) and before clipping and the
-    optimizer step. On steps that are not due it moves the group's gradients into a buffer and sets them to
-    None, so the optimizer skips those parameters (AdamW leaves parameters without a gradient untouched,
-    weight decay included) and clipping measures the rest. On a due step it puts back (buffer + grad) / k.
-    The buffers are part of the checkpoint (`state_dict`), so a resumed run continues the same windows.
-    """
-
-    def __init__(self, model: nn.Module, accumulation: dict[str, int]):
-        self.groups: list[tuple[str, int, list[tuple[str, nn.Parameter]]]] = []
-        self.buffers: dict[str, torch.Tensor] = {}
-        if not any(k > 1 for k in accumulation.values()):
-            return
-        prefixes_of = getattr(model, "modality_parameters", None)
-        if prefixes_of is None:
-            from ..errors import ConfigError
-
-            raise ConfigError(
-                f"train.modality_accumulation: {type(model).__name__} does not name its modalities' parameters "
-                "(no modality_parameters())"
-            )
-        prefixes = prefixes_of()
-        named = list(model.named_parameters())
-        for key, k in sorted(accumulation.items()):
-            if key not in prefixes:
-                from ..errors import ConfigError
-
-                raise ConfigError(
-                    f"train.modality_accumulation[{key!r}]: the model has no modality {key!r}; "
-                    f"its modalities are {sorted(prefixes)}"
-                )
-            if k > 1:
-                params = [(n, p) for n, p in named if p.requires_grad and n.startswith(tuple(prefixes[key]))]
-                self.groups.append((key, k, params))
-
-    def hold(self, step: int) -> None:
-        """`step`: the 1-based number of the optimizer step about to be taken."""
-        for _key, k, params in self.groups:
-            due = step % k == 0
-            for name, p in params:
-                if p.grad is None:
-                    continue
-                held = self.buffers.pop(name, None)
-                total = p.grad if held is None else p.grad + held
-                if due:
-                    p.grad = total / k
-                else:
-                    self.buffers[name] = total.detach().clone()
-                    p.grad = None
-
-    def describe(self) -> str:
-        return ", ".join(f"{key} every {k} steps ({len(ps)} tensors)" for key, k, ps in self.groups)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t.cpu() for n, t in self.buffers.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
-        self.buffers = {n: t.to(device) for n, t in state.items()}
 
 
 class Trainer:
