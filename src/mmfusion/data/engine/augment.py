@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
-from ...config import Section
 from ...errors import ConfigError
+from ...schema import Section
 from ..synthetic import COLOURS, NUMBER_WORDS, SHAPES, SIZES, Scene
 
 # filler word -> replacements; none of them is a label word of the synthetic world (checked below)
