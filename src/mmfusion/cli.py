@@ -156,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="image,text,audio,video,vqa",
         help="comma-separated subset of image,text,audio,video,vqa",
     )
-    # `data build|info|diff` (the data engine), handlers via set_defaults(func=)
+    # `data build|info|diff|pseudo-label|topup` (the data engine), handlers via set_defaults(func=); it gets the
+    # model loader from here (data must not import models)
+    from . import load_model
     from .data.engine.commands import add_data_commands
 
-    add_data_commands(dsub)
+    add_data_commands(dsub, load_model)
     from .serve.commands import add_commands  # `serve`, `index build` (handlers via set_defaults(func=))
 
     add_commands(sub)
