@@ -162,10 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default=None, help="write this task's samples (vqa, audio_image, video_text, ...)"
     )
     s.add_argument("--task-seed", type=int, default=0, help="the task's own draws (questions, negatives)")
-    # `data build|info|diff` (the data engine), handlers via set_defaults(func=)
+    # `data build|info|diff|pseudo-label|topup` (the data engine), handlers via set_defaults(func=); it gets the
+    # model loader from here (data must not import models)
+    from . import load_model
     from .data.engine.commands import add_data_commands
 
-    add_data_commands(dsub)
+    add_data_commands(dsub, load_model)
     from .serve.commands import add_commands  # `serve`, `index build` (handlers via set_defaults(func=))
 
     add_commands(sub)

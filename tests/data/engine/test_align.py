@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmfusion import load_model
 from mmfusion.data.engine.align import PairScorer, pair_by_name, pair_scores
+from mmfusion.data.engine.build_config import BuildConfig
 from mmfusion.errors import ConfigError
 
 
@@ -28,8 +30,14 @@ def test_pair_scores_is_rowwise_cosine():
 def test_scorer_matches_the_models_own_embeddings(make_tiny_model, tmp_path):
     model = make_tiny_model()
     folder = model.save_pretrained(tmp_path / "m")
-    scorer = PairScorer.cached(folder)
-    assert PairScorer.cached(folder) is scorer  # loaded once per process
+    loads = []
+
+    def counting_loader(path):
+        loads.append(path)
+        return load_model(path)
+
+    scorer = PairScorer.cached(folder, counting_loader)
+    assert PairScorer.cached(folder, counting_loader) is scorer and loads == [folder]  # once per process
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
     np.testing.assert_allclose(scorer.embed_images(images), model.encode_image(images).numpy(), atol=1e-6)
@@ -43,8 +51,25 @@ def test_scorer_matches_the_models_own_embeddings(make_tiny_model, tmp_path):
 
 def test_scorer_refuses_a_missing_model(tmp_path):
     with pytest.raises(Exception, match="config.json"):
-        PairScorer(tmp_path)
-    from mmfusion.data.engine.pipeline import BuildConfig
-
+        PairScorer.cached(tmp_path, load_model)
     with pytest.raises(ConfigError, match=r"--model .*: not a model folder \(no config.json\)"):
         BuildConfig(model=str(tmp_path))
+
+
+class SeparateSpaces:
+    """Encodes images and texts but has no learned temperature: its embeddings are not one space."""
+
+    def encode_image(self, images):
+        raise AssertionError("never called")
+
+    def encode_text(self, texts):
+        raise AssertionError("never called")
+
+
+def test_scorer_refuses_a_model_without_a_shared_space():
+    with pytest.raises(ConfigError) as e:
+        PairScorer(SeparateSpaces(), "runs/fusion")
+    assert str(e.value) == (
+        "--model runs/fusion: a SeparateSpaces cannot score image-caption pairs (its modality embeddings are "
+        "separate spaces); expected a contrastive model folder"
+    )

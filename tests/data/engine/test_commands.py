@@ -1,6 +1,7 @@
 """`mmfusion data build|info|diff`: help, a build from the command line, info / diff output, errors."""
 
 import io
+import json
 import re
 
 import numpy as np
@@ -67,3 +68,15 @@ def test_errors_are_one_line(src, tmp_path, capsys):
     assert "--workers 0: expected a positive number" in capsys.readouterr().err
     assert main(["data", "info", str(src)]) == EXIT_ERROR
     assert "is not a built dataset" in capsys.readouterr().err
+
+
+def test_build_with_a_model_gets_the_loader_from_the_cli(src, tmp_path, make_tiny_model, capsys):
+    folder = make_tiny_model().save_pretrained(tmp_path / "m")
+    out = tmp_path / "a"
+    argv = ["data", "build", str(src), "--out", str(out), "--model", str(folder), "--workers", "1"]
+    argv += ["--image-size", "16", "--min-image-side", "8", "--min-alignment", "-1", "--dedup-cosine", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["model"] == str(folder)
+    assert len(manifest["samples"]) == 3 and all(-1 <= s["align_score"] <= 1 for s in manifest["samples"])

@@ -16,9 +16,14 @@ import pytest
 import soundfile as sf
 from PIL import Image, ImageOps
 
+from mmfusion import load_model
 from mmfusion.data.engine import pipeline
-from mmfusion.data.engine.pipeline import BuildConfig, build, build_id, run_chunk, scan
+from mmfusion.data.engine.build_config import BuildConfig
+from mmfusion.data.engine.pipeline import build, build_id
+from mmfusion.data.engine.scan import scan
+from mmfusion.data.engine.stages import run_chunk
 from mmfusion.data.sources import WebDatasetSource
+from mmfusion.errors import ConfigError
 
 # sample id -> expected rejection reasons (empty = accepted)
 EXPECTED = {
@@ -323,7 +328,9 @@ def test_model_scores_pairs_and_rejects_misaligned(make_tiny_model, tmp_path):
     scores = (model.encode_image(processed) * model.encode_text(captions)).sum(1).numpy()
     cut = float(np.sort(scores)[1]) - 1e-4  # the lowest-scoring pair falls under the threshold
     cfg = dataclasses.replace(CFG, model=str(folder), min_alignment=cut, dedup_cosine=1.0)
-    build(src, tmp_path / "out", cfg, workers=1)
+    with pytest.raises(ConfigError, match=r"pass load_model \(mmfusion.load_model\)"):
+        build(src, tmp_path / "out", cfg, workers=1)  # the data engine does not import the models
+    build(src, tmp_path / "out", cfg, workers=1, load_model=load_model)
     accepted, rejected = _verdicts(tmp_path / "out")
     worst = f"p{int(scores.argmin())}"
     assert list(rejected) == [worst] and rejected[worst]["reasons"] == ["misaligned"]

@@ -90,5 +90,12 @@ def test_video_frames_are_sampled_uniformly_and_resized():
     assert [int(f[0, 0, 0]) for f in out] == [0, 100, 200]  # frames 0, 2, 4
     buf = io.BytesIO()
     np.save(buf, np.zeros((5, 8, 8), dtype=np.uint8))
-    with pytest.raises(Unusable, match=r"expected a \(T, H, W, 3\) uint8 video array, got shape \(5, 8, 8\)"):
+    # the shared decoder's words (mmfusion.modalities.video.decode_video), as the engine's `unreadable`
+    with pytest.raises(
+        Unusable, match=r"unreadable: expected a \(T, H, W, 3\) uint8 array, got shape \(5, 8, 8\)"
+    ):
         process_video(buf.getvalue(), 3, 4)
+    with pytest.raises(Unusable, match="unreadable: empty file"):
+        process_video(b"", 3, 4)
+    with pytest.raises(Unusable, match="unreadable: cannot load array"):
+        process_video(b"\x93NUMPY junk", 3, 4)

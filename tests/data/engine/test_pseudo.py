@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmfusion import load_model
 from mmfusion.data.engine.pseudo import (
     PseudoLabel,
     add_arguments,
@@ -113,7 +114,7 @@ def test_cli_writes_accepted_shards_and_report(tmp_path, make_tiny_model):
         [str(tmp_path / "unl"), "--labelled", str(tmp_path / "lab"), "--model", str(tmp_path / "model")]
         + ["--out", str(tmp_path / "out"), "--threshold", "0.0", "--report-thresholds", "0,1"]
     )
-    assert pseudo_label_main(args) == 0
+    assert pseudo_label_main(args, load_model) == 0
     report = json.loads((tmp_path / "out" / "pseudo_report.json").read_text())
     assert report["unlabelled"] == 12 and report["accepted"] == 12 and report["with_true_label"] == 12
     assert [r["kept"] for r in report["precision"]] == [12, 0]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfusion.data.engine.pipeline import BuildConfig, build
+from mmfusion.data.engine.build_config import BuildConfig
+from mmfusion.data.engine.pipeline import build
 
 
 def _tree(root: Path) -> Path:

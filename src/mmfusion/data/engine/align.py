@@ -5,19 +5,25 @@
 - Pair scoring with a trained mmfusion model (`--model`): the cosine between the image and caption
   embeddings, as CLIPScore (Hessel et al. 2021) without its 2.5 rescaling; a pair under `min_alignment`
   is rejected as `misaligned`. Only a model whose towers share one embedding space can score pairs — a
-  ContrastiveModel; a MultiModalModel's per-modality embeddings live in separate spaces.
+  contrastive model, trained with a learned temperature (`scale()`); a MultiModalModel's per-modality
+  embeddings live in separate spaces.
+
+The data engine does not import the models (the layers: data < models): whoever starts a build with a model
+passes the loader, `mmfusion.load_model` (the CLI does), and the scorer checks what it loaded by its verbs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ...errors import ConfigError
 
+ModelLoader = Callable[[str | os.PathLike], Any]  # a model folder -> the model (mmfusion.load_model)
 _SCORERS: dict[str, PairScorer] = {}
 
 
@@ -34,28 +40,27 @@ def pair_by_name(files: Iterable[Path], root: Path) -> list[tuple[str, list[Path
 
 
 class PairScorer:
-    """A trained ContrastiveModel folder, loaded once per process, that scores image-caption pairs."""
+    """A trained image–text model with one shared embedding space that scores image-caption pairs: it needs
+    `encode_image`, `encode_text` (L2-normalised (N, D) embeddings) and a learned temperature `scale()`, as a
+    ContrastiveModel has. `cached` loads a model folder once per process."""
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model: Any, name: str = "the model"):
         import torch
 
-        import mmfusion
-        from mmfusion.models.contrastive import ContrastiveModel
-
-        model = mmfusion.load_model(model_dir)
-        if not isinstance(model, ContrastiveModel):
+        if not all(hasattr(model, verb) for verb in ("encode_image", "encode_text", "scale")):
             raise ConfigError(
-                f"--model {model_dir}: a {type(model).__name__} cannot score image-caption pairs "
+                f"--model {name}: a {type(model).__name__} cannot score image-caption pairs "
                 "(its modality embeddings are separate spaces); expected a contrastive model folder"
             )
         self.model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
 
     @classmethod
-    def cached(cls, model_dir: str | os.PathLike) -> PairScorer:
-        """The scorer for model_dir in this process (worker processes load the model once)."""
+    def cached(cls, model_dir: str | os.PathLike, load_model: ModelLoader) -> PairScorer:
+        """The scorer for model_dir in this process, loaded by `load_model` the first time (worker processes
+        load the model once)."""
         key = str(Path(model_dir).resolve())
         if key not in _SCORERS:
-            _SCORERS[key] = cls(model_dir)
+            _SCORERS[key] = cls(load_model(model_dir), str(model_dir))
         return _SCORERS[key]
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -76,4 +81,4 @@ def pair_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     return (image_emb * text_emb).sum(axis=1)
 
 
-__all__ = ["PairScorer", "pair_by_name", "pair_scores"]
+__all__ = ["ModelLoader", "PairScorer", "pair_by_name", "pair_scores"]

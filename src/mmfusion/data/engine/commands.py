@@ -1,13 +1,19 @@
-"""`mmfusion data build|info|diff` argument parsing (imports stay light: handlers import lazily)."""
+"""`mmfusion data build|info|diff|pseudo-label|topup` argument parsing (imports stay light: handlers import
+lazily)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 
-def add_data_commands(dsub: argparse._SubParsersAction) -> None:
-    """Register the data-engine subcommands under `mmfusion data`."""
+def add_data_commands(dsub: argparse._SubParsersAction, load_model: Callable[[str], Any]) -> None:
+    """Register the data-engine subcommands under `mmfusion data`. `load_model` (model folder -> model;
+    mmfusion.load_model) loads `--model` for build and pseudo-label: the data engine does not import the
+    models, the CLI hands it the loader."""
     from .quality import REASONS
 
     s = dsub.add_parser(
@@ -47,7 +53,7 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
             default=f.default,
             help=f"{FIELD_HELP[f.name]} (default {f.default})",
         )
-    s.set_defaults(func=cmd_build)
+    s.set_defaults(func=functools.partial(cmd_build, load_model=load_model))
 
     s = dsub.add_parser(
         "info",
@@ -76,7 +82,7 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
         "pseudo_report.json (precision per threshold when the images carry true labels).",
     )
     pseudo.add_arguments(s)
-    s.set_defaults(func=pseudo.pseudo_label_main)
+    s.set_defaults(func=functools.partial(pseudo.pseudo_label_main, load_model=load_model))
     s = dsub.add_parser(
         "topup",
         help="render synthetic samples for modality combinations below a target count",
@@ -87,7 +93,7 @@ def add_data_commands(dsub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=topup.topup_main)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, load_model: Callable[[str], Any]) -> int:
     import sys
 
     from .build_config import BuildConfig
@@ -104,6 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         engine=args.engine,
         chunk_size=args.chunk_size,
         progress=sys.stderr.isatty(),
+        load_model=load_model,
     )
     print(summary_table(result))
     print(f"wrote {args.out}/manifest.json, {len(result.shards)} shards, rejected.jsonl, report.html")

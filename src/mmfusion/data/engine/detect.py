@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..sources import AUDIO_EXTS, IMAGE_EXTS
+from ...modalities import MODALITIES
 
 TEXT_EXTS = ("txt", "caption", "text")
-VIDEO_EXTS = ("npy",)
 # container formats we recognise but cannot decode without a video library (PyAV / ffmpeg)
 UNSUPPORTED_VIDEO_EXTS = ("mp4", "mov", "webm", "mkv", "avi")
 
@@ -38,11 +37,11 @@ _EXT_FORMAT = {"jpg": "jpeg", "jpeg": "jpeg", "tif": "tiff", "mkv": "webm"}
 def declared_modality(name: str) -> str | None:
     """The modality a file name's extension claims ("image", "audio", "video", "text"), or None."""
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if ext in IMAGE_EXTS or ext in ("gif", "bmp", "tif", "tiff"):
+    if ext in MODALITIES["image"].extensions or ext in ("gif", "bmp", "tif", "tiff"):
         return "image"
-    if ext in AUDIO_EXTS:
+    if ext in MODALITIES["audio"].extensions:
         return "audio"
-    if ext in VIDEO_EXTS:
+    if ext in MODALITIES["video"].extensions:
         return "video"
     if ext in TEXT_EXTS:
         return "text"

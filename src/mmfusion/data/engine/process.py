@@ -1,29 +1,35 @@
 """Stage (b) of `mmfusion data build`: per-modality decoding and normalisation of one file's bytes.
 
 Each function takes the raw bytes of one file and returns the normalised content, or raises `Unusable`
-with a reason code and a readable detail (stage (d) turns those into rejections):
+with a reason code and a readable detail (stage (d) turns those into rejections). Decoding is the
+modalities' own (`decode_image`, `decode_audio`, `decode_video`: one decoder per modality, shared with the
+data sources and the server); their `MediaError` (corrupt_image / corrupt_audio / corrupt_video) is the
+engine's `unreadable`, with the decoder's message as the detail.
 
 - image: decoded fully (a truncated JPEG fails here), EXIF orientation applied, any mode -> RGB, then
   resized and centre-cropped to `size` x `size` (Lanczos) — the same square the encoders take.
 - audio: decoded (WAV / FLAC / OGG), channels averaged to mono, resampled with soxr (VHQ) to `sample_rate`,
   leading/trailing samples under `trim_level` trimmed and the clip cut at `max_seconds`.
-- video: a (T, H, W, 3) uint8 `.npy` clip; `frames` frames sampled uniformly in time, each resized like an
-  image.
+- video: a (T, H, W, 3) uint8 `.npy` clip; `frames` frames sampled uniformly in time (first and last
+  included), each resized like an image.
 - text: strict UTF-8 (a BOM is dropped; anything else is `non_utf8_text`), Unicode NFC, control and format
   characters removed, runs of whitespace collapsed to one space, ends stripped.
 """
 
 from __future__ import annotations
 
-import io
 import unicodedata
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import soundfile as sf
 import soxr
 from PIL import Image, ImageOps
 
-from ...modalities.image import to_rgb_array
+from ...modalities.audio import decode_audio
+from ...modalities.base import MediaError
+from ...modalities.image import decode_image
+from ...modalities.video import decode_video
 
 
 class Unusable(Exception):
@@ -34,18 +40,21 @@ class Unusable(Exception):
         self.reason, self.detail = reason, detail
 
 
-def process_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes -> ((size, size, 3) uint8 RGB, original (width, height))."""
+def _decode(decoder: Callable[[bytes], Any], data: bytes) -> Any:
+    """decoder(data), with an empty file or the decoder's MediaError raised as Unusable("unreadable")."""
     if not data:
         raise Unusable("unreadable", "empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode everything now: truncation shows here, not later in the trainer
-            img = ImageOps.exif_transpose(img)
-            original = img.size
-            rgb = Image.fromarray(to_rgb_array(img))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise Unusable("unreadable", f"cannot decode image: {e}") from None
+        return decoder(data)
+    except MediaError as e:
+        raise Unusable("unreadable", e.problem) from None
+
+
+def process_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes -> ((size, size, 3) uint8 RGB, original (width, height))."""
+    pixels = _decode(decode_image, data)  # fully decoded (a truncated file fails here), EXIF applied, RGB
+    rgb = Image.fromarray(pixels)
+    original = rgb.size
     fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS)
     return np.asarray(fitted, dtype=np.uint8), original
 
@@ -57,15 +66,7 @@ def process_audio(
 
     A clip whose peak is under trim_level trims to nothing: that is stage (d)'s `silent_audio`.
     """
-    if not data:
-        raise Unusable("unreadable", "empty file")
-    try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise Unusable("unreadable", f"cannot decode audio: {e}") from None
-    if wave.shape[0] == 0 or not np.isfinite(wave).all():
-        raise Unusable("unreadable", "audio is empty or has NaN/infinite values")
-    mono = np.clip(wave.mean(axis=1, dtype=np.float32), -1.0, 1.0)
+    mono, sr = _decode(decode_audio, data)  # channels averaged, clipped to [-1, 1]; empty / NaN refused
     seconds, peak = mono.shape[0] / sr, float(np.abs(mono).max())
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="VHQ").astype(np.float32)
@@ -77,19 +78,9 @@ def process_audio(
 def process_video(data: bytes, frames: int, size: int) -> np.ndarray:
     """`.npy` bytes of a (T, H, W, 3) uint8 clip -> (frames, size, size, 3) uint8, frames sampled uniformly
     (a shorter clip repeats frames)."""
-    try:
-        clip = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:
-        raise Unusable("unreadable", f"cannot load video array: {e}") from None
-    if not (
-        isinstance(clip, np.ndarray)
-        and clip.dtype == np.uint8
-        and clip.ndim == 4
-        and clip.shape[-1] == 3
-        and min(clip.shape) > 0
-    ):
-        got = f"shape {clip.shape}, dtype {clip.dtype}" if isinstance(clip, np.ndarray) else "an npz archive"
-        raise Unusable("unreadable", f"expected a (T, H, W, 3) uint8 video array, got {got}")
+    clip = _decode(decode_video, data)  # a (T, H, W, 3) uint8 array with T > 0, never unpickled
+    if min(clip.shape) == 0:
+        raise Unusable("unreadable", f"video frames are empty: shape {clip.shape}")
     idx = np.linspace(0, clip.shape[0] - 1, frames).round().astype(int)
     return np.stack(
         [

@@ -9,7 +9,8 @@ A pseudo-label is kept when its probability is >= the threshold (default 0.5: th
 the others together; measured precision per threshold in docs/data.md); kept samples get the
 class's first caption as text and ``meta["pseudo_label"]`` / ``meta["pseudo_confidence"]``.
 
-CLI: ``mmfusion data pseudo-label UNLABELLED --labelled LABELLED --model MODEL --out DIR``.
+CLI: ``mmfusion data pseudo-label UNLABELLED --labelled LABELLED --model MODEL --out DIR``. The model is loaded
+by the loader the CLI passes in (``mmfusion.load_model``): the data engine does not import the models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,9 +214,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="label at most this many images")
 
 
-def pseudo_label_main(args: argparse.Namespace) -> int:
-    """`mmfusion data pseudo-label`: label, write the accepted samples as shards, report precision."""
-    from ... import load_model
+def pseudo_label_main(args: argparse.Namespace, load_model: Callable[[str], Any]) -> int:
+    """`mmfusion data pseudo-label`: label, write the accepted samples as shards, report precision.
+    `load_model`: a model folder or run directory -> the model (mmfusion.load_model)."""
     from ..writers import write_webdataset
 
     if args.limit is not None and args.limit < 1:

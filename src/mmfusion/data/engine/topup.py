@@ -5,7 +5,7 @@ below the target (or every combination named) gets target - count new samples fr
 `SyntheticWorld.sample(split, index, modalities=combination)`, with indices from `start_index` on (far
 from the 0.. indices `mmfusion data synth` uses, so the scenes are new), ids ``topup-<combination>-<n>``
 and ``meta["source"] = "synthetic-topup"``. Each combination is written as its own shards
-``topup-<combination>-000000.tar`` in the record format of `sources.write_webdataset`.
+``topup-<combination>-000000.tar`` in the record format of `writers.write_webdataset`.
 
 CLI: ``mmfusion data topup SRC --target N --out DIR`` (see add_arguments).
 """
