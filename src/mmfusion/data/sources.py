@@ -59,7 +59,22 @@ from .shards import (  # noqa: F401 - count_samples, shard_list, shard_samples, 
     truncation,
 )
 
-FIELDS = ("image", "text", "audio", "video", "vqa")  # the fields a source reads as media / typed values
+FIELDS = (
+    "image",
+    "text",
+    "audio",
+    "video",
+    "vqa",
+)  # the built-in fields a source reads (media / typed values)
+
+
+def readable_fields() -> tuple[str, ...]:
+    """The fields a source reads: text, vqa and every modality with a media decoder (MODALITIES, including
+    modalities added with register_modality), in that order."""
+    media = [m for m, spec in MODALITIES.items() if spec.decode is not None]
+    return ("image", "text", "audio", "video", "vqa", *[m for m in media if m not in FIELDS])
+
+
 REASONS = (
     "bad_json",
     "wrong_field_type",
@@ -132,7 +147,7 @@ def annotation_fields(obj: dict) -> dict[str, Any]:
     for key, kind in (("id", str), ("scene", dict), ("scene_key", str), ("video_text", str)):
         if obj.get(key) is not None:
             out[key] = _typed(obj, key, kind)
-    meta = {k: v for k, v in obj.items() if k not in _FIELDS}
+    meta = {k: v for k, v in obj.items() if k not in _FIELDS and k not in MODALITIES}
     if meta:
         out["meta"] = meta
     return out
@@ -146,15 +161,23 @@ def _decode(kind: str, src: Any, field: str) -> Any:
         raise SampleProblem(e.reason, field, e.problem) from None
 
 
+def _store(sample: dict[str, Any], field: str, value: Any) -> None:
+    """Put a decoded value into a sample: a (wave, rate) pair becomes `field` + `field_sr` (audio)."""
+    if isinstance(value, tuple):
+        sample[field], sample[f"{field}_sr"] = value
+    else:
+        sample[field] = value
+
+
 def _check_args(modalities: Sequence[str] | None, on_error: str) -> tuple[str, ...] | None:
     if on_error not in ("skip", "fail"):
         raise ConfigError(f"on_error={on_error!r}: expected 'skip' or 'fail'")
     if modalities is None:
         return None
     mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
-    bad = [m for m in mods if m not in FIELDS]
+    bad = [m for m in mods if m not in readable_fields()]
     if bad:
-        raise ConfigError(f"unknown modalities {bad}; expected a subset of {list(FIELDS)}")
+        raise ConfigError(f"unknown modalities {bad}; expected a subset of {list(readable_fields())}")
     return mods
 
 
@@ -242,7 +265,7 @@ class JsonlDataset(_Reader, Dataset):
 
     def _read(self, obj: dict, default_id: str) -> dict[str, Any]:
         sample = {"id": default_id, **annotation_fields(obj)}
-        for m in self.modalities or [m for m in FIELDS if obj.get(m) is not None]:
+        for m in self.modalities or [m for m in readable_fields() if obj.get(m) is not None]:
             if obj.get(m) is None:
                 if self.require:
                     raise SampleProblem("missing_modality", m, "requested modality is absent")
@@ -251,10 +274,8 @@ class JsonlDataset(_Reader, Dataset):
                 sample["text"] = _typed(obj, "text", str)
             elif m == "vqa":
                 sample["vqa"] = vqa_field(obj)
-            elif m == "audio":
-                sample["audio"], sample["audio_sr"] = _decode("audio", self._file(obj, m)[0], m)
             else:
-                sample[m] = _decode(m, self._file(obj, m)[0], m)
+                _store(sample, m, _decode(m, self._file(obj, m)[0], m))
         return sample
 
 
@@ -379,12 +400,16 @@ class WebDatasetSource(_Reader, IterableDataset):
 
     def _read(self, raw: dict, obj: dict) -> dict[str, Any]:
         sample = {"id": raw["__key__"], **annotation_fields(obj)}
-        members = {"image": _pick(raw, IMAGE_EXTS), "audio": _pick(raw, AUDIO_EXTS), "video": raw.get("npy")}
+        members = {
+            m: _pick(raw, spec.extensions)
+            for m, spec in MODALITIES.items()
+            if spec.decode is not None and spec.extensions
+        }
         present = {m for m, v in members.items() if v is not None}
         present |= {m for m in ("text", "vqa") if obj.get(m) is not None} | (
             {"text"} if "txt" in raw else set()
         )
-        for m in self.modalities or [m for m in FIELDS if m in present]:
+        for m in self.modalities or [m for m in readable_fields() if m in present]:
             if m not in present:
                 if self.require:
                     raise SampleProblem("missing_modality", m, "requested modality is absent")
@@ -398,10 +423,8 @@ class WebDatasetSource(_Reader, IterableDataset):
                 sample["text"] = _typed(obj, "text", str)
             elif m == "vqa":
                 sample["vqa"] = vqa_field(obj)
-            elif m == "audio":
-                sample["audio"], sample["audio_sr"] = _decode("audio", members["audio"], m)
             else:
-                sample[m] = _decode(m, members[m], m)
+                _store(sample, m, _decode(m, members[m], m))
         return sample
 
 
@@ -425,6 +448,7 @@ __all__ = [
     "AUDIO_EXTS",
     "IMAGE_EXTS",
     "FIELDS",
+    "readable_fields",
     "REASONS",
     "JsonlDataset",
     "SkippedSample",

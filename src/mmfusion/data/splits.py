@@ -87,12 +87,12 @@ def source_fields(data: DataConfig, inputs: dict[str, str]) -> list[str]:
     """The fields a source must read for a model whose inputs (batch key -> modality kind) read the fields
     `data.inputs` names (default: the key): media fields are decoded, text fields typed; other fields (labels,
     questions) come along in the sample's meta."""
-    from .sources import FIELDS
+    from .sources import readable_fields
 
     out = []
     for key, kind in inputs.items():
         field = data.inputs.get(key, key)
-        if field in FIELDS:
+        if field in readable_fields():
             out.append(field)
         elif kind != "text":
             raise ConfigError(

@@ -104,7 +104,8 @@ class MultiModalConfig(Section):
             )
         if self.fusion == "cross_attention" and "query_modality" not in self.fusion_kwargs:
             kinds = {k: c.kind for k, c in sorted(self.encoders.items())}
-            query = min(kinds, key=lambda k: QUERY_PREFERENCE.index(kinds[k]))
+            rank = {kind: i for i, kind in enumerate(QUERY_PREFERENCE)}  # modalities added later rank last
+            query = min(kinds, key=lambda k: rank.get(kinds[k], len(rank)))
             # assign through __dict__: validate_assignment would re-run this validator
             self.__dict__["fusion_kwargs"] = {**self.fusion_kwargs, "query_modality": query}
         return self
