@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
+from ..modalities.image import decode_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EMBED_CHUNK = 64
@@ -75,15 +76,15 @@ class EmbeddingIndex:
         return p if p.is_absolute() or self.root is None else self.root / p
 
     def image_png(self, i: int) -> bytes:
-        """Image i as PNG bytes (re-encoded when the file is a JPEG)."""
+        """Image i as PNG bytes: a PNG file as it is, another (a JPEG) decoded by `decode_image` and re-encoded.
+        OSError when the file is gone, MediaError when it no longer decodes."""
         p = self.path(i)
         if p.suffix.lower() == ".png":
             return p.read_bytes()
         from PIL import Image
 
         buf = io.BytesIO()
-        with Image.open(p) as im:
-            im.convert("RGB").save(buf, format="PNG")
+        Image.fromarray(decode_image(p)).save(buf, format="PNG")
         return buf.getvalue()
 
     def save(self, directory: str | Path) -> Path:
@@ -142,7 +143,8 @@ def list_images(source: str | Path) -> list[tuple[str, Path, str | None]]:
 def build_index(
     engine, files: Sequence[tuple[str, Path, str | None]], out: str | Path, progress: bool = False
 ) -> EmbeddingIndex:
-    """Embed every image with `engine` (the server's own decoding path) and save the index to `out`."""
+    """Embed every image with `engine` (the server's own decoding path: `Engine.prepare`) and save the index to
+    `out`."""
     out = Path(out).resolve()
     vecs: list[np.ndarray] = []
     chunks = range(0, len(files), EMBED_CHUNK)
