@@ -91,7 +91,8 @@ def _engine(model_path: str):
 
 
 def cmd_index_build(args) -> int:
-    from .index import build_index, build_synthetic_index, list_images
+    from ..unified.image_files import list_images
+    from .index import build_index, build_synthetic_index
 
     engine = _engine(args.model)
     if args.synthetic is not None:
