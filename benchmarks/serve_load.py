@@ -201,7 +201,7 @@ async def closed_loop(url: str, concurrency: int, duration: float, texts=None) -
 def in_process(model: Path, n: int, max_batch: int) -> str:
     from mmfusion import load_model
     from mmfusion.serve.batching import DynamicBatcher
-    from mmfusion.serve.server import Engine
+    from mmfusion.serve.engine import Engine
 
     engine = Engine(load_model(model))
 

@@ -62,7 +62,10 @@ def classify(run, threshold, inputs):
 
     from mmfusion import load_model
     from mmfusion.eval.pruning import pruning_model
-    from mmfusion.serve.server import Engine, LocalBackend, ServeSettings, create_app
+    from mmfusion.serve.app import create_app
+    from mmfusion.serve.backend import LocalBackend
+    from mmfusion.serve.engine import Engine
+    from mmfusion.serve.http import ServeSettings
 
     model, means = (load_model(run), None) if threshold is None else pruning_model(run, threshold)
     settings = ServeSettings(batching=False, cache=False)

@@ -23,14 +23,10 @@ from PIL import Image
 from mmfusion.cli import main
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
 from mmfusion.models.vq import VQVAE, AudioFrontEnd
-from mmfusion.serve.generate import (
-    MAX_AUDIO_SECONDS,
-    GenerateBackend,
-    GenerateEngine,
-    load_unified,
-    unified_folder,
-)
-from mmfusion.serve.server import ServeSettings, create_app
+from mmfusion.serve.app import create_app
+from mmfusion.serve.generate import MAX_AUDIO_SECONDS, GenerateEngine, load_unified, unified_folder
+from mmfusion.serve.generate_api import GenerateBackend
+from mmfusion.serve.http import ServeSettings
 from mmfusion.unified.generate_cli import (
     answer_questions,
     caption_audio,

@@ -23,8 +23,11 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from mmfusion.batch import Batch  # noqa: E402
+from mmfusion.serve.app import create_app  # noqa: E402
+from mmfusion.serve.backend import LocalBackend  # noqa: E402
+from mmfusion.serve.engine import Engine  # noqa: E402
+from mmfusion.serve.http import ServeSettings  # noqa: E402
 from mmfusion.serve.index import EmbeddingIndex, build_index  # noqa: E402
-from mmfusion.serve.server import Engine, LocalBackend, ServeSettings, create_app  # noqa: E402
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle", "a large white cross"]
 COLOURS = [(255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 255)]
@@ -316,7 +319,7 @@ def test_multimodal_embed_audio_video_and_classify(multimodal):
         bad = [
             ({"audio": [b64(b"RIFF....not a wav")]}, 400, "not a decodable WAV"),
             ({"audio": [b64(wav(np.full(800, np.nan, np.float32), subtype="FLOAT"))]}, 422, "NaN"),
-            ({"video": [b64(npy(video[..., 0]))]}, 422, "expected (T, H, W, 3)"),
+            ({"video": [b64(npy(video[..., 0]))]}, 422, "expected a (T, H, W, 3) uint8 array"),
             ({"video": [b64(npy(video.astype(np.float32)))]}, 422, "uint8"),
             ({"video": [b64(b"not npy")]}, 400, "not a decodable .npy"),
         ]

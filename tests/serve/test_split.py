@@ -19,13 +19,10 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mmfusion.serve.server import ServeSettings, create_app  # noqa: E402
-from mmfusion.serve.split import (  # noqa: E402
-    RemoteBackend,
-    create_encoder_app,
-    create_fusion_app,
-    pack,
-)
+from mmfusion.serve.app import create_app  # noqa: E402
+from mmfusion.serve.http import ServeSettings, pack  # noqa: E402
+from mmfusion.serve.remote import RemoteBackend  # noqa: E402
+from mmfusion.serve.split import create_encoder_app, create_fusion_app  # noqa: E402
 
 
 def png(seed: int) -> bytes:
@@ -125,7 +122,7 @@ BINARY = {"content-type": "application/octet-stream"}
 
 @pytest.mark.timeout(60)
 def test_fusion_service_batches_concurrent_requests_each_getting_its_own_answer(multimodal):
-    from mmfusion.serve.server import Engine
+    from mmfusion.serve.engine import Engine
 
     fus = create_fusion_app(multimodal, ServeSettings(max_batch=4, max_delay_ms=300))
     n, d = TestClient(fus).get("/healthz").json()["token_shapes"]["text"]

@@ -85,13 +85,14 @@ def add_commands(sub) -> None:
 
 def _engine(model_path: str):
     from .. import load_model
-    from .server import Engine
+    from .engine import Engine
 
     return Engine(load_model(model_path))
 
 
 def cmd_index_build(args) -> int:
-    from .index import build_index, build_synthetic_index, list_images
+    from ..unified.image_files import list_images
+    from .index import build_index, build_synthetic_index
 
     engine = _engine(args.model)
     if args.synthetic is not None:
@@ -105,7 +106,7 @@ def cmd_index_build(args) -> int:
 
 
 def _settings(args):
-    from .server import ServeSettings
+    from .http import ServeSettings
 
     s = ServeSettings(
         max_batch=args.max_batch,
@@ -193,7 +194,9 @@ def cmd_serve(args) -> int:
             )
         return _serve_split(args, settings)
     from .. import load_model
-    from .server import Engine, LocalBackend, create_app
+    from .app import create_app
+    from .backend import LocalBackend
+    from .engine import Engine
 
     if args.prune_threshold is not None:
         from ..eval.pruning import pruning_model
@@ -201,7 +204,7 @@ def cmd_serve(args) -> int:
         model, means = pruning_model(args.model, args.prune_threshold)
         engine = Engine(model, prune_threshold=args.prune_threshold, prune_means=means)
     else:
-        engine = _engine_from(load_model(args.model))
+        engine = Engine(load_model(args.model))
     backend = LocalBackend(engine, settings)
     index = _load_index(args.index, backend.info())
     app = create_app(backend=backend, index=index, settings=settings)
@@ -216,8 +219,9 @@ def cmd_serve(args) -> int:
 
 def _serve_unified(args, settings, folder) -> int:
     """A unified model folder (`mmfusion train-unified`): /v1/generate in this one process."""
-    from .generate import GenerateBackend, GenerateEngine, load_unified
-    from .server import create_app
+    from .app import create_app
+    from .generate import GenerateEngine, load_unified
+    from .generate_api import GenerateBackend
 
     flags = (("--split", args.split), ("--index", args.index is not None))
     for flag, given in (*flags, ("--prune-threshold", args.prune_threshold is not None)):
@@ -230,12 +234,6 @@ def _serve_unified(args, settings, folder) -> int:
     print(f"mmfusion serve: http://{args.host}:{args.port}/v1/generate (unified model)", flush=True)
     _run(app, args.host, args.port, args.log_level)
     return 0
-
-
-def _engine_from(model):
-    from .server import Engine
-
-    return Engine(model)
 
 
 def _model_type(path: str) -> str:
@@ -254,8 +252,8 @@ def _serve_split(args, settings) -> int:
     """Start the encoder service and (multimodal models) the fusion service as child processes on free
     loopback ports, then the front (API, index, feature cache) in this process."""
     from ..process import die_with_parent
-    from .server import create_app
-    from .split import RemoteBackend
+    from .app import create_app
+    from .remote import RemoteBackend
 
     common = [sys.executable, "-m", "mmfusion.cli", "serve", args.model, "--host", "127.0.0.1"]
     common += ["--log-level", args.log_level, "--threads", str(args.threads)]

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DataError
+from ..modalities.image import decode_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EMBED_CHUNK = 64
 
 
@@ -75,15 +75,15 @@ class EmbeddingIndex:
         return p if p.is_absolute() or self.root is None else self.root / p
 
     def image_png(self, i: int) -> bytes:
-        """Image i as PNG bytes (re-encoded when the file is a JPEG)."""
+        """Image i as PNG bytes: a PNG file as it is, another (a JPEG) decoded by `decode_image` and re-encoded.
+        OSError when the file is gone, MediaError when it no longer decodes."""
         p = self.path(i)
         if p.suffix.lower() == ".png":
             return p.read_bytes()
         from PIL import Image
 
         buf = io.BytesIO()
-        with Image.open(p) as im:
-            im.convert("RGB").save(buf, format="PNG")
+        Image.fromarray(decode_image(p)).save(buf, format="PNG")
         return buf.getvalue()
 
     def save(self, directory: str | Path) -> Path:
@@ -109,40 +109,11 @@ class EmbeddingIndex:
 
 
 # ---- building ---------------------------------------------------------------------------------------------
-def list_images(source: str | Path) -> list[tuple[str, Path, str | None]]:
-    """(id, path, caption) for every image of a folder (sorted by name) or of a JSONL manifest (lines with
-    "image" relative to the manifest's folder, optional "id" and "text"/"caption")."""
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        out = [(str(p.relative_to(source).with_suffix("")), p.resolve(), None) for p in files]
-    elif source.is_file() and source.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{source}:{n + 1}: not JSON ({e})") from None
-            if not rec.get("image"):
-                continue
-            p = (source.parent / rec["image"]).resolve()
-            out.append((str(rec.get("id", p.stem)), p, rec.get("caption", rec.get("text"))))
-    else:
-        raise DataError(f"--images {source}: expected a folder of PNG/JPEG files or a .jsonl manifest")
-    if not out:
-        raise DataError(f"no images found in {source}")
-    missing = [str(p) for _, p, _ in out if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} image file(s) missing, e.g. {missing[0]}")
-    return out
-
-
 def build_index(
     engine, files: Sequence[tuple[str, Path, str | None]], out: str | Path, progress: bool = False
 ) -> EmbeddingIndex:
-    """Embed every image with `engine` (the server's own decoding path) and save the index to `out`."""
+    """Embed every image with `engine` (the server's own decoding path: `Engine.prepare`) and save the index to
+    `out`."""
     out = Path(out).resolve()
     vecs: list[np.ndarray] = []
     chunks = range(0, len(files), EMBED_CHUNK)
@@ -185,4 +156,4 @@ def build_synthetic_index(
     return build_index(engine, files, out)
 
 
-__all__ = ["EmbeddingIndex", "build_index", "build_synthetic_index", "list_images"]
+__all__ = ["EmbeddingIndex", "build_index", "build_synthetic_index"]

@@ -162,7 +162,7 @@ def load_images(paths: list[tuple[str, Path]], size: int):
 
 def list_image_inputs(items: list[str]) -> list[tuple[str, Path]]:
     """(id, path) of every image named: files, folders (sorted, recursive) and JSONL manifests."""
-    from ..serve.index import IMAGE_SUFFIXES, list_images
+    from .image_files import IMAGE_SUFFIXES, list_images
 
     out: list[tuple[str, Path]] = []
     for item in items:
