@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .config import RunConfig
 from .errors import ConfigError
+from .eval.pruning import calibrate_pruning, check_threshold, predict_pruned
+
+if TYPE_CHECKING:
+    from .batch import Batch
+    from .models.multimodal import MultiModalModel
 
 
 def _model_dir(path: Path) -> Path:
@@ -70,6 +77,73 @@ def evaluate_probe(cfg: RunConfig, model_dir: Path, split: str = "test") -> dict
     }
 
 
+# ---- router pruning from the command line (mmfusion.eval.pruning does the pruning) ---------------------------
+def task_batches(cfg: RunConfig, model: MultiModalModel, split: str) -> list[Batch]:
+    """The run's `split`, collated by the model's Collate in batches of eval.batch_size."""
+    from .data.loader import iterate_eval
+    from .run import fusion_target, load_split
+
+    collate = model.collate(cfg.data.inputs, fusion_target(cfg, model.config))
+    batches = iterate_eval(load_split(cfg, split), collate, cfg.eval.batch_size, cfg.data.num_workers)
+    return [b for b in batches if b.data]
+
+
+def calibrate(model: MultiModalModel, cfg: RunConfig, where: str) -> dict[str, torch.Tensor]:
+    """calibrate_pruning on the run's val split; ConfigError unless `model` is a router-fusion model."""
+    fusion = getattr(getattr(model, "config", None), "fusion", None)
+    if fusion != "router":
+        kind = f"a {fusion} fusion model" if fusion else f"a {type(model).__name__}"
+        raise ConfigError(
+            f"--prune-threshold: modality pruning needs a fusion model with the router fusion (its gates "
+            f"decide which encoders to skip); {where} is {kind}"
+        )
+    return calibrate_pruning(model, task_batches(cfg, model, "val"))
+
+
+def pruned_eval(model: MultiModalModel, cfg: RunConfig, threshold: float, split: str) -> dict[str, Any]:
+    """{"prune_threshold", "accuracy_pruned", "pruned_<modality>": fraction of rows whose encoder was skipped}
+    on `split` of the run's task (every modality present), after calibrating on its val split."""
+    check_threshold(threshold)
+    means = calibrate(model, cfg, "this run")
+    correct = total = 0
+    skipped_rows: dict[str, int] = {}
+    for batch in task_batches(cfg, model, split):
+        pred, skipped = predict_pruned(model, means, batch, threshold)
+        correct += int((pred.cpu() == batch.data["label"].long()).sum())
+        total += len(batch)
+        for key, rows in skipped.items():
+            skipped_rows[key] = skipped_rows.get(key, 0) + int(rows.sum())
+    out: dict[str, Any] = {"prune_threshold": threshold, "accuracy_pruned": correct / max(total, 1)}
+    out.update({f"pruned_{k}": v / max(total, 1) for k, v in sorted(skipped_rows.items())})
+    return out
+
+
+def run_config_of(path: str | Path) -> RunConfig:
+    """The config.yaml of a run directory, or of the run whose model/ folder `path` is."""
+    from .config import load_config
+
+    path = Path(path)
+    for candidate in (path / "config.yaml", path.parent / "config.yaml" if path.name == "model" else None):
+        if candidate is not None and candidate.is_file():
+            return load_config(candidate)
+    raise ConfigError(
+        f"--prune-threshold calibrates on the run's validation split: {path} has no config.yaml (serve the run "
+        "directory, not a bare model folder)"
+    )
+
+
+def pruning_model(path: str | Path, threshold: float) -> tuple[MultiModalModel, dict[str, torch.Tensor]]:
+    """The model of run `path` and its pruning calibration (for serving with pruning at `threshold`)."""
+    from . import load_model
+
+    check_threshold(threshold)
+    cfg = run_config_of(path)
+    model = load_model(path)
+    if cfg.kind != "fusion":
+        raise ConfigError(f"--prune-threshold: {path} is a {cfg.kind} run; pruning is for fusion models")
+    return model, calibrate(model, cfg, str(path))
+
+
 def _write(metrics: dict[str, Any], out: Path, plots=()) -> None:
     from .eval.report import format_table
 
@@ -94,8 +168,6 @@ def evaluate_run(
         model = MultiModalModel.from_pretrained(model_dir)
         pruned = {}
         if prune_threshold is not None:  # first: a model without router gates fails before any evaluation
-            from .eval.pruning import pruned_eval
-
             pruned = pruned_eval(model, cfg, prune_threshold, split)
         metrics = {**evaluate_fusion(cfg, model, split), **pruned}
         _write(metrics, out)
@@ -125,4 +197,11 @@ def evaluate_run(
     return metrics
 
 
-__all__ = ["evaluate_fusion", "evaluate_probe", "evaluate_run"]
+__all__ = [
+    "evaluate_fusion",
+    "evaluate_probe",
+    "evaluate_run",
+    "pruned_eval",
+    "pruning_model",
+    "run_config_of",
+]

@@ -29,3 +29,17 @@ def dual_contrastive_loss(
     """Inter-modal symmetric InfoNCE + intra_weight * mean of the text and image intra-modal terms (seed 001)."""
     intra = 0.5 * (intra_modal_loss(text, logit_scale) + intra_modal_loss(image, logit_scale))
     return clip_loss(image, text, logit_scale) + intra_weight * intra
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (local_batch, ...) from every rank in rank order, keeping gradients to each rank's slice.
+
+    Used by contrastive losses so every rank sees the global batch (OpenCLIP's gather_with_grad).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)

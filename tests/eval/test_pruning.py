@@ -61,7 +61,7 @@ def classify(run, threshold, inputs):
     from fastapi.testclient import TestClient
 
     from mmfusion import load_model
-    from mmfusion.eval.pruning import pruning_model
+    from mmfusion.evaluate import pruning_model
     from mmfusion.serve.app import create_app
     from mmfusion.serve.backend import LocalBackend
     from mmfusion.serve.engine import Engine

@@ -94,7 +94,7 @@ def test_lora_on_a_fusion_model_trains_only_adapters_and_merges_into_the_saved_m
     reference = load_model(base_run)
     apply_lora(reference, lora["targets"], r=2, alpha=4, verbose=False)
     reference.load_state_dict(adapted)
-    from mmfusion.eval.pruning import task_batches
+    from mmfusion.evaluate import task_batches
 
     batch = task_batches(cfg, merged, "test")[0]
     with torch.no_grad():

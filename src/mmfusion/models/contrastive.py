@@ -14,10 +14,9 @@ from torch import nn
 from ..batch import Batch
 from ..data.collate import Collate, Input, Target
 from ..layers import load_scalar_compat, scalar_parameter
-from ..losses import clip_loss, dual_contrastive_loss
+from ..losses import clip_loss, dual_contrastive_loss, gather_with_grad
 from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
-from ..train.distributed import gather_with_grad
 from .contrastive_config import ModelConfig
 from .persistence import load_weights, read_config, save_folder
 

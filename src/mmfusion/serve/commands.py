@@ -199,7 +199,7 @@ def cmd_serve(args) -> int:
     from .engine import Engine
 
     if args.prune_threshold is not None:
-        from ..eval.pruning import pruning_model
+        from ..evaluate import pruning_model
 
         model, means = pruning_model(args.model, args.prune_threshold)
         engine = Engine(model, prune_threshold=args.prune_threshold, prune_means=means)

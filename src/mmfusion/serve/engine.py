@@ -63,7 +63,7 @@ class Engine:
     MultiModalModel: every encoder it has; an embedding is the mean of the encoder's projected tokens
     (the fusion input), L2-normalised; `classify` runs the whole model (fusion + head).
     prune_threshold, prune_means: a router-fusion model with its pruning calibration
-    (mmfusion.eval.pruning.pruning_model) classifies with modality pruning at this gate threshold; each
+    (mmfusion.evaluate.pruning_model) classifies with modality pruning at this gate threshold; each
     prediction then lists its skipped modalities ("pruned").
     """
 

@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..losses import gather_with_grad  # noqa: F401 - re-exported (it lives with the losses that use it)
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -71,18 +73,6 @@ def set_group_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) 
 def _agent_store() -> bool:
     """True when torchrun's agent hosts the TCPStore (its default): every rank is a client."""
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (local_batch, ...) from every rank in rank order, keeping gradients to each rank's slice.
-
-    Used by contrastive losses so every rank sees the global batch (OpenCLIP's gather_with_grad).
-    """
-    if not is_distributed():
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
 
 
 def _reduce_device() -> torch.device:
