@@ -225,7 +225,8 @@ def cmd_tokenize_train(args) -> int:
     import torch
 
     from ..data.synthetic import SyntheticWorld, WorldConfig, make_split
-    from ..models.vq import VQVAE, AudioFrontEnd
+    from ..modalities.audio import AudioFrontEnd
+    from ..models.vq import VQVAE
     from .train import evaluate_vqvae, images_to_tensor, train_vqvae
 
     _threads(args.threads)
@@ -328,7 +329,8 @@ def cmd_tokenize_train(args) -> int:
 
 def _tokenizer(path: str):
     """(VQVAE, AudioFrontEnd or None for an image tokenizer) of a `tokenize train` folder."""
-    from ..models.vq import VQVAE, AudioFrontEnd
+    from ..modalities.audio import AudioFrontEnd
+    from ..models.vq import VQVAE
 
     if not (Path(path) / "config.json").is_file():
         raise DataError(
