@@ -32,6 +32,8 @@ LOG_MEL_EPS = 1e-6
 LOG_MEL_MEAN = -7.0  # maps the log range [ln 1e-6, 0] ~ [-13.8, 0] to about [-1.7, 1.75]
 LOG_MEL_STD = 4.0
 MAX_CHANNELS = 16  # a 2-D array with more rows than this and <= 16 columns is read as (n, channels)
+NO_SAMPLES = "audio has no samples"
+NOT_FINITE = "audio contains NaN or infinite samples"
 
 
 def to_mono_float(wave: WaveLike) -> torch.Tensor:
@@ -56,7 +58,7 @@ def to_mono_float(wave: WaveLike) -> torch.Tensor:
     if arr.ndim != 1 or arr.size == 0:
         raise DataError(f"audio has shape {arr.shape}; expected a non-empty (n,) or (channels, n) waveform")
     if not np.isfinite(arr).all():
-        raise DataError("audio contains NaN or infinite samples")
+        raise DataError(NOT_FINITE)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
@@ -369,15 +371,18 @@ def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
 
 def decode_audio(src: Any) -> tuple[np.ndarray, int]:
     """A WAV / FLAC / OGG path, file object or bytes -> (float32 mono samples in [-1, 1], sample rate): channels
-    averaged; MediaError("corrupt_audio") when it cannot be read or is empty / not finite."""
+    averaged. MediaError("corrupt_audio") when it cannot be read (chained to soundfile's error), has no samples
+    (problem NO_SAMPLES) or has NaN / infinite samples (NOT_FINITE)."""
     import soundfile as sf
 
     try:
         data, sr = sf.read(as_source(src), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise MediaError("corrupt_audio", f"cannot decode audio: {e}") from e
-    if data.shape[0] == 0 or not np.isfinite(data).all():
-        raise MediaError("corrupt_audio", "audio is empty or has NaN/infinite values")
+    if data.shape[0] == 0:
+        raise MediaError("corrupt_audio", NO_SAMPLES)
+    if not np.isfinite(data).all():
+        raise MediaError("corrupt_audio", NOT_FINITE)
     return np.clip(data.mean(axis=1, dtype=np.float32), -1.0, 1.0), int(sr)
 
 
