@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..modalities.audio import AudioFrontEnd
+from ..modalities.audio import AudioFrontEnd  # re-exported: tests/serve import it from here
 from ..schema import Section
 from .persistence import load_weights, read_config, save_folder
 from .quantizers import BACKENDS, DEAD_CODE_SAMPLING, FSQ, VectorQuantizer
