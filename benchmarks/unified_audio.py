@@ -44,7 +44,8 @@ from mmfusion.data.synthetic import (
     make_split,
 )
 from mmfusion.eval.generation import caption_metrics
-from mmfusion.models.vq import VQVAE, AudioFrontEnd
+from mmfusion.modalities.audio import AudioFrontEnd
+from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import caption_audio, caption_images
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder
 from mmfusion.unified.sequences import SequenceBuilder, UnifiedVocab

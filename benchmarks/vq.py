@@ -14,7 +14,7 @@ Settings:
   rvq2/rvq4 ResidualVQ with 2 / 4 levels of K codes each (same settings as vq).
   fsq       FSQ levels --fsq-levels (implicit codebook prod(levels)).
 
---backend mmfusion (default: mmfusion.models.vq's quantizers) or vqtorch (the vector-quantize-pytorch
+--backend mmfusion (default: mmfusion.models.quantizers) or vqtorch (the vector-quantize-pytorch
 library's VectorQuantize / FSQ, same settings: VQVAE(backend="vqtorch")). Recipe options: --dead-sampling
 error (mmfusion: dead codes re-seeded from batch vectors drawn with probability ~ their squared quantization
 error; the recipe that meets the targets on seeds 0-2), --dead-patience, --rotation-trick (vqtorch),
@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from mmfusion.data.synthetic import COLOURS, Scene, SyntheticWorld, WorldConfig
-from mmfusion.models.vq import VQVAE, AudioFrontEnd, psnr
+from mmfusion.modalities.audio import AudioFrontEnd
+from mmfusion.models.vq import VQVAE, psnr
 
 SETTINGS = ("vq", "control", "rvq2", "rvq4", "fsq")
 AUDIO_DEFAULTS = {"settings": ["vq", "fsq", "rvq2"], "channels": 16, "codebook_size": 128, "code_dim": 16}

@@ -7,22 +7,18 @@ import torch
 
 from mmfusion.data.synthetic import SyntheticWorld
 from mmfusion.errors import ConfigError, DataError
-from mmfusion.modalities.audio import preprocess_audios
-from mmfusion.models.vq import (
-    FSQ,
+from mmfusion.modalities.audio import (
     SPEC_HIGH,
     SPEC_LOW,
-    VQVAE,
     AudioFrontEnd,
-    LibFSQ,
-    LibVectorQuantizer,
-    ResidualVQ,
-    VectorQuantizer,
-    codebook_usage,
     denormalize_log_mel,
     normalize_log_mel,
-    psnr,
+    preprocess_audios,
 )
+from mmfusion.models.quantizers import FSQ, VectorQuantizer, codebook_usage
+from mmfusion.models.residual_vq import ResidualVQ
+from mmfusion.models.vq import VQVAE, psnr
+from mmfusion.models.vq_library import LibFSQ, LibVectorQuantizer
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,9 @@ import torch
 from mmfusion.cli import main
 from mmfusion.data.synthetic import TEMPLATES, Scene, SyntheticWorld, WorldConfig, caption_for, make_split
 from mmfusion.errors import ConfigError, DataError
+from mmfusion.modalities.audio import AudioFrontEnd
 from mmfusion.modalities.text import TextTokenizer
-from mmfusion.models.vq import VQVAE, AudioFrontEnd
+from mmfusion.models.vq import VQVAE
 from mmfusion.unified.generate_cli import caption_audio
 from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder
 from mmfusion.unified.sequences import (

@@ -1,4 +1,6 @@
-"""Audio modality: waveform preprocessing (mono, resample, fixed length, log-mel) and the audio encoder.
+"""Audio modality: waveform preprocessing (mono, resample, fixed length, log-mel), the audio encoder, and
+AudioFrontEnd, the VQ tokenizer's view of a clip (its log-mel as a [-1, 1] spectrogram "image" for
+mmfusion.models.vq.VQVAE).
 
 Log-mel features are computed in torch: a Hann-windowed STFT (25 ms window, 10 ms hop at 16 kHz) whose power
 is normalised by the window sum (a full-scale sine gives a peak bin power of 1/4), an HTK-formula mel
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..layers import Transformer, init_transformer_
 from .base import EncoderConfigBase, MediaError, ModalitySpec, as_source
 
@@ -29,6 +32,8 @@ LOG_MEL_EPS = 1e-6
 LOG_MEL_MEAN = -7.0  # maps the log range [ln 1e-6, 0] ~ [-13.8, 0] to about [-1.7, 1.75]
 LOG_MEL_STD = 4.0
 MAX_CHANNELS = 16  # a 2-D array with more rows than this and <= 16 columns is read as (n, channels)
+NO_SAMPLES = "audio has no samples"
+NOT_FINITE = "audio contains NaN or infinite samples"
 
 
 def to_mono_float(wave: WaveLike) -> torch.Tensor:
@@ -53,7 +58,7 @@ def to_mono_float(wave: WaveLike) -> torch.Tensor:
     if arr.ndim != 1 or arr.size == 0:
         raise DataError(f"audio has shape {arr.shape}; expected a non-empty (n,) or (channels, n) waveform")
     if not np.isfinite(arr).all():
-        raise DataError("audio contains NaN or infinite samples")
+        raise DataError(NOT_FINITE)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
@@ -167,6 +172,81 @@ def preprocess_audios(
     frames = int(lengths.max())
     silence = (math.log(LOG_MEL_EPS) - LOG_MEL_MEAN) / LOG_MEL_STD
     return torch.stack([F.pad(m, (0, frames - m.shape[1]), value=silence) for m in mels]), lengths
+
+
+# ---- the VQ tokenizer's front end: clips as spectrogram "images" in [-1, 1] -------------------------------
+
+# The project's log-mel (log_mel above) is (ln(mel + 1e-6) - LOG_MEL_MEAN) / LOG_MEL_STD. Its floor is
+# digital silence (ln 1e-6 -> -1.70); mel power 1 (ln 1 = 0 -> +1.75) is above anything a [-1, 1] waveform
+# reaches (full-scale sines at 220 Hz - 4 kHz peak at +1.29 to +1.46). That interval maps linearly onto [-1, 1].
+SPEC_LOW = (math.log(LOG_MEL_EPS) - LOG_MEL_MEAN) / LOG_MEL_STD  # silence -> -1
+SPEC_HIGH = (0.0 - LOG_MEL_MEAN) / LOG_MEL_STD  # mel power 1 -> +1
+
+
+def normalize_log_mel(log_mels: torch.Tensor) -> torch.Tensor:
+    """Project log-mel (any shape) -> [-1, 1]: linear map of [SPEC_LOW, SPEC_HIGH] onto [-1, 1], clamped."""
+    return ((log_mels - SPEC_LOW) * (2.0 / (SPEC_HIGH - SPEC_LOW)) - 1.0).clamp(-1.0, 1.0)
+
+
+def denormalize_log_mel(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of normalize_log_mel on [-1, 1]: back to the project's log-mel units (AudioEncoder's input)."""
+    return (x.clamp(-1.0, 1.0) + 1.0) * ((SPEC_HIGH - SPEC_LOW) / 2.0) + SPEC_LOW
+
+
+@dataclass(frozen=True)
+class AudioFrontEnd:
+    """Waveforms -> (B, 1, n_mels, frames) spectrogram "images" in [-1, 1] for
+    `mmfusion.models.vq.VQVAE(in_channels=1, input_shape=front_end.shape)`.
+
+    Each wave is mixed to mono, resampled to `sample_rate`, trimmed or zero-padded to `seconds`, turned into the
+    project's log-mel by `preprocess_audios` (25 ms / 10 ms Hann STFT, HTK mel), mapped to [-1, 1] by
+    `normalize_log_mel` (silence -> -1), and right-padded with silence (-1) to a multiple of 4 frames so the
+    VQ-VAE's two stride-2 convs divide it (0.5 s at 16 kHz: 51 -> 52 frames). `inverse` gives back log-mels;
+    no waveform is reconstructed (there is no vocoder: decoded tokens are spectrograms only).
+    """
+
+    sample_rate: int = 16000
+    seconds: float = 0.5
+    n_mels: int = 64
+    hop: int = 160
+
+    def __post_init__(self):
+        if self.sample_rate < 1000 or self.seconds <= 0 or self.n_mels < 4 or self.n_mels % 4:
+            raise ConfigError(
+                "AudioFrontEnd needs sample_rate >= 1000, seconds > 0 and n_mels a positive multiple of 4; "
+                f"got sample_rate={self.sample_rate}, seconds={self.seconds}, n_mels={self.n_mels}"
+            )
+
+    @property
+    def frames(self) -> int:
+        """Valid log-mel frames of one clip (before padding to a multiple of 4)."""
+        return 1 + int(round(self.seconds * self.sample_rate)) // self.hop
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_mels, padded frames): the VQVAE `input_shape` to use."""
+        return self.n_mels, -(-self.frames // 4) * 4
+
+    def __call__(self, waves: Sequence[WaveLike], sample_rates: int | Sequence[int]) -> torch.Tensor:
+        """waves (any PCM dtype, mono or multi-channel) -> (B, 1, n_mels, padded frames) float in [-1, 1]."""
+        mels, _ = preprocess_audios(
+            waves, sample_rates, target_rate=self.sample_rate, seconds=self.seconds, n_mels=self.n_mels,
+            hop=self.hop,
+        )  # fmt: skip
+        x = normalize_log_mel(mels)
+        return F.pad(x, (0, self.shape[1] - x.shape[-1]), value=-1.0)[:, None]
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_mels, padded frames) in [-1, 1] -> project log-mels (B, n_mels, frames) (padding dropped)."""
+        return denormalize_log_mel(x[:, 0, :, : self.frames])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_rate": self.sample_rate,
+            "seconds": self.seconds,
+            "n_mels": self.n_mels,
+            "hop": self.hop,
+        }
 
 
 def _strided_length(lengths: torch.Tensor) -> torch.Tensor:
@@ -291,15 +371,18 @@ def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
 
 def decode_audio(src: Any) -> tuple[np.ndarray, int]:
     """A WAV / FLAC / OGG path, file object or bytes -> (float32 mono samples in [-1, 1], sample rate): channels
-    averaged; MediaError("corrupt_audio") when it cannot be read or is empty / not finite."""
+    averaged. MediaError("corrupt_audio") when it cannot be read (chained to soundfile's error), has no samples
+    (problem NO_SAMPLES) or has NaN / infinite samples (NOT_FINITE)."""
     import soundfile as sf
 
     try:
         data, sr = sf.read(as_source(src), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise MediaError("corrupt_audio", f"cannot decode audio: {e}") from e
-    if data.shape[0] == 0 or not np.isfinite(data).all():
-        raise MediaError("corrupt_audio", "audio is empty or has NaN/infinite values")
+    if data.shape[0] == 0:
+        raise MediaError("corrupt_audio", NO_SAMPLES)
+    if not np.isfinite(data).all():
+        raise MediaError("corrupt_audio", NOT_FINITE)
     return np.clip(data.mean(axis=1, dtype=np.float32), -1.0, 1.0), int(sr)
 
 

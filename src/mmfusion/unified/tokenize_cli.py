@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..modalities.base import MediaError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 FRONTEND_FILE = "frontend.json"
@@ -34,7 +36,7 @@ def add_tokenize_commands(sub: argparse._SubParsersAction) -> None:
         "tokenize",
         help="VQ tokenizers: train, encode images/audio to codes, decode codes to images/spectrograms",
         description="Discrete image and audio-spectrogram tokenizers (VQ-VAE with EMA VQ, residual VQ or FSQ; "
-        "mmfusion.models.vq).",
+        "mmfusion.models.vq; audio front end: mmfusion.modalities.audio.AudioFrontEnd).",
     )
     tsub = p.add_subparsers(dest="tokenize_command", required=True, metavar="TOKENIZE_COMMAND")
 
@@ -143,20 +145,19 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def load_images(paths: list[tuple[str, Path]], size: int):
-    """(id, path) pairs -> float images (N, 3, size, size) in [-1, 1] (the VQVAE's input range)."""
+def load_images(paths: list[tuple[str, Any]], size: int):
+    """(id, path or file object) pairs -> float images (N, 3, size, size) in [-1, 1] (the VQVAE's input range),
+    read by the image modality's decoder. DataError "cannot read image P: why" when one cannot be decoded."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    from ..modalities.image import preprocess_image
+    from ..modalities.image import decode_image, preprocess_image
 
     out = []
     for _, p in paths:
         try:
-            with Image.open(p) as im:
-                out.append(preprocess_image(im.convert("RGB"), size))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"cannot read image {p}: {err}") from None
+            out.append(preprocess_image(decode_image(p), size))
+        except MediaError as e:
+            raise DataError(f"cannot read image {p}: {e.__cause__ or e.problem}") from None
     return torch.stack(out)
 
 
@@ -197,20 +198,25 @@ def list_audio_inputs(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def load_audios(paths: list[tuple[str, Path]], frontend):
-    """(id, path) pairs -> AudioFrontEnd spectrograms (N, 1, n_mels, frames) in [-1, 1]."""
-    import soundfile as sf
+def load_audios(paths: list[tuple[str, Any]], frontend):
+    """(id, path or file object) pairs -> AudioFrontEnd spectrograms (N, 1, n_mels, frames) in [-1, 1], read by
+    the audio modality's decoder (channels averaged). DataError "cannot read audio P: why" (not decodable),
+    "audio P has no samples", or "audio contains NaN or infinite samples"; `serve` maps these onto its HTTP
+    errors."""
+    from ..modalities.audio import NO_SAMPLES, decode_audio
 
     waves, rates = [], []
     for _, p in paths:
         try:
-            wave, sr = sf.read(p, dtype="float32", always_2d=False)
-        except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-            raise DataError(f"cannot read audio {p}: {err}") from None
-        if wave.size == 0:
-            raise DataError(f"audio {p} has no samples")
+            wave, sr = decode_audio(p)
+        except MediaError as e:
+            if e.problem == NO_SAMPLES:
+                raise DataError(f"audio {p} has no samples") from None
+            if e.__cause__ is not None:  # soundfile could not read it
+                raise DataError(f"cannot read audio {p}: {e.__cause__}") from None
+            raise DataError(e.problem) from None
         waves.append(wave)
-        rates.append(int(sr))
+        rates.append(sr)
     return frontend(waves, rates)
 
 
@@ -225,7 +231,8 @@ def cmd_tokenize_train(args) -> int:
     import torch
 
     from ..data.synthetic import SyntheticWorld, WorldConfig, make_split
-    from ..models.vq import VQVAE, AudioFrontEnd
+    from ..modalities.audio import AudioFrontEnd
+    from ..models.vq import VQVAE
     from .train import evaluate_vqvae, images_to_tensor, train_vqvae
 
     _threads(args.threads)
@@ -328,7 +335,8 @@ def cmd_tokenize_train(args) -> int:
 
 def _tokenizer(path: str):
     """(VQVAE, AudioFrontEnd or None for an image tokenizer) of a `tokenize train` folder."""
-    from ..models.vq import VQVAE, AudioFrontEnd
+    from ..modalities.audio import AudioFrontEnd
+    from ..models.vq import VQVAE
 
     if not (Path(path) / "config.json").is_file():
         raise DataError(

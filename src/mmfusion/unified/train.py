@@ -33,8 +33,9 @@ import torch
 
 from ..data.synthetic import COLOURS, SHAPES, SIZES, TEMPLATES, SyntheticWorld, make_split
 from ..errors import ConfigError, DataError
+from ..modalities.audio import AudioFrontEnd
 from ..modalities.text import TextTokenizer
-from ..models.vq import VQVAE, AudioFrontEnd, psnr
+from ..models.vq import VQVAE, psnr
 from ..train.precision import autocast, resolve_precision
 from ..train.rng import seed_everything
 from ..train.trainer import lr_lambda, param_groups, resolve_device
