@@ -33,15 +33,17 @@ def test_tasks_table():
 def test_make_task_data_is_deterministic_and_collates(world, task):
     a = make_task_data(task, world, "train", 8, seed=3)
     b = make_task_data(task, world, "train", 8, seed=3)
-    assert len(a) == 8 and [s["label"] for s in a] == [s["label"] for s in b]
     spec = TASKS[task]
-    for s in a:
-        assert all(s.get(m) is not None for m in spec.modalities)
-        assert 0 <= s["label"] < spec.n_classes
+    target = spec.target_field  # "answer" for vqa (a class name), "label" (an index) otherwise
+    assert len(a) == 8 and [s[target] for s in a] == [s[target] for s in b]
+    labels = [spec.classes.index(s[target]) if spec.classes else s[target] for s in a]
+    for s, label in zip(a, labels):
+        assert all(s.get(spec.inputs.get(m, m)) is not None for m in spec.modalities)
+        assert 0 <= label < spec.n_classes
     tok = task_tokenizer(a) if "text" in spec.modalities else None
-    batch = collate(a, tok)
+    batch = collate(a, tok, task)
     assert set(batch.mask) == set(spec.modalities)
-    assert batch.data["label"].tolist() == [s["label"] for s in a]
+    assert batch.data["label"].tolist() == labels
     if "image" in batch:
         assert batch["image"].shape == (8, 3, 32, 32)
     if "audio" in batch:
@@ -55,18 +57,22 @@ def test_make_task_data_is_deterministic_and_collates(world, task):
 def test_collate_marks_missing_modalities(world):
     samples = make_task_data("vqa", world, "train", 3)
     samples[1] = {**samples[1], "image": None}
+    samples[2] = {**samples[2], "question": None}
     batch = collate(samples, task_tokenizer(samples))
     assert batch.mask["image"].tolist() == [True, False, True]
-    assert batch.mask["text"].tolist() == [True, True, True]
-    with pytest.raises(DataError, match="needs a tokenizer"):
+    assert batch.mask["text"].tolist() == [True, True, False]
+    # a missing input's row is the modality's placeholder (zeros / an empty text), never another sample's data
+    assert batch["image"][1].eq(-1).all() and batch["text"][2].tolist()[0] == 2  # [EOT] right away
+    with pytest.raises(DataError, match="needs the model's tokenizer"):
         collate(samples)
 
 
-def test_vqa_labels_are_the_answers(world):
+def test_vqa_rows_carry_the_question_and_its_answer(world):
     samples = make_task_data("vqa", world, "val", 20)
-    for s in samples:
-        assert VQA_ANSWERS[s["label"]] == s["answer"]
-        assert s["text"].endswith("?")
+    batch = collate(samples, task_tokenizer(samples))
+    for s, label in zip(samples, batch.data["label"].tolist()):
+        assert VQA_ANSWERS[label] == s["answer"] and s["answer"] in VQA_ANSWERS
+        assert s["question"].endswith("?") and "label" not in s
 
 
 def test_video_text_label_is_whether_the_caption_states_the_true_direction(world):

@@ -65,15 +65,19 @@ def _legacy(tree: dict[str, Any]) -> dict[str, Any]:
     task = tree.pop("task", None)
     fusion = tree.pop("fusion_model", None)
     if fusion is not None or task is not None:
-        if isinstance(tree.get("model"), dict) and tree["model"]:
+        model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+        if model and model.get("kind") != "fusion":
             raise ValueError(
-                "task / fusion_model (the older spelling of a fusion run) and model are both set"
+                "task / fusion_model (the older spelling of a fusion run) and a non-fusion model are both set"
             )
-        tree["model"] = {"kind": "fusion", **(fusion or {})}
+        tree["model"] = _merge(
+            {**model, "kind": "fusion"}, fusion or {}
+        )  # `--set fusion_model.x` on a new recipe
     if isinstance(task, dict):
-        data = tree.setdefault("data", {})
-        synthetic = data.setdefault("synthetic", {})
-        synthetic["task"] = task.get("name")
+        data = tree["data"] = dict(tree.get("data") or {})
+        synthetic = data["synthetic"] = dict(data.get("synthetic") or {})
+        if "name" in task:
+            synthetic["task"] = task["name"]
         for key in _LEGACY_TASK_KEYS & set(task):
             synthetic[key] = task[key]
         if "seed" in task:
@@ -82,7 +86,7 @@ def _legacy(tree: dict[str, Any]) -> dict[str, Any]:
         if tok:
             data.setdefault("tokenizer", {}).update(tok)
         if "mixture" in task:
-            data["mixture"] = task["mixture"]
+            data["mixture"] = _merge(data.get("mixture"), task["mixture"])
         unknown = sorted(
             set(task)
             - _LEGACY_TASK_KEYS
@@ -93,6 +97,20 @@ def _legacy(tree: dict[str, Any]) -> dict[str, Any]:
     elif task is not None:
         raise ValueError("task: expected a mapping {name: ..., n_train: ...}")
     return tree
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """`update` over `base`, recursively for mappings and index by index for lists (--set a.b.1.c=...)."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in update.items()}}
+    if isinstance(base, list) and isinstance(update, dict) and all(str(k).isdigit() for k in update):
+        out = list(base)  # `--set task.mixture.sources.0.n=96` built {"0": {...}} over the recipe's list
+        for k, v in update.items():
+            if int(k) >= len(out):
+                raise ValueError(f"index {k} is past the end of a list of {len(out)}")
+            out[int(k)] = _merge(out[int(k)], v)
+        return out
+    return update
 
 
 def _task_defaults(tree: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +201,14 @@ class RunConfig(Section):
             )
         if self.data.source == "synthetic" and self.data.synthetic.task is None:
             raise ValueError("model.kind = 'fusion' on synthetic data needs data.synthetic.task (e.g. vqa)")
+        for i, source in enumerate(self.data.mixture.sources if self.data.mixture else []):
+            if source.modalities is not None and (
+                not source.modalities or set(source.modalities) - set(model.encoders)
+            ):
+                raise ValueError(
+                    f"data.mixture.sources.{i}.modalities = {source.modalities}: pick a non-empty subset of the "
+                    f"model's inputs {sorted(model.encoders)}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -350,7 +350,14 @@ def train(
             model, cfg.train, out, make_data, resume=resume, log=log, on_eval_for=on_eval_for, is_main=is_main
         )
     else:
-        data = train_data(cfg, train_set, model_collate(cfg, student), cfg.train.batch_size, sources=sources)
+        collate = model_collate(cfg, student)
+        if cfg.train.distill is not None:
+            from .train.distill import distillation_collate
+
+            collate = distillation_collate(
+                student, model.teacher, cfg.data.inputs, fusion_target(cfg, student.config)
+            )
+        data = train_data(cfg, train_set, collate, cfg.train.batch_size, sources=sources)
         trainer = Trainer(model, data, cfg.train, out, log=log)
         last = trainer.fit(resume=resume)
         model = unsharded(trainer, model, lambda: build_model(cfg, tokenizer))

@@ -58,4 +58,7 @@ def test_distill_config_errors_name_the_field(mmfusion, tmp_path):
     bad = mmfusion("train", "--set", "train.distill={teacher: x, alpha: 2}", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "train.distill.alpha = 2" in bad.stderr
     bad = mmfusion("train", "--set", "train.distill={teacher: x}", cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "train.distill trains a fusion-model student on a task" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "train.distill trains a fusion-model student: set model.kind: fusion" in bad.stderr
+    )

@@ -84,7 +84,7 @@ def test_mixture_config_errors_name_the_field(mmfusion, tmp_path):
     )
     assert bad.returncode == 2
     assert (
-        "mixture.sources.1.modalities = ['audio']: pick a non-empty subset of the task's modalities"
+        "data.mixture.sources.1.modalities = ['audio']: pick a non-empty subset of the model's inputs"
         in bad.stderr
     )
     bad = mmfusion(

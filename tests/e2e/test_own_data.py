@@ -104,15 +104,18 @@ def test_own_files_train_a_fusion_model_resume_bitwise_and_evaluate(mmfusion, co
     run = tmp_path / "runs" / "own"
     metrics = json.loads((run / "metrics.json").read_text())
     # three classes named after the labels (sorted), saved with the model
-    assert json.loads((run / "model" / "config.json").read_text())["classes"] == sorted(LABELS)
+    assert json.loads((run / "model" / "config.json").read_text())["model"]["classes"] == sorted(LABELS)
     assert {
         "accuracy_all",
         "accuracy_without_image",
         "accuracy_without_audio",
         "accuracy_without_text",
     } <= set(metrics)
-    # the broken lines of the test split are counted, not lost: 96 kept + 3 skipped
-    assert metrics["n"] == 96 and metrics["skipped"] == {
+    # nothing is lost silently: of 96 + 3 lines, sample 0 has no input at all (0 is a multiple of 3, 5 and 7)
+    # and the three broken lines are unreadable; all four are counted by reason
+    assert metrics["n"] == 95
+    assert metrics["skipped"] == {
+        "missing_modality": 1,
         "corrupt_image": 1,
         "missing_file": 1,
         "corrupt_audio": 1,

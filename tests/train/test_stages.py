@@ -240,7 +240,7 @@ def test_patterns_that_match_nothing_are_errors_before_training(tmp_path, stages
     [
         (
             {"train": {"stages": [{"name": "a", "steps": 1, "frozen": ["x"]}]}},
-            "unknown key 'train.stages.0.frozen'; allowed keys here: batch_size, eval_every, freeze,",
+            "unknown key 'train.stages.0.frozen'; allowed keys here: batch_size, data, eval_every, freeze,",
         ),
         ({"train": {"stages": [{"name": "a"}]}}, "train.stages.0.steps"),
         (
@@ -270,7 +270,7 @@ def test_patterns_that_match_nothing_are_errors_before_training(tmp_path, stages
                 "task": {"name": "vqa"},
                 "train": {"stages": [{"name": "a", "steps": 1, "objective": "contrastive"}]},
             },
-            "train.stages.0.objective = 'contrastive': a task run trains the fusion model's own head",
+            "train.stages.0.objective = 'contrastive': a fusion model trains its own loss",
         ),
         ({"model": {"probe": {"label": "hue"}}}, "model.probe.label = 'hue'"),
     ],

@@ -54,15 +54,20 @@ class Target:
     n_classes: with classes None, indices must lie in [0, n_classes) (None: any index >= 0).
     extract:  applied to the field's value first (e.g. a scene's left-most object's shape); a picklable
               function (DataLoader workers), not a lambda.
+    unlabelled: a value that stands for "no label" and passes through as itself (distillation's UNLABELLED
+              rows, taught by the teacher alone); None: no such value.
     """
 
     field: str = "label"
     classes: tuple[str, ...] | None = None
     n_classes: int | None = None
     extract: Callable[[Any], Any] | None = None
+    unlabelled: int | None = None
 
     def index(self, value: Any) -> int | None:
         """The class index of a field value, None when it is not a valid class."""
+        if self.unlabelled is not None and value == self.unlabelled:
+            return self.unlabelled
         if self.extract is not None:
             value = self.extract(value)
         if self.classes is not None:

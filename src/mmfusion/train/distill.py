@@ -245,6 +245,18 @@ def wrap_for_distillation(
 
 
 # ---- data -------------------------------------------------------------------------------------------------
+def distillation_collate(student, teacher, fields=None, target=None):
+    """The Collate of a distillation run: the student's and the teacher's inputs (each encodes its own), the
+    student's target, with UNLABELLED rows passed through."""
+    from dataclasses import replace
+
+    from ..data.collate import Collate
+
+    inner = student.collate(fields, target)
+    inputs = {**teacher.inputs(fields), **inner.inputs}
+    return Collate(inputs, inner.tokenizer or teacher.tokenizer, replace(inner.target, unlabelled=UNLABELLED))
+
+
 def drop_labels(samples: Sequence[dict[str, Any]], n_labelled: int | None) -> list[dict[str, Any]]:
     """Copies of `samples` keeping the labels of the first `n_labelled` only (the rest UNLABELLED); None keeps all."""
     if n_labelled is None:
@@ -279,6 +291,7 @@ __all__ = [
     "DistillationModel",
     "accuracy",
     "class_logits",
+    "distillation_collate",
     "drop_labels",
     "feature_loss",
     "kd_loss",
