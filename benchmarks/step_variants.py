@@ -12,7 +12,7 @@ Each variant is timed against a fresh copy of the unchanged model with the same 
 Reported per variant: median samples/s of each side, the ratio of the medians and the median of the per-round
 ratios (adjacent timings, so that ratio cancels bursts of load from other processes).
 
-Variants (`--variants`, default all but `compile`):
+Variants (`--variants`, default matmul_attention sdpa_math fused_adamw; bf16 is `make bench-precision`):
   bf16              torch.autocast("cpu", bfloat16) over forward + loss, fp32 weights (train.precision: bf16)
   matmul_attention  attention written out as softmax(q k^T / sqrt(d) + mask) v with `@`, instead of
                     F.scaled_dot_product_attention (swapped in only while the variant's steps run)
@@ -23,8 +23,8 @@ Variants (`--variants`, default all but `compile`):
 It also prints the CPU's bf16 facts (what `mmfusion.train.precision` checks and what `auto` resolves to) and
 the best of 5 (--peak-size)^2 matmuls in fp32 and bf16.
 
-    .venv/bin/python benchmarks/step_variants.py --variants bf16          # make bench-precision
-    .venv/bin/python benchmarks/step_variants.py                          # make bench-step-variants
+    .venv/bin/python benchmarks/step_variants.py --variants bf16 --rounds 4 --steps 3   # make bench-precision
+    .venv/bin/python benchmarks/step_variants.py                                        # make bench-step-variants
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="run config (model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "compile"], choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS[1:4]), choices=VARIANTS)
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
     p.add_argument("--rounds", type=int, default=6, help="alternating rounds (baseline, variant)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: least disturbed on a shared machine")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
