@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Latency of `POST /v1/generate` (caption, VQA, text -> image) of a unified model served by `mmfusion serve`.
 
-Starts `mmfusion serve MODEL --threads T` as a child process on a free loopback port (serve_load.Server) twice,
+Starts `mmfusion serve MODEL --threads T --timeout-s S` as a child process on a free loopback port (serve_load.Server) twice,
 with batching (the server's defaults) and with `--no-batching`, and for each request kind sends `--sequential`
 requests one after another (p50 and max latency), then `--concurrent` requests at once (wall time until the
 last answer, and the model calls they took, from the server's `mmfusion_model_executions_total`). Inputs: test
@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="server torch threads")
     p.add_argument("--sequential", type=int, default=10, help="requests sent one after another per kind")
     p.add_argument("--concurrent", type=int, default=16, help="requests sent at once per kind")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=300,
+        help="server --timeout-s: text -> image requests run one per model call, so 16 waiting ones can pass "
+        "the server's default 10 s on a loaded machine and be answered 503",
+    )
     p.add_argument("--json", type=Path, help="also write every timing here")
     return p.parse_args(argv)
 
@@ -104,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    image_size = json.loads((args.model / "image_tokenizer" / "config.json").read_text())["image_size"]
+    image_size = json.loads((args.model / "image_tokenizer" / "config.json").read_text())["model"][
+        "image_size"
+    ]
     bodies = request_bodies(image_size)
     results = {}
     for mode, flags in (("batching", []), ("no batching", ["--no-batching"])):
-        with Server(args.model, flags, args.threads) as server:
+        with Server(args.model, [*flags, "--timeout-s", str(args.timeout_s)], args.threads) as server:
             results[mode] = asyncio.run(measure(server, bodies, args.sequential, args.concurrent))
     n = args.concurrent
     print(
