@@ -1,10 +1,14 @@
-# Benchmark targets, included by the main Makefile (`-include benchmarks/bench.mk`).
+# Benchmark targets, included by the main Makefile (`-include benchmarks/bench.mk`). Every script in
+# benchmarks/ has a `make bench-*` target here; benchmarks/README.md lists them with what they measure, their
+# run time on 2 cores and the doc table each one feeds. Extra flags go through BENCH_ARGS, e.g.
+#   make bench-vq BENCH_ARGS="--seeds 1 2"
+# Outputs go under runs/ (gitignored).
 #
-# The benchmark compares mmfusion against OpenCLIP (`open_clip_torch`), which is never a runtime
-# dependency of mmfusion. open_clip_torch requires torchvision, and PyPI's torchvision does not import
-# beside the torch 2.13.0 of the main .venv, so the benchmark gets its own venv with a matched
-# torch/torchvision pair (both wheels lie on this machine's disk; about 5.6 GB with their CUDA
-# libraries, which are usable on CPU). mmfusion is installed there editable, so both sides of the
+# All targets but bench-throughput run in the main .venv. bench-throughput compares mmfusion against OpenCLIP
+# (`open_clip_torch`), which is never a runtime dependency of mmfusion. open_clip_torch requires torchvision,
+# and PyPI's torchvision does not import beside the torch 2.13.0 of the main .venv, so that benchmark gets its
+# own venv with a matched torch/torchvision pair (both wheels lie on this machine's disk; about 5.6 GB with
+# their CUDA libraries, which are usable on CPU). mmfusion is installed there editable, so both sides of the
 # comparison run on the same torch.
 BENCH_PYTHON ?= python3
 BENCH_VENV   := .venv-bench
@@ -12,8 +16,19 @@ BENCH_BIN    := $(BENCH_VENV)/bin
 BENCH_STAMP  := $(BENCH_VENV)/.installed
 BENCH_TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BENCH_ARGS   ?=
+BENCH_OUT    ?= runs/bench
+PY           := $(BIN)/python
 
-.PHONY: bench-env bench-throughput
+BENCH_TARGETS := bench-throughput bench-step-variants bench-precision bench-clft bench-comm bench-compress \
+	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
+	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
+	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
+	bench-unified-decode bench-unified-variants bench-vq bench-judge
+
+.PHONY: bench-env bench-list $(BENCH_TARGETS)
+
+bench-list:
+	@echo $(BENCH_TARGETS) | tr ' ' '\n'
 
 bench-env: $(BENCH_STAMP)
 
@@ -26,7 +41,103 @@ $(BENCH_STAMP): pyproject.toml benchmarks/bench.mk
 	$(BENCH_BIN)/python -c "import open_clip, mmfusion, torch, torchvision; print('bench env ok: torch', torch.__version__, 'open_clip', open_clip.__version__)"
 	touch $(BENCH_STAMP)
 
-# Full default run: 8 alternating rounds x 8 steps per model, 2 threads; about 2.5 minutes on 2 cores.
-# Pass extra flags with BENCH_ARGS="--precision bf16 --json runs/bench.json".
+# ---- training speed ---------------------------------------------------------------------------------------
+# mmfusion vs OpenCLIP, 8 alternating rounds x 8 steps per model, 2 threads (docs/benchmarks.md).
 bench-throughput: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/train_throughput.py $(BENCH_ARGS)
+
+# mmfusion's step against variants of itself (bf16, matmul attention, SDPA math, fused AdamW; compile on request).
+bench-step-variants: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/step_variants.py --json $(BENCH_OUT)/step_variants.json $(BENCH_ARGS)
+
+# fp32 vs bf16 autocast on the quickstart model + the CPU's bf16 facts (README "Configuration", precision.py).
+bench-precision: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/step_variants.py --variants bf16 --rounds 4 --steps 3 --json $(BENCH_OUT)/precision.json $(BENCH_ARGS)
+
+bench-grad-checkpointing: $(STAMP)
+	$(PY) benchmarks/grad_checkpointing.py --threads 1 --sizes 128x3,256x6,384x8 --batch-size 32 --steps 5 --warmup 2 $(BENCH_ARGS)
+
+bench-data-throughput: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/data_throughput.py --out $(BENCH_OUT)/data_throughput $(BENCH_ARGS)
+
+bench-comm: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/comm.py --nproc 2 --steps 30 --json $(BENCH_OUT)/comm.json $(BENCH_ARGS)
+
+bench-scaling: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/scaling.py --nproc 2 --steps 10 --json $(BENCH_OUT)/scaling.json $(BENCH_ARGS)
+
+# ---- recipes, sampling, fusion ------------------------------------------------------------------------------
+bench-mixing: $(STAMP)
+	$(PY) benchmarks/mixing.py $(BENCH_ARGS)
+
+bench-ddwa: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/ddwa.py --json $(BENCH_OUT)/ddwa.json $(BENCH_ARGS)
+
+bench-distill: $(STAMP)
+	$(PY) benchmarks/distill.py $(BENCH_ARGS)
+
+bench-clft: $(STAMP)
+	$(PY) benchmarks/clft.py --seeds 0 1 $(BENCH_ARGS)
+
+bench-fusion-zoo: $(STAMP)
+	$(PY) benchmarks/fusion_zoo.py $(BENCH_ARGS)
+
+bench-moe-balance: $(STAMP)
+	$(PY) benchmarks/moe_balance.py --out runs/moe_balance/results.json $(BENCH_ARGS)
+
+# ---- serving ------------------------------------------------------------------------------------------------
+bench-compress: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/compress.py --torchao --finetune-steps 50 --repeats 20 --json $(BENCH_OUT)/compress.json $(BENCH_ARGS)
+
+bench-serve-load: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/serve_load.py --rate 100 --duration 10 --concurrency 200 --scenarios open,closed,batching,cache,inprocess --json $(BENCH_OUT)/serve_load.json $(BENCH_ARGS)
+
+bench-serve-split: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/serve_load.py --scenarios split --split-requests 200 --json $(BENCH_OUT)/serve_split.json --plot $(BENCH_OUT)/serve_split.png $(BENCH_ARGS)
+
+# The unified model the latency table is measured on: the one `make bench-unified-quality` saves.
+UNIFIED_MODEL ?= runs/unified_benchmark/model
+$(UNIFIED_MODEL)/vocab.json: | $(STAMP)
+	$(PY) benchmarks/unified.py --part quality --save-model $(UNIFIED_MODEL)
+
+bench-generate-latency: $(STAMP) $(UNIFIED_MODEL)/vocab.json
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/generate_latency.py --model $(UNIFIED_MODEL) --json $(BENCH_OUT)/generate_latency.json $(BENCH_ARGS)
+
+# ---- unified model ------------------------------------------------------------------------------------------
+bench-vq: $(STAMP)
+	$(PY) benchmarks/vq.py $(BENCH_ARGS)
+
+bench-unified-stability: $(STAMP)
+	$(PY) benchmarks/unified.py --part stability --out runs/unified_stability $(BENCH_ARGS)
+
+# 600 decoder steps; trains the quickstart two-tower model into runs/quickstart/model first when it is missing.
+bench-unified-quality: $(STAMP)
+	$(PY) benchmarks/unified.py --part quality --save-model $(UNIFIED_MODEL) $(BENCH_ARGS)
+
+bench-unified-audio: $(STAMP)
+	$(PY) benchmarks/unified_audio.py $(BENCH_ARGS)
+
+bench-unified-decode: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/unified_decode.py --json $(BENCH_OUT)/unified_decode.json --plot $(BENCH_OUT)/unified_decode.png $(BENCH_ARGS)
+
+bench-unified-variants: $(STAMP)
+	$(PY) benchmarks/unified_variants.py $(BENCH_ARGS)
+
+bench-sparse-attention: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/sparse_attention.py --lengths 1024 2048 4096 --json $(BENCH_OUT)/sparse_attention.json --plot $(BENCH_OUT)/sparse_attention.png $(BENCH_ARGS)
+
+# The generation-metrics judge (mmfusion.eval.judge, not a benchmarks/ script): one seed per call.
+bench-judge: $(STAMP)
+	$(PY) -m mmfusion.eval.judge --threads 1 --seed 0 $(BENCH_ARGS)

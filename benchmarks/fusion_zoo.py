@@ -10,6 +10,8 @@ figures: accuracy with a modality missing vs a model trained on the remaining mo
 
     .venv/bin/python benchmarks/fusion_zoo.py                       # everything, 3 seeds (~40 min on 2 cores)
     .venv/bin/python benchmarks/fusion_zoo.py --tasks vqa --seeds 0 --fusions late router
+    .venv/bin/python benchmarks/fusion_zoo.py --tasks video_text --fusions cross_attention --seeds 0 \
+        --no-baselines --align-loss 0 --out runs/fusion_zoo_no_align     # ablations: use their own --out
 
 Each run writes runs/fusion_zoo/runs/<task>-<fusion>-<seed>.json and is skipped when that file exists (delete
 it or pass --fresh to redo). The summary (table.md, results.json, fusion_zoo.png) is rebuilt from all run files.
@@ -86,9 +88,16 @@ def _best_time(fn, repeats: int = 3) -> tuple[float, Any]:
     return best, result
 
 
-def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | None = None) -> dict[str, Any]:
+def run_one(
+    task: str,
+    fusion: str,
+    seed: int,
+    modalities: tuple[str, ...] | None = None,
+    overrides: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Train and measure one (task, fusion, seed); `modalities` restricts the encoders (single-modality
-    baselines, fusion "late")."""
+    baselines, fusion "late"); `overrides` may replace "align_loss" (two-modality tasks) and
+    "modality_dropout" (multimodal models)."""
     import torch
 
     from mmfusion.data.tasks import TASKS
@@ -97,7 +106,7 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
     from mmfusion.models.multimodal import MultiModalModel
 
     torch.set_num_threads(1)
-    spec, cfg = TASKS[task], SETTINGS[task]
+    spec, cfg = TASKS[task], {**SETTINGS[task], "modality_dropout": MODALITY_DROPOUT, **(overrides or {})}
     train, test, tok = _data(task, cfg["n_train"])
     mods = modalities or spec.modalities
     torch.manual_seed(seed)
@@ -108,7 +117,7 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
         n_classes=spec.n_classes,
         dim=DIM,
         fusion_kwargs=FUSION_KWARGS.get(fusion, {}),
-        modality_dropout=MODALITY_DROPOUT if len(mods) > 1 else 0.0,
+        modality_dropout=cfg["modality_dropout"] if len(mods) > 1 else 0.0,
         tokenizer=tok,
         align_loss=cfg["align_loss"] if len(mods) == 2 else 0.0,
     )
@@ -128,6 +137,7 @@ def run_one(task: str, fusion: str, seed: int, modalities: tuple[str, ...] | Non
         "fusion": fusion,
         "seed": seed,
         "modalities": list(mods),
+        "overrides": overrides or {},
         "params": sum(p.numel() for p in model.parameters()),
         "train_samples_per_s": cfg["steps"] * cfg["batch"] / train_s,
         "accuracy": missing_modality_eval(model, batches),
@@ -394,8 +404,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def _worker(job) -> tuple[str, dict[str, Any]]:
-    task, fusion, seed, mods = job
-    return _name(*job), run_one(task, fusion, seed, mods)
+    task, fusion, seed, mods, overrides = job
+    return _name(task, fusion, seed, mods), run_one(task, fusion, seed, mods, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,10 +419,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("runs/fusion_zoo"))
     p.add_argument("--fresh", action="store_true", help="redo runs whose result file exists")
+    p.add_argument(
+        "--align-loss", type=float, help="replace every task's align_loss (ablation; give it its own --out)"
+    )
+    p.add_argument(
+        "--modality-dropout",
+        type=float,
+        help=f"replace the modality dropout {MODALITY_DROPOUT} (ablation; give it its own --out)",
+    )
     args = p.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in (("align_loss", args.align_loss), ("modality_dropout", args.modality_dropout))
+        if v is not None
+    }
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
-    jobs = _jobs(args.tasks, args.fusions, args.seeds, not args.no_baselines)
-    todo = [j for j in jobs if args.fresh or not (args.out / "runs" / f"{_name(*j)}.json").exists()]
+    jobs = [(*j, overrides) for j in _jobs(args.tasks, args.fusions, args.seeds, not args.no_baselines)]
+    todo = [j for j in jobs if args.fresh or not (args.out / "runs" / f"{_name(*j[:4])}.json").exists()]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done; {args.jobs} in parallel", flush=True)
     try:
         from tqdm import tqdm

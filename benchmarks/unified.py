@@ -20,8 +20,9 @@ quality    One unified model: VQ-VAE (--vq-kind: FSQ 8,6,5 = 240 codes by defaul
            "FID under our judge", not Inception-FID), for the generated images, the VQ reconstructions
            (ceiling) and the generated images against shuffled scenes (chance); VQA exact-match accuracy;
            image->text retrieval by likelihood scoring (log p(caption | image) summed over caption tokens, for
-           every image x caption pair of --retrieval scenes) R@1 / R@5, and, with --contrastive DIR, the same
-           retrieval with a two-tower model folder (e.g. `make demo`'s) on the same scenes.
+           every image x caption pair of --retrieval scenes) R@1 / R@5, and the same retrieval with the
+           two-tower model folder --contrastive (default runs/quickstart/model, `make demo`'s model, trained
+           first with configs/quickstart.yaml when missing; `--contrastive none` skips it) on the same scenes.
 
 Writes tables to stdout, --out/results.json and plots in --out: unified_samples.png (generated images with their
 prompts), unified_captions.png (test images with generated caption and a reference), unified_curves.png
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -134,6 +136,30 @@ def recall(scores: torch.Tensor, k: int) -> float:
     return (top == torch.arange(scores.shape[0])[:, None]).any(1).float().mean().item()
 
 
+def ensure_contrastive(path: str) -> None:
+    """Train the quickstart two-tower model into `path` (a run's `model/` folder) unless it exists."""
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return
+    if folder.name != "model":
+        raise SystemExit(
+            f"--contrastive {path}: no model there, and only a run's 'model' folder can be trained"
+        )
+    from mmfusion.config import load_config
+    from mmfusion.run import train
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [f"name={folder.parent.name}", f"out_dir={folder.parent.parent}"]
+    print(f"--contrastive {path}: training it with configs/quickstart.yaml (about 3 min on 2 cores)")
+    torch.set_num_threads(os.cpu_count() or 1)  # as `make demo` runs it (torch's default thread count)
+    # the run seeds every generator; restore them so the benchmark does not depend on the model pre-existing
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    train(load_config(root / "configs" / "quickstart.yaml", overrides), overwrite=True)  # an unfinished run
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
 @torch.no_grad()
 def contrastive_scores(path: str, images: np.ndarray, captions: list[str]) -> torch.Tensor:
     from mmfusion import load_model
@@ -145,6 +171,9 @@ def contrastive_scores(path: str, images: np.ndarray, captions: list[str]) -> to
 
 
 def quality(args, out_stem: Path) -> dict:
+    if args.contrastive != "none":
+        ensure_contrastive(args.contrastive)
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     vq_kw = dict(channels=32, quantizer=args.vq_kind, codebook_size=args.codebook_size, code_dim=32)
     world, tok, vq, vocab, builder, train = setup(args.seed, 32, args.samples, vq_kw, args.vq_steps, 256)
@@ -208,7 +237,7 @@ def quality(args, out_stem: Path) -> dict:
     n = min(args.retrieval, len(test))
     ll = caption_log_likelihood(bundle, codes[:n], prompts[:n])
     retrieval = {"unified_r1": recall(ll, 1), "unified_r5": recall(ll, 5), "n": n}
-    if args.contrastive:
+    if args.contrastive != "none":
         cs = contrastive_scores(args.contrastive, real[:n], prompts[:n])
         retrieval.update(contrastive_r1=recall(cs, 1), contrastive_r5=recall(cs, 5))
 
@@ -313,7 +342,12 @@ def main(argv=None) -> None:
     p.add_argument("--retrieval", type=int, default=64, help="scenes in the retrieval pool (default 64)")
     p.add_argument("--judge", help="a SyntheticJudge folder (default: train one, --judge-steps)")
     p.add_argument("--judge-steps", type=int, default=400)
-    p.add_argument("--contrastive", help="a two-tower model folder to compare retrieval with")
+    p.add_argument(
+        "--contrastive",
+        default="runs/quickstart/model",
+        help="two-tower model folder to compare retrieval with; when missing, the quickstart model "
+        "(configs/quickstart.yaml, `make demo`'s recipe) is trained into it first; 'none' skips the comparison",
+    )
     p.add_argument("--save-model", help="also save the unified model folder here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/unified_benchmark", help="folder for results.json and the plots")

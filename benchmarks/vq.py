@@ -23,7 +23,8 @@ error; the recipe that meets the targets on seeds 0-2), --dead-patience, --rotat
 
 Measured at the end on the held-out images, eval mode: codebook usage (fraction of codes hit at least
 once; RVQ: mean over levels), normalised perplexity (perplexity / K), PSNR (dB, [0, 1] pixel scale), tokens
-per image.
+per image. With --level-psnr, rvq settings also report the held-out PSNR when only the first 1..L levels are
+decoded and when the encoder's output is decoded without quantization (the decoder's ceiling).
 
 --modality audio: 0.5 s clips (16 kHz) -> AudioFrontEnd (project log-mel, 64 mels, fixed map to [-1, 1],
 padded to 52 frames) -> VQVAE(in_channels=1, input_shape=(64, 52)), 16 x 13 = 208 tokens per clip.
@@ -106,6 +107,19 @@ def build(setting: str, args: argparse.Namespace) -> VQVAE:
     return VQVAE(**kw)
 
 
+@torch.no_grad()
+def level_psnr(model: VQVAE, held: torch.Tensor) -> dict:
+    """--level-psnr (rvq): held-out PSNR decoding the first n levels' codes, n = 1..L, and decoding the
+    encoder's output without any quantization (what the decoder could do with perfect codes)."""
+    chunks = held.split(128)
+    levels = [
+        psnr(torch.cat([model(c, num_levels=n).recon for c in chunks]), held)
+        for n in range(1, model.config["rvq_levels"] + 1)
+    ]
+    plain = torch.cat([model._decode_codes(model.encoder(c).permute(0, 2, 3, 1)) for c in chunks])
+    return {"psnr_levels": levels, "psnr_unquantized": psnr(plain, held)}
+
+
 def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, labels=None) -> dict:
     torch.manual_seed(seed)
     model = build(setting, args)
@@ -137,7 +151,7 @@ def run(setting: str, seed: int, train: torch.Tensor, held: torch.Tensor, args, 
             idx.append(o.indices)
         recon, indices = torch.cat(recons), torch.cat(idx)
     stats = model.quantizer.usage_stats(indices)
-    extra = {}
+    extra = level_psnr(model, held) if args.level_psnr and model.quantizer_type == "rvq" else {}
     if labels is not None:  # audio content check (labels = (train colours, held-out colours))
         with torch.no_grad():
             train_idx = torch.cat([model.encode(c) for c in train.split(128)])
@@ -265,6 +279,10 @@ def main(argv=None) -> None:
         "--commitment-per-level", choices=["sum", "mean", "final"], default="sum",
         help="rvq: sum / average the levels' commitment losses, or one on the summed codes (depth 1: identical)",
     )  # fmt: skip
+    p.add_argument(
+        "--level-psnr", action="store_true",
+        help="rvq: also report held-out PSNR with the first 1..L levels and without quantization",
+    )  # fmt: skip
     p.add_argument("--train-pool", type=int, help="default 2048 (image), 1024 (audio)")
     p.add_argument("--eval-images", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
@@ -317,6 +335,13 @@ def main(argv=None) -> None:
                 f"| {r['setting']} | {r['seed']} | {r['K']} | {r['usage']:.3f} | {r['norm_perplexity']:.3f} | "
                 f"{r['psnr']:.2f} | {r['psnr_step0']:.2f} | {r['tokens_per_image']} | {r['seconds']:.0f} |"
             )
+        for r in rows:
+            if "psnr_levels" in r:
+                levels = " / ".join(f"{v:.2f}" for v in r["psnr_levels"])
+                print(
+                    f"{r['setting']} seed {r['seed']}: PSNR with 1..{len(r['psnr_levels'])} levels {levels} dB; "
+                    f"unquantized encoder output {r['psnr_unquantized']:.2f} dB"
+                )
         checks = target_checks(rows)
         if checks:
             print("\n| target | seed | value | met |\n|---|---|---|---|")

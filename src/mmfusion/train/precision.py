@@ -24,9 +24,11 @@ def cpu_has_amx() -> bool:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """`auto` -> bf16 on CUDA GPUs with bf16 (else fp16), bf16 on CPUs with AMX, fp32 on other CPUs.
 
-    Measured here: without native bf16 (AVX2) a bf16 matmul is ~100x slower than fp32; with AVX512-BF16
-    but no AMX, bf16 autocast trained the quickstart model at ~550 samples/s against ~1000 in fp32 (the
-    casts cost more than the faster matmuls at these widths), so `auto` keeps fp32 there too.
+    Measured with `make bench-precision` (benchmarks/step_variants.py --variants bf16) on an AMD EPYC with
+    AVX2 only: a bf16 matmul is ~100x slower than fp32 and bf16 autocast trains the quickstart model ~12x
+    slower (8.2 vs 100.7 samples/s, 1 thread). With AVX512-BF16 but no AMX, bf16 autocast was within noise
+    of fp32 (benchmarks/train_throughput.py: 326 vs 302 samples/s, separate runs; docs/benchmarks.md), so
+    `auto` keeps fp32 there too.
 
     fp16 on CPU is refused: there is no dynamic loss scaling path for it here.
     """
