@@ -221,10 +221,10 @@ def _text_tokenizer(cfg: UnifiedModelConfig, peeked, out: Path) -> None:
 
 def _prepare_folder(cfg: UnifiedModelConfig, rows, peeked, folder: Path, seed: int, log, progress) -> None:
     """Train / copy the tokenizers into `folder` and write the vocabulary and decoder config (main process)."""
+    audio_vq, frontend = load_audio_tokenizer(cfg.audio_tokenizer) if cfg.audio_tokenizer else (None, None)
     if folder.exists():
         shutil.rmtree(folder)
     (folder / "text").mkdir(parents=True)
-    audio_vq, frontend = load_audio_tokenizer(cfg.audio_tokenizer) if cfg.audio_tokenizer else (None, None)
     vq = _image_tokenizer(cfg, rows, peeked, seed, log, progress)
     vq.save_pretrained(folder / "image_tokenizer")
     if audio_vq is not None:
