@@ -218,7 +218,7 @@ def test_a_short_run_lowers_the_loss_and_counts_skips(manifest, runs, setup):
     rows = [json.loads(line) for line in (runs / "long" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 60 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert {"ce_text", "ce_image", "ce_audio", "source/vqa", "target/vqa"} <= set(rows[-1])
+    assert {"ce_text", "ce_image", "max_attn_logit", "source/vqa", "target/vqa"} <= set(rows[-1])
     # the broken image is skipped every time a step draws it; the row without a task once, at preparation
     data = setup.train_data(8, seed=0)
     broken = [i for i, e in enumerate(data.dataset.examples) if e.row == 23]

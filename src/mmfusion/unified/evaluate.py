@@ -100,4 +100,15 @@ def evaluate_unified(
     return out
 
 
-__all__ = ["evaluate_unified", "references"]
+def eval_hook(setup: Any, rows: Any, max_rows: int | None = 200):
+    """A Trainer `on_eval(model, step)` for a unified run: the numeric metrics of `evaluate_unified` on the
+    first `max_rows` of `rows`, with the model's decoder and `setup`'s tokenizers (a recipe.UnifiedSetup)."""
+
+    def on_eval(model: torch.nn.Module, step: int) -> dict[str, float]:
+        got = evaluate_unified(setup.bundle(model.decoder), rows, max_rows=max_rows)
+        return {k: float(v) for k, v in got.items() if isinstance(v, int | float)}
+
+    return on_eval
+
+
+__all__ = ["eval_hook", "evaluate_unified", "references"]

@@ -37,7 +37,7 @@ from ..models.vq import VQVAE, AudioFrontEnd
 from ..train import distributed as dist_utils
 from .bundle import UnifiedBundle, code_count, load_audio_tokenizer, save_audio_tokenizer
 from .config import UnifiedModelConfig
-from .model import MODALITY_NAMES, UnifiedConfig, UnifiedDecoder, unified_loss
+from .model import UnifiedConfig, UnifiedDecoder, unified_loss
 from .rows import Example, ExampleDataset, MixedTaskData, UnifiedCollate, peek_rows, qa_pairs, row_examples
 from .sequences import SequenceBuilder, UnifiedVocab
 
@@ -50,13 +50,12 @@ class UnifiedModel(nn.Module):
 
     loss = (sum of token ce + z_loss * sum of (log Z)^2 over the trained tokens) / norm, where norm is the
     batch's meta["loss_norm"] (MixedTaskData: the step's trained tokens / micro-batches) or, without one, the
-    batch's own trained tokens (the token mean of `unified_loss`). Metrics: ce, ce_<modality> and n_<modality>
-    per target modality present in the vocabulary, z_loss, log_z_abs, max_attn_logit (training mode)."""
+    batch's own trained tokens (the token mean of `unified_loss`). Metrics: ce, ce_text / ce_image and
+    n_text / n_image (no task has audio targets), z_loss, log_z_abs, max_attn_logit (training mode)."""
 
-    def __init__(self, decoder: UnifiedDecoder, audio: bool = False):
+    def __init__(self, decoder: UnifiedDecoder):
         super().__init__()
         self.decoder = decoder
-        self.modalities = MODALITY_NAMES if audio else MODALITY_NAMES[:2]
 
     def forward(self, batch: Batch) -> ModelOutput:
         if len(batch) == 0:  # every row of the micro-batch was skipped: a zero loss that reaches every weight
@@ -70,7 +69,7 @@ class UnifiedModel(nn.Module):
             n = mask[:, 1:].sum()
             loss = loss * (n / norm) if float(n) != norm else loss
         metrics: dict[str, Any] = {k: losses[k].detach() for k in ("ce", "z_loss", "log_z_abs")}
-        for m in self.modalities:
+        for m in ("text", "image"):
             metrics[f"ce_{m}"] = losses[f"ce_{m}"].detach()
             metrics[f"n_{m}"] = losses[f"n_{m}"]
         if out.max_attn_logit == out.max_attn_logit:  # computed (not NaN)
@@ -112,7 +111,7 @@ class UnifiedSetup:
 
     def build_model(self) -> UnifiedModel:
         """A fresh decoder (seed torch first for a reproducible initialisation)."""
-        return UnifiedModel(UnifiedDecoder(self.decoder_config), audio=self.audio_vqvae is not None)
+        return UnifiedModel(UnifiedDecoder(self.decoder_config))
 
     def train_data(self, batch_size: int, seed: int, num_workers: int = 0) -> MixedTaskData:
         return MixedTaskData(

@@ -151,7 +151,7 @@ def cmd_train_unified(args: argparse.Namespace) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     rows = load_rows(SimpleNamespace(source="synthetic", synthetic=synthetic), model, "train", progress=True)
     last = fit_unified(model, train, rows, out, seed=args.seed)
-    ce = ", ".join(f"{m} {last[f'ce_{m}']:.3f}" for m in ("text", "image", "audio") if f"ce_{m}" in last)
+    ce = ", ".join(f"{m} {last[f'ce_{m}']:.3f}" for m in ("text", "image") if f"ce_{m}" in last)
     print(f"trained {train.steps} steps: loss {last['loss']:.3f} (ce {ce}); model folder {out / 'model'}")
     return 0
 
