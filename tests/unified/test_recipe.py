@@ -253,3 +253,35 @@ def test_the_model_folder_loads_generates_and_evaluates(manifest, runs, capsys):
     assert (metrics["caption_n"], metrics["vqa_n"], metrics["audio_caption_n"]) == (11, 8, 6)
     assert metrics["skipped"] == {"corrupt_image": 1, "missing_modality": 1}
     assert 0 <= metrics["vqa_exact_match"] <= 1 and metrics["caption_bleu"] >= 0
+
+
+def test_mixed_task_data_follows_the_mixture_and_splits_steps_over_ranks():
+    from mmfusion.batch import Batch
+    from mmfusion.unified.rows import ExampleDataset, MixedTaskData
+
+    rows = [
+        {"id": f"r{i}", "image": 1, "text": "a b", "vqa": [{"question": "q", "answer": "a"}] * 5}
+        for i in range(40)
+    ]
+    examples, _ = row_examples(rows, audio=False, uncond_every=0)  # 40 caption, 40 image, 200 vqa
+
+    def ids(samples):
+        return Batch({"n": torch.zeros(len(samples))}, {}, {"id": [(s["id"], s["task"]) for s in samples]})
+
+    data = MixedTaskData(
+        ExampleDataset(rows, examples), [1] * 40 + [2] * 240, ids, 8, seed=3, temperature=2.0
+    )
+    p = {"caption": 40**0.5, "image": 40**0.5, "vqa": 200**0.5}
+    assert data.probabilities == pytest.approx({k: v / sum(p.values()) for k, v in p.items()}, abs=1e-12)
+    drawn = [data.dataset.examples[i].task for s in range(1000) for i in data.step_indices(s)]
+    for task, prob in data.probabilities.items():
+        assert abs(drawn.count(task) / len(drawn) - prob) < 0.02
+    # the global batch of a step is the same whatever the ranks and micro-batches; loss_norm splits its tokens
+    whole = next(data.step_batches(0, 5, rank=0, world=1, accumulation=1))
+    parts = [b for r in (0, 1) for b in next(data.step_batches(0, 5, rank=r, world=2, accumulation=2))]
+    assert sorted(x for b in parts for x in b.meta["id"]) == sorted(whole[0].meta["id"])
+    tokens = sum(data.targets[i] for i in data.step_indices(5))
+    assert whole[0].meta["loss_norm"] == tokens and {b.meta["loss_norm"] for b in parts} == {tokens / 4}
+    # resuming at step 5 gives the batches an uninterrupted epoch gives there
+    epoch = list(data.step_batches(0, 0, rank=0, world=1, accumulation=1))
+    assert [b[0].meta["id"] for b in epoch[5:]] == [b[0].meta["id"] for b in data.step_batches(0, 5, 0, 1, 1)]
