@@ -10,7 +10,7 @@ the decoder wrapped as a Batch -> ModelOutput model, task-mixed data, and the mo
 `fit_unified` does exactly that (and is what `mmfusion train` calls for a unified run).
 
 The run directory keeps what the tokenizer preparation made, in `unified/` (image_tokenizer/, text/, optional
-audio_tokenizer/, vocab.json, decoder.json, prepared.json last): the main process trains the VQ-VAE and the
+audio_tokenizer/, vocab.json, prepared.json last): the main process trains the VQ-VAE and the
 BPE on the training split unless the config names them, every process then loads them from there, and a
 resumed run reuses them, so every rank and every restart tokenizes identically.
 """
@@ -159,7 +159,10 @@ def _training_images(cfg: UnifiedModelConfig, rows: Any, peeked: Sequence[Any]) 
         except (DataError, TypeError, ValueError):
             continue
     if not out:
-        raise DataError("no readable training image to train the image tokenizer on")
+        raise DataError(
+            "no readable training image to train the image tokenizer on (for data without images, name a "
+            "trained one: model.image_tokenizer.path)"
+        )
     return torch.stack(out)
 
 
@@ -219,7 +222,7 @@ def _text_tokenizer(cfg: UnifiedModelConfig, peeked, out: Path) -> None:
 
 
 def _prepare_folder(cfg: UnifiedModelConfig, rows, peeked, folder: Path, seed: int, log, progress) -> None:
-    """Train / copy the tokenizers into `folder` and write the vocabulary and decoder config (main process)."""
+    """Train / copy the tokenizers into `folder` and write the vocabulary (main process)."""
     audio_vq, frontend = load_audio_tokenizer(cfg.audio_tokenizer) if cfg.audio_tokenizer else (None, None)
     if folder.exists():
         shutil.rmtree(folder)

@@ -196,7 +196,8 @@ class UnifiedCollate:
         max_len: int | None = None,
     ):
         self.builder = SequenceBuilder(vocab, text_tokenizer)
-        self.vqvae, self.audio_vqvae, self.audio_frontend = vqvae.eval(), audio_vqvae, audio_frontend
+        self.vqvae, self.audio_frontend = vqvae.eval(), audio_frontend
+        self.audio_vqvae = audio_vqvae.eval() if audio_vqvae is not None else None
         self.max_len = max_len
 
     @property
