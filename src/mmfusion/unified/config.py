@@ -108,7 +108,7 @@ class UnifiedModelConfig(Section):
     modality_gate: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
     # the decoder's longest sequence; None: the longest training sequence + 32
-    max_len: int | None = Field(None, ge=8)
+    max_len: int | None = Field(None, ge=1)
     image_tokenizer: ImageTokenizerSettings = ImageTokenizerSettings()
     audio_tokenizer: str | None = None
     text_vocab_size: int = Field(256, ge=16, le=1_000_000)
