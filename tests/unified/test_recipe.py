@@ -184,11 +184,10 @@ def test_config_errors_name_the_field(manifest):
         )
 
 
-def _fit(manifest, run, resume=False, **kw):
+def _fit(manifest, run, resume=False, eval_rows=None, **kw):
     rows = JsonlDataset(manifest / "rows.jsonl")
-    return fit_unified(
-        model_config(manifest), train_config(**kw), rows, run, resume=resume, log=lambda m: None
-    )
+    return fit_unified(model_config(manifest), train_config(**kw), rows, run, resume=resume, log=lambda m: None,
+                       eval_rows=eval_rows, eval_max_rows=3)  # fmt: skip
 
 
 def _weights(run):
@@ -197,14 +196,16 @@ def _weights(run):
 
 @pytest.fixture(scope="module")
 def runs(manifest, tmp_path_factory):
-    """The 6-step run, its copy resumed from the step-3 checkpoint, and a 60-step run at lr 1e-2."""
+    """The 6-step run, its copy resumed from the step-3 checkpoint, and a 60-step run at lr 1e-2 that evaluates
+    (3 rows) every 30 steps."""
     root = tmp_path_factory.mktemp("runs")
     _fit(manifest, root / "full")
     shutil.copytree(root / "full", root / "part")
     shutil.rmtree(root / "part" / "checkpoints" / "step-00000006")
     shutil.rmtree(root / "part" / "model")
     _fit(manifest, root / "part", resume=True)
-    _fit(manifest, root / "long", steps=60, lr=1e-2, checkpoint_every=60)
+    held = JsonlDataset(manifest / "rows.jsonl")  # (the training rows: only the logging is checked)
+    _fit(manifest, root / "long", steps=60, lr=1e-2, checkpoint_every=60, eval_every=30, eval_rows=held)
     return root
 
 
@@ -217,8 +218,11 @@ def test_resume_is_bitwise_identical(runs):
 def test_a_short_run_lowers_the_loss_and_counts_skips(manifest, runs, setup):
     rows = [json.loads(line) for line in (runs / "long" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r for r in rows if "val/caption_bleu" in r]
+    assert [r["step"] for r in evals] == [30, 60] and evals[0]["val/caption_n"] == 3
     assert len(losses) == 60 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert {"ce_text", "ce_image", "max_attn_logit", "source/vqa", "target/vqa"} <= set(rows[-1])
+    last = [r for r in rows if "loss" in r][-1]
+    assert {"ce_text", "ce_image", "max_attn_logit", "source/vqa", "target/vqa"} <= set(last)
     # the broken image is skipped every time a step draws it; the row without a task once, at preparation
     data = setup.train_data(8, seed=0)
     broken = [i for i, e in enumerate(data.dataset.examples) if e.row == 23]

@@ -404,11 +404,17 @@ def fit_unified(
     is_main: bool = True,
     log: Callable[[str], None] = print,
     num_workers: int = 0,
+    eval_rows: Any = None,
+    eval_max_rows: int | None = 200,
     on_eval: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Train a unified model on `rows` with the common Trainer (`train`: a TrainConfig) in `run_dir`, then
-    (main process) write `run_dir`/model, a UnifiedBundle folder; returns the last logged metrics."""
+    (main process) write `run_dir`/model, a UnifiedBundle folder; returns the last logged metrics.
+
+    Every `train.eval_every` steps the Trainer calls `on_eval`, by default `evaluate_unified` on the first
+    `eval_max_rows` of `eval_rows` (held-out rows; logged as val/<metric>)."""
     from ..train.trainer import Trainer
+    from .evaluate import eval_hook
 
     check_train_settings(train)
     if train.threads:  # before the tokenizers train, not only from the Trainer on
@@ -420,8 +426,10 @@ def fit_unified(
     if is_main:
         n = sum(p.numel() for p in model.parameters())
         log(f"model: unified decoder, {n / 1e6:.2f}M parameters; run directory {run_dir}")
-    trainer = Trainer(model, setup.train_data(train.batch_size, seed, num_workers), train, run_dir, log=log,
-                      on_eval=on_eval)  # fmt: skip
+    if on_eval is None and eval_rows is not None:
+        on_eval = eval_hook(setup, eval_rows, eval_max_rows)
+    data = setup.train_data(train.batch_size, seed, num_workers)
+    trainer = Trainer(model, data, train, run_dir, log=log, on_eval=on_eval)
     if not resume and trainer.is_main:  # a resumed run's checkpoint already holds them
         trainer.skipped.update(setup.skipped)
     last = trainer.fit(resume=resume)
