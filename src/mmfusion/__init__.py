@@ -17,21 +17,24 @@ __all__ = [
 
 def load_model(path):
     """Load a saved model folder (or a run directory's final model), whichever kind it holds (its config.json
-    says) — safetensors + JSON, nothing unpickled."""
+    says) — safetensors + JSON, nothing unpickled. A unified model folder gives a
+    `mmfusion.unified.bundle.UnifiedBundle` (decoder + tokenizers), which generation and serving take."""
     import json
     from pathlib import Path
 
     from .errors import CheckpointError
     from .models.contrastive import ContrastiveModel
     from .models.multimodal import MultiModalModel
+    from .unified.bundle import UnifiedBundle, is_unified_folder
 
     path = Path(path)
     folder = path / "model" if (path / "model").is_dir() else path
-    kinds = {"contrastive": ContrastiveModel, "multimodal": MultiModalModel}
+    kinds = {"contrastive": ContrastiveModel, "multimodal": MultiModalModel, "unified": UnifiedBundle}
     try:
         kind = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
-        kind = "contrastive"  # let from_pretrained name what is missing
+        # a unified folder written before it had a config.json; else let from_pretrained name what is missing
+        kind = "unified" if is_unified_folder(folder) else "contrastive"
     if kind not in kinds:
         raise CheckpointError(
             f"{folder}/config.json: unknown model_type {kind!r}; expected one of {sorted(kinds)}"

@@ -2,12 +2,15 @@
 
 The two training commands and one generation run as real `mmfusion` subprocesses; the other commands go
 through `mmfusion.cli.main` in-process (same parser and error handling, without a torch import per call).
+`train-unified --out DIR` writes a run directory (the common Trainer's: checkpoints/, metrics.jsonl,
+config.yaml) whose model folder is DIR/model; `generate --model` takes either.
 """
 
 import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mmfusion.cli import main
@@ -43,8 +46,12 @@ def model(workdir, tokenizer, mmfusion):
         "--threads", "1", "--modality-gate", "--image-window", "8", cwd=workdir,
     )  # fmt: skip
     assert "trained 12 steps" in proc.stdout
-    cfg = json.loads((workdir / "model" / "decoder" / "config.json").read_text())["model"]
+    cfg = json.loads((workdir / "model" / "model" / "decoder" / "config.json").read_text())["model"]
     assert cfg["modality_gate"] is True and cfg["image_window"] == 8 and cfg["hierarchical_layers"] == 0
+    assert sorted(p.name for p in (workdir / "model" / "checkpoints").iterdir()) == [
+        "step-00000009",
+        "step-00000012",
+    ]
     return workdir / "model"
 
 
@@ -106,9 +113,11 @@ def test_generate_caption_image_and_vqa(workdir, model, mmfusion, capsys):
         "image_tokenizer/model.safetensors",
         "text/tokenizer.json",
         "vocab.json",
+        "config.json",
     ):
-        assert (model / part).is_file()
-    info = json.loads((model / "train.json").read_text())
+        assert (model / "model" / part).is_file()
+    assert yaml.safe_load((model / "config.yaml").read_text())["model"]["kind"] == "unified"
+    info = json.loads((model / "model" / "train.json").read_text())
     assert info["train"]["steps"] == 12 and set(info["tasks"]) == {"caption", "image", "vqa"}
     mmfusion("generate", "--model", "model", "--task", "image", "--prompt", "a red circle", "--n", "2",
              "--cfg-scale", "2", "--out-dir", "gen", cwd=workdir)  # fmt: skip
@@ -222,12 +231,12 @@ def test_train_unified_with_audio_tokenizer_and_audio_caption(workdir, tokenizer
     assert code != 0 and "has no frontend.json: an image tokenizer, not an audio one" in err
     code, out, _ = _run(capsys, *args, "--audio-tokenizer", audio_tokenizer)
     assert code == 0 and "trained 2 steps" in out
-    info = json.loads((w / "amodel" / "train.json").read_text())
+    info = json.loads((w / "amodel" / "model" / "train.json").read_text())
     assert info["tasks"] == {"caption": 16, "image": 18, "vqa": info["tasks"]["vqa"], "audio_caption": 16}
-    vocab = json.loads((w / "amodel" / "vocab.json").read_text())
+    vocab = json.loads((w / "amodel" / "model" / "vocab.json").read_text())
     assert (vocab["n_audio"], vocab["tokens_per_audio"]) == (8, 16 * 13)
     assert vocab["special_tokens"][-3:] == ["<boa>", "<eoa>", "<audio_caption>"]
-    assert (w / "amodel" / "audio_tokenizer" / "frontend.json").is_file()
+    assert (w / "amodel" / "model" / "audio_tokenizer" / "frontend.json").is_file()
     code, out, _ = _run(capsys, "generate", "--model", w / "amodel", "--task", "audio-caption", "--audio", w / "wavs",
                         "--max-new-tokens", "4", "--json", w / "acap.json")  # fmt: skip
     rows = json.loads((w / "acap.json").read_text())

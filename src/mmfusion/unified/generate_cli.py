@@ -1,5 +1,5 @@
-"""`mmfusion generate` (caption / text->image / VQA / audio caption with a unified model folder) and
-`mmfusion train-unified`.
+"""`mmfusion generate`: caption / text->image / VQA / audio caption with a unified model folder (or the run
+directory holding it as model/).
 
 The task-level functions here (`caption_images`, `generate_images`, `answer_questions`, `caption_audio`) wrap
 `mmfusion.unified.generation.generate` with the task's prompt and span constraint; the benchmark uses them too.
@@ -186,19 +186,20 @@ def generate_images(
 
 
 def add_generate_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `mmfusion generate` and `mmfusion train-unified`."""
+    """Register `mmfusion generate`."""
     p = sub.add_parser(
         "generate",
         help="caption an image or an audio clip, generate images from text, or answer a question (unified model)",
-        description="Generate with a unified model folder (from `mmfusion train-unified`). "
+        description="Generate with a unified model folder, or a unified run directory (`mmfusion train` with "
+        "model.kind: unified, or `mmfusion train-unified`). "
         "--task caption --image X.png [Y.png ...]: print a caption per image. "
         '--task image --prompt "a red circle" --out-dir DIR [--n N] [--cfg-scale S]: write N PNGs per prompt. '
         '--task vqa --image X.png --question "...": print the answer. '
         "--task audio-caption --audio X.wav [Y.flac ...]: print a caption per clip (needs a model trained with "
-        "--audio-tokenizer). Decoding is constrained: captions and answers contain only text tokens, an image "
+        "an audio tokenizer). Decoding is constrained: captions and answers contain only text tokens, an image "
         "exactly one image's codes.",
     )
-    p.add_argument("--model", required=True, help="a unified model folder (mmfusion train-unified --out DIR)")
+    p.add_argument("--model", required=True, help="a unified model folder or run directory")
     p.add_argument("--task", required=True, choices=["caption", "image", "vqa", "audio-caption"])
     p.add_argument("--image", nargs="+", help="input image(s) for caption / vqa (PNG/JPEG)")
     p.add_argument(
@@ -226,77 +227,6 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser(
-        "train-unified",
-        help="train a unified model (VQ tokenizer + BPE + decoder) on the synthetic world",
-        description="Train the unified decoder on mixed captioning, text->image and VQA sequences of the "
-        "synthetic world and write a model folder for `mmfusion generate` (decoder/, image_tokenizer/, text/, "
-        "vocab.json, train.json). The VQ image tokenizer is trained first unless --tokenizer names one from "
-        "`mmfusion tokenize train`. With --audio-tokenizer (from `mmfusion tokenize train --modality audio`) "
-        "the audio-captioning task (a scene's clip -> its caption) joins the mixture and the folder gets "
-        "audio_tokenizer/.",
-    )
-    t.add_argument("--out", required=True, help="model folder to write")
-    t.add_argument("--tokenizer", help="an image tokenizer folder (default: train one)")
-    t.add_argument(
-        "--audio-tokenizer",
-        help="an audio tokenizer folder (`mmfusion tokenize train --modality audio`): adds audio captioning",
-    )
-    t.add_argument(
-        "--tokenizer-kind",
-        choices=["vq", "fsq"],
-        default="fsq",
-        help="quantizer when training one: fsq (8,6,5 = 240 codes; default) or vq",
-    )
-    t.add_argument(
-        "--tokenizer-steps", type=int, default=600, help="VQ-VAE steps when training one (default 600)"
-    )
-    t.add_argument(
-        "--codebook-size", type=int, default=256, help="codes for --tokenizer-kind vq (default 256)"
-    )
-    t.add_argument("--image-size", type=int, default=32, help="image side (default 32 = 8x8 codes)")
-    t.add_argument("--samples", type=int, default=2048, help="synthetic training scenes (default 2048)")
-    t.add_argument("--text-vocab", type=int, default=256, help="BPE vocabulary size (default 256)")
-    t.add_argument("--steps", type=int, default=1000, help="decoder steps (default 1000)")
-    t.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
-    t.add_argument("--warmup", type=int, default=50, help="warm-up steps (default 50)")
-    t.add_argument("--dim", type=int, default=128)
-    t.add_argument("--depth", type=int, default=4)
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--no-qk-norm", action="store_true", help="disable QK-norm (the stability control)")
-    t.add_argument(
-        "--image-window",
-        type=int,
-        help="sliding window over image tokens: an image query sees the last N keys",
-    )
-    t.add_argument(
-        "--window-layers", default="all", choices=["all", "alternate"], help="layers with the image window"
-    )
-    t.add_argument(
-        "--modality-aware", action="store_true", help="separate attention and MLP weights per modality"
-    )
-    t.add_argument(
-        "--hierarchical-layers",
-        type=int,
-        default=0,
-        help="hierarchical attention: the first N layers attend within each modality only (default 0)",
-    )
-    t.add_argument(
-        "--modality-gate",
-        action="store_true",
-        help="sparse gates on the other modalities' keys in every layer",
-    )
-    t.add_argument(
-        "--sparse-topk", type=int, help="top-k dynamic sparse attention: keep the k largest scores"
-    )
-    t.add_argument("--z-loss", type=float, default=1e-4, help="z-loss weight (default 1e-4)")
-    t.add_argument("--temperature", type=float, default=1.0, help="task-mixing temperature (default 1)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    t.set_defaults(func=cmd_train_unified)
-
 
 def _sampling(args, default: str):
     from .generation import SamplingConfig
@@ -320,7 +250,7 @@ def cmd_generate(args) -> int:
         if bundle.audio_vqvae is None:
             raise DataError(
                 f"{args.model} has no audio tokenizer (audio_tokenizer/): train the model with "
-                "`mmfusion train-unified --audio-tokenizer DIR` to caption audio"
+                "model.audio_tokenizer (`mmfusion train-unified --audio-tokenizer DIR`) to caption audio"
             )
         inputs = list_audio_inputs(args.audio)
         codes = encode_images(bundle.audio_vqvae, load_audios(inputs, bundle.audio_frontend))
@@ -367,121 +297,4 @@ def cmd_generate(args) -> int:
             print(f"{p}\t{text}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-def cmd_train_unified(args) -> int:
-    import dataclasses
-
-    import torch
-
-    from ..data.synthetic import SyntheticWorld, WorldConfig, make_split
-    from ..models.vq import VQVAE
-    from .model import UnifiedConfig, UnifiedDecoder
-    from .sequences import SequenceBuilder, UnifiedVocab
-    from .train import (
-        UnifiedBundle,
-        UnifiedTrainConfig,
-        code_count,
-        evaluate_vqvae,
-        images_to_tensor,
-        load_audio_tokenizer,
-        train_text_tokenizer,
-        train_unified,
-        train_vqvae,
-        world_task_data,
-    )
-
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0; got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("samples", "steps", "batch", "tokenizer_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    decoder_options = dict(
-        dim=args.dim,
-        depth=args.depth,
-        heads=args.heads,
-        qk_norm=not args.no_qk_norm,
-        z_loss=args.z_loss,
-        image_window=args.image_window,
-        window_layers=args.window_layers,
-        modality_aware=args.modality_aware,
-        hierarchical_layers=args.hierarchical_layers,
-        modality_gate=args.modality_gate,
-        sparse_topk=args.sparse_topk,
-    )
-    UnifiedConfig(vocab_size=1, **decoder_options)  # a bad option fails here, before any data or training
-    audio_vq, frontend = load_audio_tokenizer(args.audio_tokenizer) if args.audio_tokenizer else (None, None)
-    world = SyntheticWorld(WorldConfig(seed=args.seed, image_size=args.image_size))
-    samples = make_split(world, "train", args.samples, ("image", "text", "vqa"), progress=True)
-    tok = train_text_tokenizer(samples, args.text_vocab)
-    if args.tokenizer:
-        if not (Path(args.tokenizer) / "config.json").is_file():
-            raise DataError(
-                f"--tokenizer {args.tokenizer}: not a tokenizer folder (`mmfusion tokenize train`)"
-            )
-        vq = VQVAE.from_pretrained(args.tokenizer)
-        if vq.image_size != args.image_size:
-            raise ConfigError(
-                f"--tokenizer works on {vq.image_size}px images; --image-size is {args.image_size}"
-            )
-    else:
-        torch.manual_seed(args.seed)
-        vq = VQVAE(
-            image_size=args.image_size,
-            channels=32,
-            quantizer=args.tokenizer_kind,
-            codebook_size=args.codebook_size,
-            code_dim=32,
-            dead_code_threshold=3.0,
-        )
-        pixels = images_to_tensor([s["image"] for s in samples])
-        train_vqvae(vq, pixels, args.tokenizer_steps, seed=args.seed, progress=True)
-        stats = evaluate_vqvae(vq, pixels[:256])
-        print(f"image tokenizer: usage {stats['usage']:.3f}, PSNR {stats['psnr']:.2f} dB (training images)")
-    audio_sizes = (audio_vq.codebook_size, code_count(audio_vq)) if audio_vq is not None else (0, 0)
-    vocab = UnifiedVocab(tok.vocab_size, vq.codebook_size, code_count(vq), *audio_sizes)
-    data = world_task_data(
-        world,
-        "train",
-        args.samples,
-        vq,
-        SequenceBuilder(vocab, tok),
-        progress=True,
-        audio_vqvae=audio_vq,
-        audio_frontend=frontend,
-    )
-    longest = max(len(s.ids) for seqs in data.examples.values() for s in seqs)
-    cfg = UnifiedConfig(vocab.size, max_len=longest + 32, **decoder_options)
-    torch.manual_seed(args.seed)
-    model = UnifiedDecoder(cfg)
-    tcfg = UnifiedTrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        warmup_steps=min(args.warmup, args.steps - 1),
-        temperature=args.temperature,
-        seed=args.seed,
-        device=args.device,
-        progress=True,
-        log_every=max(1, args.steps // 20),
-    )
-    result = train_unified(model, data.examples, vocab, tcfg)
-    last = result.last
-    info = {
-        "train": dataclasses.asdict(tcfg),
-        "samples": args.samples,
-        "tasks": {k: len(v) for k, v in data.examples.items()},
-        "tokens_per_second": result.tokens / result.seconds,
-        "max_attn_logit": result.max_attn_logit,
-        "history": result.history,
-    }
-    UnifiedBundle(model.cpu(), vocab, tok, vq, audio_vq, frontend).save(args.out, info)
-    print(
-        f"trained {args.steps} steps ({result.tokens / result.seconds:.0f} tokens/s): ce {last['ce']:.3f} "
-        f"(text {last['ce_text']:.3f}, image {last['ce_image']:.3f}), max attention logit "
-        f"{result.max_attn_logit:.1f}: {args.out}"
-    )
     return 0
