@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .unified.commands import add_commands as add_unified_commands  # `tokenize`, `generate`
 
     add_unified_commands(sub)
+    from .cli_unified import add_train_unified_command  # `train-unified`, an alias of a unified run
+
+    add_train_unified_command(sub)
     return parser
 
 

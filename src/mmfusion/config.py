@@ -51,8 +51,9 @@ from .train.config import (  # noqa: F401
     TensorConfig,
     TrainConfig,
 )
+from .unified.config import UnifiedModelConfig
 
-ModelSection = Annotated[ModelConfig | MultiModalConfig, Field(discriminator="kind")]
+ModelSection = Annotated[ModelConfig | MultiModalConfig | UnifiedModelConfig, Field(discriminator="kind")]
 _LEGACY_TASK_KEYS = {"n_train", "n_val", "n_test", "image_size"}
 
 
@@ -267,7 +268,7 @@ def _section_of(annotation: Any) -> Any:
     return annotation
 
 
-MODEL_KINDS = {"contrastive": ModelConfig, "fusion": MultiModalConfig}
+MODEL_KINDS = {"contrastive": ModelConfig, "fusion": MultiModalConfig, "unified": UnifiedModelConfig}
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -162,6 +162,18 @@ def evaluate_run(
     """Evaluate the model of run directory (or model folder) `path` on `split` of `cfg`'s data; writes
     <out>/metrics.json (and plots) and prints a table."""
     model_dir = _model_dir(path)
+    if cfg.kind == "unified":
+        from . import load_model
+        from .unified.evaluate import evaluate_unified
+        from .unified.recipe import load_rows
+
+        if prune_threshold is not None:
+            raise ConfigError("--prune-threshold is for router-fusion models; this is a unified run")
+        # generation is slow: at most eval.max_rows held-out rows (synthetic n_test defaults to 1000)
+        rows = load_rows(cfg.data, cfg.model, split)
+        metrics = {"split": split, **evaluate_unified(load_model(path), rows, max_rows=cfg.eval.max_rows)}
+        _write(metrics, out)
+        return metrics
     if cfg.kind == "fusion":
         from .models.multimodal import MultiModalModel
 

@@ -285,6 +285,8 @@ def train(
     `stages[i].data` when given. `on_eval(model, step)` replaces the default evaluation hook of probe stages."""
     from .train.trainer import Trainer
 
+    if cfg.kind == "unified":
+        return train_unified(cfg, resume, overwrite, log)
     if cfg.kind == "contrastive" and cfg.train.parallel.tensor.size > 1:
         raise ConfigError(
             "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
@@ -371,4 +373,30 @@ def train(
     return {"run_dir": str(out), "train": last, "eval": None}
 
 
-__all__ = ["build_model", "load_split", "model_collate", "run_dir", "train"]
+def train_unified(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
+    """A unified model's run (mmfusion.unified.recipe): its rows, tokenizers prepared in the run directory, the
+    common Trainer, the model folder <run>/model."""
+    from .unified.recipe import fit_unified, load_rows
+
+    out, is_main = prepare_run_dir(cfg, resume, overwrite)
+    seed_everything(cfg.seed)
+    rows = load_rows(cfg.data, cfg.model, "train", progress=is_main and cfg.train.progress)
+    if not resume and is_main:
+        dump_config(cfg, out / "config.yaml")
+    val = load_rows(cfg.data, cfg.model, "val") if cfg.train.eval_every else None
+    last = fit_unified(
+        cfg.model,
+        cfg.train,
+        rows,
+        out,
+        seed=cfg.seed,
+        resume=resume,
+        is_main=is_main,
+        log=log if is_main else _quiet,
+        num_workers=cfg.data.num_workers,
+        eval_rows=val,
+    )
+    return {"run_dir": str(out), "train": last, "eval": None}
+
+
+__all__ = ["build_model", "load_split", "model_collate", "run_dir", "train", "train_unified"]

@@ -334,12 +334,16 @@ def test_fusion_model_on_a_task_from_yaml(mmfusion, tmp_path):
     again = mmfusion("eval", str(run), "--out", str(tmp_path / "ev"), cwd=tmp_path)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics, again.stdout
     assert "MultiModalModel" in mmfusion("info", str(run), cwd=tmp_path).stdout
-    bad = mmfusion("train", "--config", str(recipe), "--set", "data.synthetic.task=chess", cwd=tmp_path, check=False)
+    bad = mmfusion(
+        "train", "--config", str(recipe), "--set", "data.synthetic.task=chess", cwd=tmp_path, check=False
+    )
     assert (
         bad.returncode == 2
         and "unknown task; allowed: audio_image, audio_visual, paired_colour, video_text, vqa" in bad.stderr
     )
-    bad = mmfusion("train", "--config", str(recipe), "--set", "model.fusion=concat", cwd=tmp_path, check=False)
+    bad = mmfusion(
+        "train", "--config", str(recipe), "--set", "model.fusion=concat", cwd=tmp_path, check=False
+    )
     assert bad.returncode == 2 and "model.fusion = 'concat': unknown fusion 'concat'; allowed:" in bad.stderr
 
 

@@ -13,6 +13,8 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     recall_at: tuple[int, ...] = (1, 5, 10)
     grid_queries: int = Field(4, ge=0, le=32)
+    # a unified run generates for every evaluated row: at most this many held-out rows
+    max_rows: int = Field(200, ge=1)
 
 
 __all__ = ["EvalConfig"]

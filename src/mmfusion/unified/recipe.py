@@ -355,7 +355,11 @@ def load_rows(data: Any, cfg: UnifiedModelConfig, split: str, progress: bool = F
         world = SyntheticWorld(
             WorldConfig(seed=s.seed, image_size=image_size(cfg), object_count_probs=s.object_count_probs)
         )
-        n = {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
+        n = (
+            s.size(split)
+            if hasattr(s, "size")
+            else {"train": s.n_train, "val": s.n_val, "test": s.n_test}[split]
+        )
         mods = ("image", "text", "vqa") + (("audio",) if cfg.audio_tokenizer else ())
         return ListDataset(make_split(world, split, n, mods, progress=progress))
     if data.source != "jsonl":

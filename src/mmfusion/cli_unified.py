@@ -1,4 +1,4 @@
-"""`mmfusion train-unified`: a thin alias of a unified run on the synthetic world.
+"""`mmfusion train-unified`: a thin alias of a unified run on the synthetic world (`mmfusion train`).
 
 It builds the run config `mmfusion train` takes (`run_config_tree`: model.kind unified, data.source synthetic,
 the train settings of the unified recipe) and trains it through the same code (`recipe.fit_unified`, the
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 # flag -> (model key, default); the decoder and tokenizer flags of the old command, unchanged
 DECODER_FLAGS: dict[str, tuple[str, Any]] = {
@@ -111,48 +111,23 @@ def run_config_tree(args: argparse.Namespace) -> dict[str, Any]:
             "train": train}  # fmt: skip
 
 
-def _section(cls, tree: dict[str, Any], key: str):
-    """Validate one section; the first problem becomes a ConfigError naming `key`.<field>."""
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(tree)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join([key, *(str(p) for p in err["loc"])])
-        raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
-
-
 def cmd_train_unified(args: argparse.Namespace) -> int:
-    import shutil
-    from types import SimpleNamespace
-
-    import yaml
-
-    from ..config import SyntheticConfig, TrainConfig
-    from .config import UnifiedModelConfig
-    from .recipe import fit_unified, load_rows
+    from .config import config_from_dict
+    from .run import train
 
     for name in ("samples", "steps", "batch", "tokenizer_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0; got {args.threads}")
-    tree = run_config_tree(args)
-    model = _section(UnifiedModelConfig, tree["model"], "model")  # a bad option fails before any work
-    train = _section(TrainConfig, tree["train"], "train")
-    synthetic = _section(SyntheticConfig, tree["data"]["synthetic"], "data.synthetic")
-    out = Path(args.out)
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        if not args.overwrite:
-            raise ConfigError(f"{out} already has checkpoints: pass --overwrite to start over")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    rows = load_rows(SimpleNamespace(source="synthetic", synthetic=synthetic), model, "train", progress=True)
-    last = fit_unified(model, train, rows, out, seed=args.seed)
+    cfg = config_from_dict(
+        run_config_tree(args), source="train-unified"
+    )  # a bad option fails before any work
+    last = train(cfg, overwrite=args.overwrite)["train"]
     ce = ", ".join(f"{m} {last[f'ce_{m}']:.3f}" for m in ("text", "image") if f"ce_{m}" in last)
-    print(f"trained {train.steps} steps: loss {last['loss']:.3f} (ce {ce}); model folder {out / 'model'}")
+    print(
+        f"trained {cfg.train.steps} steps: loss {last['loss']:.3f} (ce {ce}); model folder {Path(args.out) / 'model'}"
+    )
     return 0
 
 
