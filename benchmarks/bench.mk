@@ -138,6 +138,6 @@ bench-sparse-attention: $(STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/sparse_attention.py --lengths 1024 2048 4096 --json $(BENCH_OUT)/sparse_attention.json --plot $(BENCH_OUT)/sparse_attention.png $(BENCH_ARGS)
 
-# The generation-metrics judge (mmfusion.eval.judge, not a benchmarks/ script): one seed per call.
+# The generation-metrics judge (mmfusion.eval.judge_cli, not a benchmarks/ script): one seed per call.
 bench-judge: $(STAMP)
-	$(PY) -m mmfusion.eval.judge --threads 1 --seed 0 $(BENCH_ARGS)
+	$(PY) -m mmfusion.eval.judge_cli --threads 1 --seed 0 $(BENCH_ARGS)
