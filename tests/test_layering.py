@@ -57,3 +57,16 @@ def test_no_module_is_over_500_lines():
         if (n := len(p.read_text().splitlines())) > 500
     }
     assert long == {}
+
+
+def test_no_import_cycles_between_packages_or_modules():
+    grimp = __import__("grimp")  # import-linter's graph library (a dev dependency)
+    graph = grimp.build_graph("mmfusion", exclude_type_checking_imports=True)
+    edges = {(m, t) for m in graph.modules for t in graph.find_modules_directly_imported_by(m)}
+
+    def package(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    packages = {(package(a), package(b)) for a, b in edges if package(a) != package(b)}
+    assert sorted((a, b) for a, b in packages if (b, a) in packages) == []
+    assert sorted((a, b) for a, b in edges if (b, a) in edges) == []
