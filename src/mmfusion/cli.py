@@ -197,10 +197,14 @@ def cmd_train(args) -> int:
         die_with_parent(signal.SIGKILL)
     if restarted:
         print(f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']} (torchrun): resuming", flush=True)
-    result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
     from .train import distributed as dist_utils
 
-    if dist_utils.rank() != 0:
+    try:
+        result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
+        main = dist_utils.rank() == 0
+    finally:
+        dist_utils.shutdown()
+    if not main:
         return 0
     if not args.no_eval:
         from .evaluate import evaluate_run

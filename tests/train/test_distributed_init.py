@@ -12,7 +12,7 @@ from clirun import run_group
 
 RANK = """
 import os, time, torch, torch.distributed as dist
-from mmfusion.train.distributed import init_from_env
+from mmfusion.train.distributed import init_from_env, shutdown
 time.sleep(float(os.environ.get("DELAY", "0")))
 t0 = time.monotonic()
 try:
@@ -23,6 +23,7 @@ except Exception as e:
 t = torch.tensor([float(os.environ["RANK"]) + 1])
 dist.all_reduce(t)
 print("sum", int(t.item()), flush=True)
+shutdown()
 """
 
 

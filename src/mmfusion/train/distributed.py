@@ -63,6 +63,13 @@ def init_from_env(device: torch.device, timeout_s: float = 300.0, init_timeout_s
     return True
 
 
+def shutdown() -> None:
+    """Destroy the default process group (when there is one) before the process exits: a rank whose gloo
+    threads are still up at interpreter shutdown can abort ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def set_group_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
     """Bound every later collective of `group` (default: the default group) by `timeout_s` seconds."""
     from torch.distributed.distributed_c10d import _set_pg_timeout
