@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .cli_clip import add_clip_commands, export_folder
 from .errors import CheckpointError, ConfigError, DataError, MMFusionError
 
 EXIT_CONFIG = 2
@@ -88,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the text and image encoders of a saved two-tower model to ONNX (dynamic batch "
         "and text length), or a fusion model (a MultiModalModel folder: one graph from per-modality inputs "
         "and presence masks to logits; the moe fusion cannot be exported), check against PyTorch with "
-        "onnxruntime, and optionally quantize to INT8 (ONNX Runtime dynamic quantization). A safetensors "
-        "copy is save_pretrained.",
+        "onnxruntime, and optionally quantize to INT8 (ONNX Runtime dynamic quantization). safetensors: "
+        "save_pretrained; hf-clip / openclip: a CLIP checkpoint folder (text.arch clip models, see import-clip).",
     )
     p.add_argument("model", help="a run directory or a save_pretrained model folder")
     p.add_argument("--out", required=True, help="output folder for the .onnx files")
-    p.add_argument("--format", default="onnx", choices=["onnx", "safetensors"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "safetensors", "hf-clip", "openclip"])
     p.add_argument("--int8", action="store_true", help="also write *.int8.onnx (dynamic INT8 weights)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     p.add_argument("--opset", type=int, default=18)
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_unified import add_train_unified_command  # `train-unified`, an alias of a unified run
 
     add_train_unified_command(sub)
+    add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
     return parser
 
 
@@ -200,7 +202,9 @@ def cmd_train(args) -> int:
     from .train import distributed as dist_utils
 
     try:
-        result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
+        result = run_mod.train(
+            cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted
+        )
         main = dist_utils.rank() == 0
     finally:
         dist_utils.shutdown()
@@ -338,9 +342,8 @@ def cmd_export(args) -> int:
     from . import load_model
 
     model = load_model(args.model)
-    if args.format == "safetensors":
-        print(f"wrote {model.save_pretrained(args.out)}")
-        return 0
+    if args.format != "onnx":  # safetensors (save_pretrained), hf-clip, openclip: mmfusion.cli_clip
+        return export_folder(model, args)
     from .models.multimodal import MultiModalModel
     from .serve.export import export_fusion_onnx, export_onnx, verify_fusion_onnx, verify_onnx
 

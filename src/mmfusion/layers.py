@@ -29,27 +29,43 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
-class MLP(nn.Module):
-    """Two-layer feed-forward block with GELU."""
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP checkpoints (Radford et al. 2021)."""
+    return x * torch.sigmoid(1.702 * x)
 
-    def __init__(self, width: int, hidden: int):
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# MLP activations by config name: "gelu" (exact, erf) is mmfusion's own; the others reproduce CLIP checkpoints.
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block with GELU (or another of ACTIVATIONS)."""
+
+    def __init__(self, width: int, hidden: int, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
@@ -61,9 +77,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-LN blocks; `grad_checkpointing` recomputes each block in backward (T8)."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu"):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(depth))
         self.grad_checkpointing = False
 
     def forward(

@@ -28,6 +28,7 @@ from .data.splits import (
     stage_subset,
 )
 from .errors import ConfigError, DataError
+from .modalities.clip_tokenizer import load_text_tokenizer
 from .modalities.text import TextTokenizer
 from .train import distributed as dist_utils
 from .train.model_setup import finish_model, init_tokenizer, prepare_model
@@ -154,6 +155,11 @@ def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
 def load_tokenizer(cfg: RunConfig, out: Path) -> TextTokenizer | None:
     if text_field(cfg) is None:
         return None
+    if (
+        cfg.kind == "contrastive" and cfg.model.text.arch == "clip"
+    ):  # a CLIP tokenizer.json (model.text.tokenizer)
+        t = cfg.model.text
+        return load_text_tokenizer(out, t.context_length, t.arch, t.vocab_size)
     return TextTokenizer.load(out, _tokenizer_settings(cfg)[2])
 
 

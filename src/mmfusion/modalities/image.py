@@ -132,6 +132,9 @@ class ImageEncoder(nn.Module):
     """Vision Transformer: patch embedding + [CLS] + learned positions, pooled at [CLS] (as CLIP's ViT).
 
     images (batch, 3, H, W) in [-1, 1] -> (batch, embed_dim) unnormalised embedding.
+    mean / std (per RGB channel, on the [0, 1] scale): when given, the encoder maps its [-1, 1] input to
+    (x01 - mean) / std first, the input CLIP checkpoints were trained on (CLIPImageProcessor's image_mean /
+    image_std); None keeps the [-1, 1] input as is. act: the MLP activation (mmfusion.layers.ACTIVATIONS).
     """
 
     def __init__(
@@ -144,17 +147,27 @@ class ImageEncoder(nn.Module):
         embed_dim: int,
         mlp_ratio: float = 4.0,
         stem: str = "patch",
+        act: str = "gelu",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.image_size = image_size
+        self.normalise = mean is not None
+        if self.normalise:
+            # [-1, 1] -> (x01 - mean) / std as one affine map x * scale + shift (buffers, not weights)
+            m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std if std is not None else (1.0,) * 3)
+            s = s.view(3, 1, 1)
+            self.register_buffer("input_scale", 0.5 / s, persistent=False)
+            self.register_buffer("input_shift", (0.5 - m) / s, persistent=False)
         self.patch_embed = patch_embedding(width, patch_size, stem)
         n_patches = (image_size // patch_size) ** 2
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(n_patches + 1, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         init_transformer_(self.transformer, width, depth)
@@ -167,6 +180,8 @@ class ImageEncoder(nn.Module):
                 f"images are {tuple(images.shape[-2:])}; the encoder expects {self.image_size}x{self.image_size} "
                 "(use preprocess_images)"
             )
+        if self.normalise:
+            images = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, patches, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

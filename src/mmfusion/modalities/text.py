@@ -96,6 +96,9 @@ class TextEncoder(nn.Module):
     """Causal Transformer over token ids, pooled at the [EOT] token (as CLIP).
 
     ids (batch, length) int64 -> (batch, embed_dim) unnormalised embedding.
+    eot_id None: the [EOT] is the last non-padding token (padding id 0, on the right: mmfusion's tokenizer);
+    an int: the first position holding that id (CLIP's <|endoftext|>; the last position when a row has none).
+    act: the MLP activation (mmfusion.layers.ACTIVATIONS; "quick_gelu" for OpenAI's CLIP checkpoints).
     """
 
     def __init__(
@@ -107,12 +110,15 @@ class TextEncoder(nn.Module):
         heads: int,
         embed_dim: int,
         mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        eot_id: int | None = None,
     ):
         super().__init__()
         self.context_length = context_length
+        self.eot_id = eot_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, act)
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -132,7 +138,12 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(ids)
-        eot = (ids != 0).sum(dim=1) - 1  # padding id is 0
+        if self.eot_id is None:
+            eot = (ids != 0).sum(dim=1) - 1  # padding id is 0
+        else:
+            is_eot = ids == self.eot_id
+            last = torch.full_like(ids[:, 0], ids.shape[1] - 1)
+            eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last)
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
 
 

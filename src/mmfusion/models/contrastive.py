@@ -15,6 +15,7 @@ from ..batch import Batch
 from ..data.collate import Collate, Input, Target
 from ..layers import load_scalar_compat, scalar_parameter
 from ..losses import clip_loss, dual_contrastive_loss, gather_with_grad
+from ..modalities.clip_tokenizer import ClipTokenizer, load_text_tokenizer
 from ..modalities.image import ImageEncoder, ImageLike, preprocess_images
 from ..modalities.text import TextEncoder, TextTokenizer
 from .contrastive_config import ModelConfig
@@ -45,16 +46,35 @@ class ContrastiveModel(nn.Module):
     `encode_text(list[str])` and `encode_image(images)` return L2-normalised (N, embed_dim) embeddings.
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: TextTokenizer):
+    def __init__(self, config: ModelConfig, tokenizer: TextTokenizer | ClipTokenizer):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         t, i = config.text, config.image
+        eot_id = tokenizer.eot_id if t.arch == "clip" else None  # CLIP: pooled at the first <|endoftext|>
         self.text_encoder = TextEncoder(
-            tokenizer.vocab_size, t.context_length, t.width, t.depth, t.heads, config.embed_dim, t.mlp_ratio
+            tokenizer.vocab_size,
+            t.context_length,
+            t.width,
+            t.depth,
+            t.heads,
+            config.embed_dim,
+            t.mlp_ratio,
+            t.act,
+            eot_id,
         )
         self.image_encoder = ImageEncoder(
-            i.image_size, i.patch_size, i.width, i.depth, i.heads, config.embed_dim, i.mlp_ratio, i.stem
+            i.image_size,
+            i.patch_size,
+            i.width,
+            i.depth,
+            i.heads,
+            config.embed_dim,
+            i.mlp_ratio,
+            i.stem,
+            i.act,
+            i.mean,
+            i.std,
         )
         self.logit_scale = scalar_parameter(math.log(1.0 / config.init_temperature))  # (1,)
         load_scalar_compat(self, "logit_scale")
@@ -157,5 +177,6 @@ class ContrastiveModel(nn.Module):
     ) -> ContrastiveModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         config = ModelConfig.model_validate(read_config(directory, MODEL_TYPE))
-        tokenizer = TextTokenizer.load(directory, config.text.context_length)
+        t = config.text
+        tokenizer = load_text_tokenizer(directory, t.context_length, t.arch, t.vocab_size)
         return load_weights(cls(config, tokenizer), directory, map_location)

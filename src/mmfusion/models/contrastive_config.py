@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from ..schema import Section
 
+# MLP activations (mmfusion.layers.ACTIVATIONS): gelu is mmfusion's; quick_gelu is OpenAI CLIP's
+Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
+
 
 class TextConfig(Section):
     # a tokenizer.json to use instead of training one on the training captions (HF `tokenizers` breaks
@@ -20,6 +23,11 @@ class TextConfig(Section):
     depth: int = Field(3, ge=1, le=96)
     heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
+    # mmfusion: its own BPE tokenizer ([PAD]=0 ... [EOT]), pooled at the last non-padding token.
+    # clip: a CLIP BPE tokenizer (<|startoftext|> ... <|endoftext|>, the model folder's tokenizer.json, see
+    # mmfusion.modalities.clip_tokenizer), pooled at the first <|endoftext|> (models imported from CLIP).
+    arch: Literal["mmfusion", "clip"] = "mmfusion"
+    act: Activation = "gelu"
 
 
 class ImageConfig(Section):
@@ -31,6 +39,11 @@ class ImageConfig(Section):
     depth: int = Field(3, ge=1, le=96)
     heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
+    act: Activation = "gelu"
+    # per-RGB-channel normalisation on the [0, 1] scale inside the tower (CLIP's image_mean / image_std);
+    # None: the tower takes mmfusion's [-1, 1] pixels as they are
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     @model_validator(mode="after")
     def _divisible(self) -> ImageConfig:
@@ -38,6 +51,10 @@ class ImageConfig(Section):
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}"
             )
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("image.mean and image.std go together: give both or neither")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"image.std must be positive, got {list(self.std)}")
         return self
 
 

@@ -138,13 +138,14 @@ class ContrastiveProbe(ContrastiveModel):
     def from_pretrained(
         cls, directory: str | Path, map_location: str | torch.device = "cpu"
     ) -> ContrastiveProbe:
-        from ..modalities.text import TextTokenizer
+        from ..modalities.clip_tokenizer import load_text_tokenizer
 
         config = ModelConfig.model_validate(read_config(directory, "contrastive"))
         probe_path = Path(directory) / PROBE_FILE
         if config.probe is None or not probe_path.is_file():
             raise CheckpointError(f"{directory} holds no probe (model.probe and {PROBE_FILE})")
-        model = cls(config, TextTokenizer.load(directory, config.text.context_length))
+        t = config.text
+        model = cls(config, load_text_tokenizer(directory, t.context_length, t.arch, t.vocab_size))
         weights = load_file(str(Path(directory) / "model.safetensors"), device=str(map_location))
         weights.update(load_file(str(probe_path), device=str(map_location)))
         missing, unexpected = model.load_state_dict(weights, strict=False)

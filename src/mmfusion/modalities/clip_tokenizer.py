@@ -1,0 +1,100 @@
+"""The CLIP tokenizer of models imported from CLIP checkpoints (`model.text.arch: clip`).
+
+A byte-level BPE (OpenAI's 49,408-entry vocabulary, or any other with the same special tokens) held as a
+Hugging Face `tokenizers` tokenizer.json, the file `CLIPTokenizer` (transformers) saves. Each text becomes
+<|startoftext|> + its BPE ids (at most context_length - 2) + <|endoftext|>, right-padded: the ids
+`CLIPTokenizer(texts, padding=True, truncation=True, max_length=context_length)` gives, and OpenCLIP's
+`tokenize` up to the padding id. The text tower pools at the first <|endoftext|> (TextEncoder eot_id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from ..errors import DataError
+from .text import TextTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class ClipTokenizer:
+    """CLIP BPE ids with <|startoftext|> / <|endoftext|>; the same interface as TextTokenizer.
+
+    vocab_size: the text tower's embedding rows: the larger of `vocab_size` (a checkpoint's may exceed the
+    tokenizer's) and the tokenizer's size (`text.vocab_size` is only a target for mmfusion's own BPE).
+    The padding id is the one set in the tokenizer.json's `padding` (CLIPTokenizer's pad_token), else
+    <|endoftext|>'s; padding never changes an embedding (causal attention, pooled at the first <|endoftext|>).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int, vocab_size: int | None = None):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.bos_id, self.eot_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+        if self.bos_id is None or self.eot_id is None:
+            raise DataError(
+                f"not a CLIP tokenizer: it has no {BOS} / {EOS} tokens (text.arch clip needs a CLIP "
+                "tokenizer.json; set model.text.tokenizer to one)"
+            )
+        padding = tokenizer.padding
+        self.pad_id = int(padding["pad_id"]) if padding else self.eot_id
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._vocab_size = max(vocab_size or 0, tokenizer.get_vocab_size())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, texts: Sequence[str], pad_to: int | None = None) -> torch.Tensor:
+        """Texts -> (batch, length) int64 ids, <|startoftext|> ... <|endoftext|>, padded to the longest row."""
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text #{i} is {type(t).__name__}; expected str")
+        keep = self.context_length - 2
+        rows = [
+            [self.bos_id, *e.ids[:keep], self.eot_id]
+            for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        ]
+        length = pad_to or max(len(r) for r in rows)
+        out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text, dropping special tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        """tokenizer.json, with the padding id recorded in its `padding` entry."""
+        pad_token = self.tokenizer.id_to_token(self.pad_id)
+        self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token)
+        try:
+            self.tokenizer.save(str(Path(directory) / "tokenizer.json"))
+        finally:
+            self.tokenizer.no_padding()
+
+    @classmethod
+    def load(cls, directory: str | Path, context_length: int, vocab_size: int | None = None) -> ClipTokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{path} not found: a text.arch clip model needs its CLIP tokenizer.json")
+        return cls(Tokenizer.from_file(str(path)), context_length, vocab_size)
+
+
+def load_text_tokenizer(
+    directory: str | Path, context_length: int, arch: str = "mmfusion", vocab_size: int | None = None
+) -> TextTokenizer | ClipTokenizer:
+    """The tokenizer.json in `directory` as the text tower of `arch` reads it (mmfusion's or CLIP's)."""
+    if arch == "clip":
+        return ClipTokenizer.load(directory, context_length, vocab_size)
+    return TextTokenizer.load(directory, context_length)
+
+
+__all__ = ["BOS", "EOS", "ClipTokenizer", "load_text_tokenizer"]
