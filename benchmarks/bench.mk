@@ -19,7 +19,7 @@ BENCH_ARGS   ?=
 BENCH_OUT    ?= runs/bench
 PY           := $(BIN)/python
 
-BENCH_TARGETS := bench-throughput bench-step-variants bench-precision bench-clft bench-comm bench-compress \
+BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-precision bench-clft bench-comm bench-compress \
 	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
 	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
@@ -141,3 +141,7 @@ bench-sparse-attention: $(STAMP)
 # The generation-metrics judge (mmfusion.eval.judge_cli, not a benchmarks/ script): one seed per call.
 bench-judge: $(STAMP)
 	$(PY) -m mmfusion.eval.judge_cli --threads 1 --seed 0 $(BENCH_ARGS)
+
+# OpenCLIP -> mmfusion import parity (and export back) against the real open_clip (docs/pretrained.md).
+bench-clip-parity: $(BENCH_STAMP)
+	$(BENCH_BIN)/python benchmarks/clip_parity.py $(BENCH_ARGS)

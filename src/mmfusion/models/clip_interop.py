@@ -335,14 +335,22 @@ def image_normalisation(config: ModelConfig) -> tuple[tuple[float, ...], tuple[f
 
 
 # ---- OpenCLIP model configs (open_clip_config.json: {"model_cfg": ..., "preprocess_cfg": ...}) ----------------
-_OC_VISION_UNSUPPORTED = (
-    "timm_model_name",
+# model-config flags that change the network (OpenCLIP's CLIPVisionCfg / CLIPTextCfg): set, they are refused
+_OC_COMMON_UNSUPPORTED = (
     "ls_init_value",
-    "attentional_pool",
-    "no_ln_pre",
     "final_ln_after_pool",
+    "act_kwargs",
+    "norm_kwargs",
+    "block_type",
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
 )
-_OC_TEXT_UNSUPPORTED = ("hf_model_name", "ls_init_value", "embed_cls", "no_causal_mask", "proj_bias")
+_OC_VISION_UNSUPPORTED = ("timm_model_name", "attentional_pool", "no_ln_pre", *_OC_COMMON_UNSUPPORTED)
+_OC_TEXT_UNSUPPORTED = ("hf_model_name", "embed_cls", "no_causal_mask", "proj_bias", *_OC_COMMON_UNSUPPORTED)
 
 
 def _count_blocks(state: StateDict, prefix: str) -> int:
@@ -361,6 +369,8 @@ def config_from_openclip(state: StateDict, oc: dict[str, Any] | None) -> tuple[M
     bad += [f"text_cfg.{k}" for k in _OC_TEXT_UNSUPPORTED if tc.get(k)]
     if isinstance(vc.get("layers"), (list, tuple)):
         bad.append("vision_cfg.layers (a ResNet)")
+    if vc.get("pos_embed_type", "learnable") != "learnable":
+        bad.append(f"vision_cfg.pos_embed_type={vc['pos_embed_type']}")
     if vc.get("pool_type", "tok") != "tok":
         bad.append(f"vision_cfg.pool_type={vc['pool_type']}")
     if tc.get("pool_type", "argmax") not in ("argmax", "eos"):
