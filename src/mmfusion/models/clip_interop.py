@@ -359,8 +359,9 @@ def _count_blocks(state: StateDict, prefix: str) -> int:
 
 def config_from_openclip(state: StateDict, oc: dict[str, Any] | None) -> tuple[ModelConfig, list[str]]:
     """An OpenCLIP CLIP state dict (already in mmfusion keys) + its optional model config -> (ModelConfig,
-    the assumptions made for what neither holds). Sizes come from the weights; heads and the activation
-    from the config (OpenCLIP's defaults without one: head_width 64, quick_gelu false)."""
+    the assumptions made when no config was given). Sizes come from the weights; heads and the activation
+    from the config, whose absent keys take OpenCLIP's defaults (vision head_width 64, text heads 8, quick_gelu
+    false). Without a config: quick_gelu false and a head width of 64 in both towers, reported as assumed."""
     oc = dict(oc or {})
     pre = oc.get("preprocess_cfg") or {}
     cfg = oc.get("model_cfg", oc)
@@ -377,9 +378,7 @@ def config_from_openclip(state: StateDict, oc: dict[str, Any] | None) -> tuple[M
         bad.append(f"text_cfg.pool_type={tc['pool_type']}")
     if bad:
         raise ConfigError(f"unsupported OpenCLIP architecture ({', '.join(bad)}); {SUPPORTED}")
-    assumed = []
-    if "quick_gelu" not in cfg:
-        assumed.append("quick_gelu false (OpenAI's weights need true: pass their config)")
+    assumed = [] if cfg else ["quick_gelu false (OpenAI's weights need true)", "head width 64 in both towers"]
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     try:
         conv, pos = state["image_encoder.patch_embed.weight"], state["image_encoder.positional_embedding"]
@@ -392,10 +391,6 @@ def config_from_openclip(state: StateDict, oc: dict[str, Any] | None) -> tuple[M
         raise ConfigError(
             f"the OpenCLIP state dict has no {e.args[0]} (mmfusion name); {SUPPORTED}"
         ) from None
-    if "head_width" not in vc:
-        assumed.append("vision head_width 64")
-    if "heads" not in tc:
-        assumed.append("text head_width 64")
     grid = round((pos.shape[0] - 1) ** 0.5)
     config = ModelConfig(
         embed_dim=proj.shape[0],
@@ -405,7 +400,7 @@ def config_from_openclip(state: StateDict, oc: dict[str, Any] | None) -> tuple[M
             context_length=state["text_encoder.positional_embedding"].shape[0],
             width=t_width,
             depth=_count_blocks(state, "text_encoder.transformer.blocks."),
-            heads=tc.get("heads", t_width // 64),
+            heads=tc.get("heads", 8 if cfg else t_width // 64),
             mlp_ratio=_mlp_ratio(t_hidden, t_width),
             act=act,
         ),
