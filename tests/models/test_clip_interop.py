@@ -286,3 +286,40 @@ def test_unsupported_openclip_weights_and_pickles_are_refused(hf_folder, tmp_pat
     torch.save({"model": Path("x")}, tmp_path / "pickle.pt")  # an object weights_only refuses
     with pytest.raises(ConfigError, match="weights_only"):
         import_openclip(tmp_path / "pickle.pt", tokenizer=hf_folder)
+
+
+def test_clip_arch_run_trains_exports_and_reimports_identically(tmp_path, vocab_dir, tiny_run):
+    """A two-tower run from scratch with model.text.arch clip (a CLIP tokenizer folder, quick_gelu) through the
+    Trainer; its model exports to HF (CLIPModel gives its embeddings) and OpenCLIP and re-imports bitwise."""
+    from mmfusion.config import config_from_dict
+    from mmfusion.run import train
+
+    tok_dir = tmp_path / "tok"
+    CLIPTokenizer.from_pretrained(str(vocab_dir[0])).save_pretrained(tok_dir)
+    act = {"act": "quick_gelu"}
+    cfg = tiny_run(
+        tmp_path,
+        "clip_arch",
+        "two_tower",
+        model={
+            "embed_dim": 16,
+            "text": {"arch": "clip", "tokenizer": str(tok_dir), "vocab_size": vocab_dir[1], "context_length": 12,
+                     "width": 16, "depth": 1, "heads": 2, **act},
+            "image": {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2, **act},
+        },
+    )  # fmt: skip
+    train(config_from_dict(cfg), log=lambda m: None)
+    model = load_model(tmp_path / "clip_arch")
+    assert model.config.text.arch == "clip" and model.tokenizer.vocab_size == vocab_dir[1]
+    state = model.state_dict()
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for exported in (export_hf_clip(model, tmp_path / "hf"), export_openclip(model, tmp_path / "oc")):
+        again, _ = import_clip(exported)
+        assert again.state_dict().keys() == state.keys()
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+        assert torch.equal(again.encode_text(CAPTIONS), model.encode_text(CAPTIONS))
+        assert torch.equal(again.encode_image(images), model.encode_image(images))
+    hf = CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():  # mmfusion's [-1, 1] pixels are CLIP pixels with mean = std = 0.5
+        hf_image = F.normalize(hf.get_image_features(pixel_values=images).pooler_output, dim=-1)
+    assert (hf_image - model.encode_image(images)).abs().max().item() < ATOL

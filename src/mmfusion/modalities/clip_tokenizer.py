@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .text import TextTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -24,8 +24,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 class ClipTokenizer:
     """CLIP BPE ids with <|startoftext|> / <|endoftext|>; the same interface as TextTokenizer.
 
-    vocab_size: the text tower's embedding rows: the larger of `vocab_size` (a checkpoint's may exceed the
-    tokenizer's) and the tokenizer's size (`text.vocab_size` is only a target for mmfusion's own BPE).
+    vocab_size: the text tower's embedding rows (model.text.vocab_size; a checkpoint's may exceed the
+    tokenizer's size, never fall short of it); None: the tokenizer's size.
     The padding id is the one set in the tokenizer.json's `padding` (CLIPTokenizer's pad_token), else
     <|endoftext|>'s; padding never changes an embedding (causal attention, pooled at the first <|endoftext|>).
     """
@@ -43,7 +43,13 @@ class ClipTokenizer:
         self.pad_id = int(padding["pad_id"]) if padding else self.eot_id
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        self._vocab_size = max(vocab_size or 0, tokenizer.get_vocab_size())
+        size = tokenizer.get_vocab_size()
+        if vocab_size is not None and vocab_size < size:
+            raise ConfigError(
+                f"model.text.vocab_size {vocab_size} is smaller than the CLIP tokenizer's {size} tokens: "
+                f"set model.text.vocab_size: {size} (a text.arch clip model has exactly that many embedding rows)"
+            )
+        self._vocab_size = vocab_size or size
 
     @property
     def vocab_size(self) -> int:

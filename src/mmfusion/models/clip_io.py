@@ -165,10 +165,6 @@ def import_hf_clip(folder: str | Path) -> ContrastiveModel:
     pre = json.loads(pre_path.read_text()) if pre_path.is_file() else None
     config = config_from_hf(hf, pre)
     tokenizer = load_clip_tokenizer(folder, config.text.context_length, config.text.vocab_size)
-    if tokenizer.vocab_size != config.text.vocab_size:
-        raise ConfigError(
-            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the text tower {config.text.vocab_size}"
-        )
     state = openclip_to_mmfusion(hf_to_openclip(_hf_weights(folder)))
     return _load_strict(ContrastiveModel(config, tokenizer), state, str(folder))
 
@@ -197,11 +193,6 @@ def import_openclip(
     model_config, assumed = config_from_openclip(state, config)
     tok_dir = Path(tokenizer) if tokenizer is not None else path.parent
     tok = load_clip_tokenizer(tok_dir, model_config.text.context_length, model_config.text.vocab_size)
-    if tok.vocab_size != model_config.text.vocab_size:
-        raise ConfigError(
-            f"{tok_dir}: the tokenizer has {tok.vocab_size} tokens, the checkpoint's text tower "
-            f"{model_config.text.vocab_size}"
-        )
     text_cfg = ((config or {}).get("model_cfg", config or {}) or {}).get("text_cfg") or {}
     if text_cfg.get("pool_type", "argmax") == "argmax" and tok.eot_id != tok.tokenizer.get_vocab_size() - 1:
         raise ConfigError(
