@@ -32,6 +32,7 @@ CAPTIONS = [
     "two small blue circles on the left",
     "green",
     "a large white cross above a square",
+    "two small blue circles on the left below a large white cross above a red square",  # cut at 12 tokens
 ]
 WORDS = sorted({w for c in CAPTIONS for w in c.split()} | {"triangle", "below"})
 MEAN, STD = (0.45, 0.5, 0.4), (0.25, 0.3, 0.2)
@@ -122,7 +123,7 @@ def hf_features(folder: Path, pixel_values: torch.Tensor) -> tuple[torch.Tensor,
     """(normalised text features of CAPTIONS, normalised image features, logit_scale) from transformers."""
     model = CLIPModel.from_pretrained(str(folder)).eval()
     tok = CLIPTokenizer.from_pretrained(str(folder))
-    inputs = tok(CAPTIONS, padding=True, return_tensors="pt")
+    inputs = tok(CAPTIONS, padding=True, truncation=True, max_length=12, return_tensors="pt")
     with torch.no_grad():
         text = model.get_text_features(**inputs).pooler_output
         image = model.get_image_features(pixel_values=pixel_values).pooler_output
@@ -151,10 +152,9 @@ def assert_same_embeddings(model, folder: Path) -> None:
 def test_hf_import_gives_transformers_ids_and_embeddings(hf_folder):
     model = import_hf_clip(hf_folder)
     assert model.config.text.arch == "clip"
-    ids = CLIPTokenizer.from_pretrained(str(hf_folder))(CAPTIONS, padding=True, return_tensors="pt")[
-        "input_ids"
-    ]
-    assert torch.equal(model.tokenizer.encode(CAPTIONS), ids)
+    tok = CLIPTokenizer.from_pretrained(str(hf_folder))
+    ids = tok(CAPTIONS, padding=True, truncation=True, max_length=12, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 12 and torch.equal(model.tokenizer.encode(CAPTIONS), ids)
     assert_same_embeddings(model, hf_folder)
 
 
@@ -179,7 +179,8 @@ def test_save_load_and_hf_export_round_trip(hf_folder, tmp_path):
     _, info = CLIPModel.from_pretrained(str(out), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert_same_embeddings(model, out)  # the exported folder gives the original's embeddings
-    ids = CLIPTokenizer.from_pretrained(str(out))(CAPTIONS, padding=True, return_tensors="pt")["input_ids"]
+    ids = CLIPTokenizer.from_pretrained(str(out))(CAPTIONS, padding=True, truncation=True, max_length=12)
+    ids = torch.tensor(ids["input_ids"])
     assert torch.equal(ids, model.tokenizer.encode(CAPTIONS))
     assert json.loads((out / "preprocessor_config.json").read_text())["image_mean"] == pytest.approx(MEAN)
 
@@ -229,7 +230,7 @@ def test_trained_clip_arch_model_exports_and_reimports_identically(hf_folder, tm
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(3):
-        images = torch.rand(4, 3, 32, 32) * 2 - 1
+        images = torch.rand(len(CAPTIONS), 3, 32, 32) * 2 - 1
         loss = model(Batch({"image": images, "text": model.tokenizer.encode(CAPTIONS)}, {})).loss
         opt.zero_grad()
         loss.backward()
