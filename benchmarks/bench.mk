@@ -4,7 +4,7 @@
 #   make bench-vq BENCH_ARGS="--seeds 1 2"
 # Outputs go under runs/ (gitignored).
 #
-# All targets but bench-throughput run in the main .venv. bench-throughput compares mmfusion against OpenCLIP
+# All targets but bench-throughput and bench-clip-parity run in the main .venv. bench-throughput compares mmfusion against OpenCLIP
 # (`open_clip_torch`), which is never a runtime dependency of mmfusion. open_clip_torch requires torchvision,
 # and PyPI's torchvision does not import beside the torch 2.13.0 of the main .venv, so that benchmark gets its
 # own venv with a matched torch/torchvision pair (both wheels lie on this machine's disk; about 5.6 GB with

@@ -149,6 +149,11 @@ def openclip_to_mmfusion(state: StateDict) -> StateDict:
     """open_clip.CLIP (or CustomTextCLIP with a CLIP text transformer) weights -> ContrastiveModel weights.
     ConfigError naming the keys it cannot place (another architecture)."""
     state = {k.removeprefix("module."): v for k, v in state.items() if k not in _OPENAI_EXTRAS}
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state):
+        raise ConfigError(
+            "these are HF CLIPModel weights, not OpenCLIP's: import the HF folder they came from (with its "
+            "config.json and tokenizer)"
+        )
     # CustomTextCLIP keeps the text tower under "text." with the projection inside it
     state = {
         (k.removeprefix("text.") if k.startswith("text.") else k): v
