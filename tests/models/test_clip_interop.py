@@ -324,3 +324,25 @@ def test_clip_arch_run_trains_exports_and_reimports_identically(tmp_path, vocab_
     with torch.no_grad():  # mmfusion's [-1, 1] pixels are CLIP pixels with mean = std = 0.5
         hf_image = F.normalize(hf.get_image_features(pixel_values=images).pooler_output, dim=-1)
     assert (hf_image - model.encode_image(images)).abs().max().item() < ATOL
+
+
+def test_eot_pooling_takes_the_first_endoftext_else_the_last_position():
+    from mmfusion.modalities.text import TextEncoder
+
+    torch.manual_seed(0)
+    enc = TextEncoder(10, 6, 8, 1, 2, 4, act="quick_gelu", eot_id=9).eval()
+    ids = torch.tensor([[8, 5, 9, 9, 9, 9], [8, 5, 6, 7, 1, 2], [9, 0, 0, 0, 0, 0]])
+    tokens = enc.forward_tokens(ids)
+    expected = enc.proj(tokens[torch.arange(3), torch.tensor([2, 5, 0])])
+    assert torch.equal(enc(ids), expected)
+
+
+def test_activations_match_transformers():
+    from transformers.activations import ACT2FN
+
+    from mmfusion.layers import ACTIVATIONS
+    from mmfusion.models.clip_interop import HF_ACTS
+
+    x = torch.linspace(-6, 6, 101)
+    for hf_name, ours in HF_ACTS.items():
+        assert (ACTIVATIONS[ours](x) - ACT2FN[hf_name](x)).abs().max().item() < 1e-6, hf_name
