@@ -155,9 +155,7 @@ def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
 def load_tokenizer(cfg: RunConfig, out: Path) -> TextTokenizer | None:
     if text_field(cfg) is None:
         return None
-    if (
-        cfg.kind == "contrastive" and cfg.model.text.arch == "clip"
-    ):  # a CLIP tokenizer.json (model.text.tokenizer)
+    if cfg.kind == "contrastive" and cfg.model.text.arch == "clip":  # model.text.tokenizer: a CLIP one
         t = cfg.model.text
         return load_text_tokenizer(out, t.context_length, t.arch, t.vocab_size)
     return TextTokenizer.load(out, _tokenizer_settings(cfg)[2])
