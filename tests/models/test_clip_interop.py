@@ -143,9 +143,12 @@ def to_mmfusion_pixels(p: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_embeddings(model, folder: Path) -> None:
+    """Max |difference| of the normalised embeddings vs transformers' < ATOL (printed: `pytest -s` shows them)."""
     text, image, scale = hf_features(folder, pixels())
-    assert (model.encode_text(CAPTIONS) - text).abs().max().item() < ATOL
-    assert (model.encode_image(to_mmfusion_pixels(pixels())) - image).abs().max().item() < ATOL
+    d_text = (model.encode_text(CAPTIONS) - text).abs().max().item()
+    d_image = (model.encode_image(to_mmfusion_pixels(pixels())) - image).abs().max().item()
+    print(f"\n{folder.name}: max abs diff text {d_text:.2e}, image {d_image:.2e}")
+    assert d_text < ATOL and d_image < ATOL
     assert model.logit_scale.item() == pytest.approx(scale, abs=1e-6)
 
 
