@@ -162,13 +162,21 @@ def test_hf_import_gives_transformers_ids_and_embeddings(hf_folder):
 
 
 def test_uint8_images_get_the_checkpoint_normalisation(hf_folder):
-    """encode_image on (H, W, 3) uint8 images at the tower's size = HF on (x / 255 - mean) / std."""
+    """encode_image on (H, W, 3) uint8 images at the tower's size = HF on CLIPImageProcessor's pixel_values."""
+    from PIL import Image
+
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5: no torchvision needed
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+
     model = import_hf_clip(hf_folder)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (3, 32, 32, 3), generator=g, dtype=torch.uint8)
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    hf_pixels = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
-    _, expected, _ = hf_features(hf_folder, hf_pixels)
+    square = {"height": 32, "width": 32}
+    processor = Processor(image_mean=MEAN, image_std=STD, size={"shortest_edge": 32}, crop_size=square)
+    hf_pixels = processor(images=[Image.fromarray(im.numpy()) for im in images], return_tensors="pt")
+    _, expected, _ = hf_features(hf_folder, hf_pixels["pixel_values"])
     got = model.encode_image([im.numpy() for im in images])
     assert (got - expected).abs().max().item() < ATOL
 
