@@ -193,14 +193,19 @@ def import_openclip(
     model_config, assumed = config_from_openclip(state, config)
     tok_dir = Path(tokenizer) if tokenizer is not None else path.parent
     tok = load_clip_tokenizer(tok_dir, model_config.text.context_length, model_config.text.vocab_size)
-    text_cfg = ((config or {}).get("model_cfg", config or {}) or {}).get("text_cfg") or {}
+    oc = config or {}
+    text_cfg = oc.get("model_cfg", oc).get("text_cfg") or {}
     if text_cfg.get("pool_type", "argmax") == "argmax" and tok.eot_id != tok.tokenizer.get_vocab_size() - 1:
         raise ConfigError(
             f"{tok_dir}: OpenCLIP pools at the largest token id (argmax), but {EOS} is id {tok.eot_id}, not the "
             "tokenizer's last id: this tokenizer does not belong to the checkpoint"
         )
-    if text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id", tok.eot_id) != tok.eot_id:
-        raise ConfigError(f"text_cfg.eos_id {text_cfg['eos_id']} is not the tokenizer's {EOS} ({tok.eot_id})")
+    if (
+        text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id", 2) != tok.eot_id
+    ):  # 2: OpenCLIP's default
+        raise ConfigError(
+            f"text_cfg.eos_id {text_cfg.get('eos_id', 2)} is not the tokenizer's {EOS} ({tok.eot_id})"
+        )
     return _load_strict(ContrastiveModel(model_config, tok), state, str(path)), assumed
 
 
