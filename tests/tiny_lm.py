@@ -66,3 +66,37 @@ def tiny_lm_folder(folder: str | Path, arch: str = "llama", seed: int = 0, width
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+def pretrain_tiny_lm(folder: str | Path, steps: int = 200, seed: int = 0, batch_size: int = 64) -> Path:
+    """Train the LM in `folder` on synthetic-world captions alone (text-only next-token loss) and save it back:
+    a tiny stand-in for a pretrained LM that already speaks the captions' language, so a captioner on top of it
+    has only the grounding to learn."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmfusion.data.synthetic import SyntheticWorld, WorldConfig, make_split
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    world = SyntheticWorld(WorldConfig(seed=seed + 1000, image_size=8))
+    texts = [s["text"] for s in make_split(world, "train", steps * batch_size // 4, modalities=("text",))]
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        batch = [texts[(step * batch_size + i) % len(texts)] for i in range(batch_size)]
+        rows = [
+            [tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            for t in batch
+        ]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(str(folder))
+    return folder

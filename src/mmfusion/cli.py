@@ -200,7 +200,9 @@ def cmd_train(args) -> int:
     from .train import distributed as dist_utils
 
     try:
-        result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
+        result = run_mod.train(
+            cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted
+        )
         main = dist_utils.rank() == 0
     finally:
         dist_utils.shutdown()

@@ -43,7 +43,9 @@ def check_lm_folder(folder: str | Path, key: str = "model.lm.hf"):
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
-        raise ConfigError(f"{key} = {str(folder)!r}: transformers cannot read its config.json ({e})") from None
+        raise ConfigError(
+            f"{key} = {str(folder)!r}: transformers cannot read its config.json ({e})"
+        ) from None
     archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):

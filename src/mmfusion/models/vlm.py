@@ -62,7 +62,9 @@ def resolve_image(config: VLMConfig) -> tuple[VLMConfig, dict[str, torch.Tensor]
     keys = {**tower.image.model_dump(), "from_run": config.image.from_run, "freeze": config.image.freeze}
     config = config.model_copy(update={"image": config.image.model_validate(keys)})
     state = load_file(str(folder / "model.safetensors"))
-    weights = {k.removeprefix("image_encoder."): v for k, v in state.items() if k.startswith("image_encoder.")}
+    weights = {
+        k.removeprefix("image_encoder."): v for k, v in state.items() if k.startswith("image_encoder.")
+    }
     return config, {**weights, "__embed_dim__": torch.tensor(tower.embed_dim)}
 
 
@@ -103,6 +105,8 @@ class VLMModel(nn.Module):
     """Image tower + projector + HF causal LM (`lm`) and its tokenizer; see the module docstring.
 
     `caption(images)` / `answer(images, questions)` return strings; `forward(batch)` the training loss."""
+
+    pretrained_base = True  # its LM comes with weights: train.lora adapts them without train.init_from
 
     def __init__(self, config: VLMConfig, lm: nn.Module, tokenizer: Any, tower: dict | None = None):
         super().__init__()
@@ -274,7 +278,9 @@ class VLMModel(nn.Module):
         """Images -> one caption each (greedy by default; kw: generate's options)."""
         return self.generate(images, [self.config.prompt] * len(images), **kw)
 
-    def answer(self, images: Sequence[ImageLike] | torch.Tensor, questions: Sequence[str], **kw: Any) -> list[str]:
+    def answer(
+        self, images: Sequence[ImageLike] | torch.Tensor, questions: Sequence[str], **kw: Any
+    ) -> list[str]:
         """Images and one question each -> the answers."""
         prompts = [self.config.question_prompt.format(question=q) for q in questions]
         return self.generate(images, prompts, **kw)

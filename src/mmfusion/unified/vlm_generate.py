@@ -44,7 +44,9 @@ def generate_vlm(args) -> int:
                 f"--task vqa: {len(questions)} --question for {len(inputs)} images; give one, or one per image"
             )
         texts = model.answer(images, questions, **options)
-        results = [{"image": str(p), "question": q, "answer": a} for (_, p), q, a in zip(inputs, questions, texts)]
+        results = [
+            {"image": str(p), "question": q, "answer": a} for (_, p), q, a in zip(inputs, questions, texts)
+        ]
     for (_, p), text in zip(inputs, texts):
         print(f"{p}\t{text}")
     if args.json:
