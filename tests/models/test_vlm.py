@@ -70,7 +70,7 @@ def test_without_image_tokens_logits_equal_the_lms_own(lm_folders, samples, arch
             inputs_embeds=with_image.splice(with_image.image_tokens(batch["image"]), ids),
             attention_mask=with_image._insert(mask, k, True).long(),
         ).logits
-    assert k == 4 and seen.shape[1] == ids.shape[1] + 4
+    assert k == 5 and seen.shape[1] == ids.shape[1] + 5  # [CLS] + 2 x 2 pooled patches
     assert not torch.allclose(seen[:, 1 + k :], theirs[:, 1:], atol=1e-3)
 
 
@@ -160,3 +160,64 @@ def test_config_errors_name_the_key(lm_folders, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"train\.lora\.targets.*q_proj"):
         train(bad, log=lambda _: None)
+
+
+ONE_OBJECT = {"seed": 0, "image_size": 16, "object_count_probs": [1.0, 0.0, 0.0]}
+TRAIN_FAST = {
+    "precision": "fp32", "device": "cpu", "threads": 1, "deterministic": True, "checkpoint_every": 1000,
+    "log_every": 10, "progress": False, "warmup_steps": 5,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grounded(tmp_path_factory):
+    """A seeded captioner run on one-object 16 px scenes: a tiny Llama pretrained on captions alone (the stand-in
+    for a real LM), the image tower of a 100-step two-tower run (frozen), then projector + LoRA (q_proj, v_proj)
+    for 200 steps. Returns (run config, run directory)."""
+    from mmfusion.run import train
+    from tiny_lm import pretrain_tiny_lm
+
+    root = tmp_path_factory.mktemp("grounded")
+    lm = pretrain_tiny_lm(tiny_lm_folder(root / "llama", "llama"), steps=100, batch_size=64)
+    data = {"source": "synthetic", "synthetic": {**ONE_OBJECT, "n_train": 2000, "n_val": 8, "n_test": 64}}
+    tower = config_from_dict({
+        "name": "tower", "out_dir": str(root), "data": data,
+        "model": {"embed_dim": 32, "text": {"vocab_size": 200, "context_length": 24, "width": 32, "depth": 1,
+                                            "heads": 2}, "image": TOWER},
+        "train": {**TRAIN_FAST, "steps": 150, "batch_size": 64, "lr": 3e-3},
+    })  # fmt: skip
+    train(tower, log=lambda _: None)
+    cfg = config_from_dict({
+        "name": "captioner", "out_dir": str(root), "data": data,
+        "model": {"kind": "vlm", "lm": {"hf": str(lm)}, "image": {"from_run": str(root / "tower")},
+                  "num_image_tokens": 1},
+        "train": {**TRAIN_FAST, "steps": 150, "batch_size": 32, "lr": 1e-2,
+                  "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}},
+    })  # fmt: skip
+    return cfg, train(cfg, log=lambda _: None)["run_dir"]
+
+
+def test_short_run_lowers_caption_loss_and_reads_the_image(grounded):
+    """(c) Held-out caption loss falls clearly, and greedy captions name the object's colour far above chance
+    (1/8 colours) on 64 held-out scenes. Measured on this CPU (2 cores, 1 thread): loss 1.249 -> 0.878 (x0.70),
+    colour accuracy 0.469, count and parse 1.0, BLEU 57.9. The fixture is the slowest of this file (~45 s with
+    the LM's and tower's own pre-training): grounding shows only after ~150 captioner steps on a tower that
+    was itself trained, and that is what this test is for."""
+    import mmfusion
+    from mmfusion.run import build_model, load_split
+    from mmfusion.unified.vlm_eval import evaluate_vlm
+
+    cfg, run = grounded
+    test = load_split(cfg, "test")
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(cfg, None).eval()
+    trained = mmfusion.load_model(run)
+    assert trained.config.image.image_size == 16 and trained.config.image.width == 32  # the tower's own keys
+    batch = fresh.collate()([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        before, after = fresh(batch).loss.item(), trained(batch).loss.item()
+    metrics = evaluate_vlm(trained, test, max_new_tokens=12)
+    print(f"held-out caption loss {before:.3f} -> {after:.3f}; {metrics}")
+    assert after < 0.8 * before
+    assert metrics["caption_parsed"] >= 0.9 and metrics["count_accuracy"] >= 0.9
+    assert metrics["colour_accuracy"] >= 0.35

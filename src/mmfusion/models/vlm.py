@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ class VLMModel(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         k = self.config.num_image_tokens
-        return (self.image_size // self.config.image.patch_size) ** 2 if k is None else k
+        patches = (self.image_size // self.config.image.patch_size) ** 2 if k is None else k
+        return 0 if k == 0 else 1 + patches
 
     def collate(self, target: Any = None) -> VLMCollate:
         """The run's Collate: images at the tower's size through the one Collate, text by the LM tokenizer."""
@@ -165,19 +167,22 @@ class VLMModel(nn.Module):
 
     # ---- the forward pass -------------------------------------------------------------------------------
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) in [-1, 1] -> projected image tokens (B, num_image_tokens, d_lm)."""
-        k = self.num_image_tokens
+        """images (B, 3, S, S) in [-1, 1] -> projected image tokens (B, num_image_tokens, d_lm): the tower's
+        [CLS] token (the one a two-tower model aligns with captions) then its patch tokens, pooled to a square
+        grid of `config.num_image_tokens` patches when set (0: no image tokens at all)."""
+        k = self.config.num_image_tokens
         d_lm = self.lm.get_input_embeddings().embedding_dim
         if k == 0:
             return torch.zeros(images.shape[0], 0, d_lm, device=images.device)
         tower = self.image_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.image.freeze):
-            tokens = tower.ln_post(tower.forward_tokens(images))[:, 1:]  # (B, P, width), [CLS] dropped
+            tokens = tower.ln_post(tower.forward_tokens(images))  # (B, 1 + P, width), [CLS] first
+        cls, patches = tokens[:, :1], tokens[:, 1:]
         if self.config.num_image_tokens is not None:
-            g, side = self.image_size // self.config.image.patch_size, int(k**0.5)
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
-            tokens = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, k, width)
-        return self.projector(tokens)
+            g, side = self.image_size // self.config.image.patch_size, math.isqrt(k)
+            grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, g, g)
+            patches = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, k, width)
+        return self.projector(torch.cat([cls, patches], dim=1))
 
     def splice(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """image (B, k, d) and ids (B, L) -> inputs_embeds (B, prefix + k + L - prefix, d): the image tokens

@@ -6,7 +6,7 @@
       lm: {hf: /path/to/a/local/llama-or-gpt2-folder, freeze: true}
       image: {from_run: runs/quickstart, freeze: true}     # or the tower's own keys: image_size, patch_size ...
       projector: {hidden: 0, layers: 2}                     # hidden 0: the LM's width
-      num_image_tokens: null                                # null: every patch token; k: pooled to a sqrt(k) grid
+      num_image_tokens: null                  # [CLS] + every patch token; k: [CLS] + patches pooled to a sqrt(k) grid
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class VLMConfig(Section):
 
     Sequence fed to the LM as `inputs_embeds`: [bos] [image tokens] [prompt] [caption or answer] [eos]; the
     loss is next-token cross-entropy on the caption / answer tokens and eos only. `prompt` precedes a caption,
-    `question_prompt` (with `{question}`) an answer. `max_text_tokens` caps prompt + target tokens."""
+    `question_prompt` (with `{question}`) an answer. `max_text_tokens` caps prompt + target tokens. The image
+    tokens are the tower's [CLS] token + its patch tokens, pooled to `num_image_tokens` (a square) when set;
+    0: no image tokens (the LM alone)."""
 
     kind: Literal["vlm"] = "vlm"
     lm: LMConfig
