@@ -22,6 +22,7 @@ def test_train_then_generate_captions(tmp_path, mmfusion):
     sets = [a for s in [*TINY, f"model.lm.hf={lm}", "out_dir=runs"] for a in ("--set", s)]
     proc = mmfusion("train", "--config", RECIPE, *sets, cwd=tmp_path, timeout=300)
     assert "LlamaForCausalLM" in proc.stdout and "merged into the saved model" in proc.stdout
+    assert "colour_accuracy" in proc.stdout  # mmfusion train evaluates the run (caption metrics)
     run = tmp_path / "runs" / "vlm_caption"
     assert (run / "model" / "lm" / "model.safetensors").is_file() and (run / "adapters").is_dir()
     world = SyntheticWorld(WorldConfig(seed=0, image_size=16))

@@ -221,3 +221,30 @@ def test_short_run_lowers_caption_loss_and_reads_the_image(grounded):
     assert after < 0.8 * before
     assert metrics["caption_parsed"] >= 0.9 and metrics["count_accuracy"] >= 0.9
     assert metrics["colour_accuracy"] >= 0.35
+
+
+def test_prompt_format_labels_only_the_target():
+    """Captions and VQA rows: [bos] prompt target eos, loss labels on the target and eos only; a row without
+    either is skipped; max_text_tokens cuts the row."""
+    from mmfusion.models.vlm_data import PromptFormat
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    fmt = PromptFormat(tok, VLMConfig.model_validate({"lm": {"hf": "x"}}))
+    v = tok.get_vocab()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    prompt, target = fmt.pair(
+        {"question": "how many objects are there?", "answer": "two", "text": "a red circle"}
+    )
+    assert (prompt, target) == ("question: how many objects are there? answer:", "two")
+    ids, labels = fmt.encode(prompt, target)
+    words = ["question", ":", "how", "many", "objects", "are", "there", "?", "answer", ":"]
+    assert ids == [bos, *(v[w] for w in words), v["two"], eos]
+    assert labels == [-100] * 11 + [v["two"], eos]
+    assert fmt.pair({"caption": " a red circle "}) == ("caption:", "a red circle")
+    assert fmt.pair({"question": "what?"}) is None
+    short = PromptFormat(tok, VLMConfig.model_validate({"lm": {"hf": "x"}, "max_text_tokens": 4}))
+    assert short.encode("caption:", "a red circle") == (
+        [bos, v["caption"], v[":"], v["a"], v["red"]],
+        [-100] * 3 + [v["a"], v["red"]],
+    )

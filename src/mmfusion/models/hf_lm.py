@@ -28,10 +28,6 @@ def _offline() -> None:
 
 def check_lm_folder(folder: str | Path, key: str = "model.lm.hf"):
     """The folder's transformers config, after checking it describes a decoder-only causal LM."""
-    _offline()
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     path = Path(folder)
     if not path.is_dir():
         raise ConfigError(
@@ -40,6 +36,10 @@ def check_lm_folder(folder: str | Path, key: str = "model.lm.hf"):
         )
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key} = {str(folder)!r}: no config.json there; not a transformers model folder")
+    _offline()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
