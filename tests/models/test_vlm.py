@@ -248,3 +248,27 @@ def test_prompt_format_labels_only_the_target():
         [bos, v["caption"], v[":"], v["a"], v["red"]],
         [-100] * 3 + [v["a"], v["red"]],
     )
+
+
+def test_resume_is_bitwise_with_tied_gpt2_weights(lm_folders, tmp_path):
+    """Checkpoints hold GPT-2's tied input / output embedding once (safetensors refuses shared tensors) and
+    resuming restores it: a 4-step run resumed from its step-2 checkpoint ends bit for bit where it ended."""
+    from safetensors.torch import load_file
+
+    from mmfusion.run import train
+
+    cfg = _run_config(lm_folders["gpt2"], tmp_path, "gpt2", steps=4, checkpoint_every=2)
+    run = tmp_path / "vlm_gpt2"
+    train(cfg, log=lambda _: None)
+    ckpt = load_file(str(run / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert "lm.transformer.wte.weight" in ckpt and "lm.lm_head.weight" not in ckpt
+    shutil.copytree(run, tmp_path / "straight")
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    train(cfg, resume=True, log=lambda _: None)
+    for part in (
+        "model/lm/model.safetensors",
+        "model/model.safetensors",
+        "adapters/adapter_model.safetensors",
+    ):
+        a, b = load_file(str(tmp_path / "straight" / part)), load_file(str(run / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
