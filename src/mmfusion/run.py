@@ -322,6 +322,10 @@ def train(
             "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
             "which tensor-parallel groups would duplicate; tensor parallel is for fusion models"
         )
+    if cfg.kind == "vlm":  # its LM folder and tower run are checked before any data is read
+        from .models.vlm import check_sources
+
+        check_sources(cfg.model)
     out, is_main = prepare_run_dir(cfg, resume, overwrite)
     say = log if is_main else _quiet
     seed_everything(cfg.seed)

@@ -61,10 +61,9 @@ def check_lm_folder(folder: str | Path, key: str = "model.lm.hf"):
 
 def load_causal_lm(folder: str | Path, key: str = "model.lm.hf") -> tuple[Any, Any]:
     """(model in fp32, tokenizer) of a local causal-LM folder; ConfigError naming `key` when it cannot be used."""
-    _offline()
+    config = check_lm_folder(folder, key)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = check_lm_folder(folder, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError) as e:

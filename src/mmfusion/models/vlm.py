@@ -69,6 +69,16 @@ def resolve_image(config: VLMConfig) -> tuple[VLMConfig, dict[str, torch.Tensor]
     return config, {**weights, "__embed_dim__": torch.tensor(tower.embed_dim)}
 
 
+def check_sources(config: VLMConfig) -> None:
+    """ConfigError naming the key when `lm.hf` is not a usable causal-LM folder or `image.from_run` holds no
+    model folder (cheap: config files only)."""
+    from .hf_lm import check_lm_folder
+
+    check_lm_folder(config.lm.hf)
+    if config.image.from_run is not None:
+        _tower_folder(config.image.from_run)
+
+
 def _projector(width: int, d_lm: int, hidden: int, layers: int) -> nn.Module:
     if layers == 1:
         return nn.Linear(width, d_lm)
@@ -342,4 +352,4 @@ def is_vlm_folder(path: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["VLMModel", "is_vlm_folder", "resolve_image"]
+__all__ = ["VLMModel", "check_sources", "is_vlm_folder", "resolve_image"]
