@@ -25,11 +25,17 @@ def load_model(path):
     from .errors import CheckpointError
     from .models.contrastive import ContrastiveModel
     from .models.multimodal import MultiModalModel
+    from .models.vlm import VLMModel
     from .unified.bundle import UnifiedBundle, is_unified_folder
 
     path = Path(path)
     folder = path / "model" if (path / "model").is_dir() else path
-    kinds = {"contrastive": ContrastiveModel, "multimodal": MultiModalModel, "unified": UnifiedBundle}
+    kinds = {
+        "contrastive": ContrastiveModel,
+        "multimodal": MultiModalModel,
+        "unified": UnifiedBundle,
+        "vlm": VLMModel,
+    }
     try:
         kind = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):

@@ -6,7 +6,8 @@ module composes them into a RunConfig. `load_config` turns validation failures i
 naming the key, the bad value and what is allowed.
 
 `model.kind` picks the model: `contrastive` (the two-tower model, the default), `fusion` (encoders + a fusion
-strategy + a classify / match head, MultiModalConfig) or `unified` (the decoder over VQ tokens). Whatever the
+strategy + a classify / match head, MultiModalConfig), `unified` (the decoder over VQ tokens) or `vlm` (a frozen
+image tower -> projector -> a local Hugging Face causal LM, models/vlm_config.py). Whatever the
 kind, `data` says where samples come from: the synthetic world (image-caption pairs, or a task's samples),
 a JSONL manifest or WebDataset shards.
 
@@ -37,6 +38,7 @@ from .errors import ConfigError
 from .eval.config import EvalConfig
 from .models.contrastive_config import ImageConfig, ModelConfig, ProbeConfig, TextConfig  # noqa: F401
 from .models.multimodal import MultiModalConfig
+from .models.vlm_config import VLMConfig
 from .schema import Section
 from .train.config import (  # noqa: F401
     CallbackConfig,
@@ -53,7 +55,9 @@ from .train.config import (  # noqa: F401
 )
 from .unified.config import UnifiedModelConfig
 
-ModelSection = Annotated[ModelConfig | MultiModalConfig | UnifiedModelConfig, Field(discriminator="kind")]
+ModelSection = Annotated[
+    ModelConfig | MultiModalConfig | UnifiedModelConfig | VLMConfig, Field(discriminator="kind")
+]
 _LEGACY_TASK_KEYS = {"n_train", "n_val", "n_test", "image_size"}
 
 
@@ -165,7 +169,7 @@ class RunConfig(Section):
 
     @property
     def kind(self) -> str:
-        """The model kind: "contrastive" | "fusion" | "unified"."""
+        """The model kind: "contrastive" | "fusion" | "unified" | "vlm"."""
         return self.model.kind
 
     @model_validator(mode="after")
@@ -231,6 +235,14 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _vlm_lora(self) -> RunConfig:
+        """A vlm run with train.lora trains the projector too: "projector.*" joins train.lora.trainable."""
+        lora = self.train.lora
+        if self.kind == "vlm" and lora is not None and "projector.*" not in lora.trainable:
+            lora.__dict__["trainable"] = [*lora.trainable, "projector.*"]
+        return self
+
+    @model_validator(mode="after")
     def _stage_objectives(self) -> RunConfig:
         stages = self.train.stages or []
         probe = self.model.probe if self.kind == "contrastive" else None
@@ -268,7 +280,12 @@ def _section_of(annotation: Any) -> Any:
     return annotation
 
 
-MODEL_KINDS = {"contrastive": ModelConfig, "fusion": MultiModalConfig, "unified": UnifiedModelConfig}
+MODEL_KINDS = {
+    "contrastive": ModelConfig,
+    "fusion": MultiModalConfig,
+    "unified": UnifiedModelConfig,
+    "vlm": VLMConfig,
+}
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:

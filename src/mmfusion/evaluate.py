@@ -174,6 +174,17 @@ def evaluate_run(
         metrics = {"split": split, **evaluate_unified(load_model(path), rows, max_rows=cfg.eval.max_rows)}
         _write(metrics, out)
         return metrics
+    if cfg.kind == "vlm":
+        from . import load_model
+        from .run import load_split
+        from .unified.vlm_eval import evaluate_vlm
+
+        if prune_threshold is not None:
+            raise ConfigError("--prune-threshold is for router-fusion models; this is a vlm run")
+        rows = load_split(cfg, split)  # generation is slow: at most eval.max_rows rows
+        metrics = {"split": split, **evaluate_vlm(load_model(path), rows, max_rows=cfg.eval.max_rows)}
+        _write(metrics, out)
+        return metrics
     if cfg.kind == "fusion":
         from .models.multimodal import MultiModalModel
 

@@ -62,6 +62,8 @@ def load_split(cfg: RunConfig, split: str, progress: bool = False, data=None):
     data = data or cfg.data
     if cfg.kind == "contrastive":
         return open_split(data, split, ("image", "text"), True, cfg.seed, progress)
+    if cfg.kind == "vlm":  # captions, or question + answer rows (read from the sample's meta)
+        return open_split(data, split, ("image", "text"), False, cfg.seed, progress)
     return open_split(data, split, source_fields(data, model_inputs(cfg)), False, cfg.seed, progress)
 
 
@@ -134,7 +136,7 @@ def _tokenizer_settings(cfg: RunConfig) -> tuple[str | None, int, int, str]:
 def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
     """<run>/tokenizer.json: the given one, the init_from model's, or BPE trained on the training texts."""
     field = text_field(cfg)
-    if field is None:
+    if field is None or cfg.kind == "vlm":  # a vlm model uses its LM's own tokenizer
         return
     path, vocab, context, key = _tokenizer_settings(cfg)
     if path or cfg.train.init_from:  # init_from: the tokenizer of the model it starts from
@@ -153,7 +155,7 @@ def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
 
 
 def load_tokenizer(cfg: RunConfig, out: Path) -> TextTokenizer | None:
-    if text_field(cfg) is None:
+    if text_field(cfg) is None or cfg.kind == "vlm":
         return None
     if cfg.kind == "contrastive" and cfg.model.text.arch == "clip":  # model.text.tokenizer: a CLIP one
         t = cfg.model.text
@@ -168,6 +170,10 @@ def build_model(cfg: RunConfig, tokenizer: TextTokenizer | None):
         from .models.multimodal import MultiModalModel
 
         return MultiModalModel.from_config(cfg.model, tokenizer)
+    if cfg.kind == "vlm":
+        from .models.vlm import VLMModel
+
+        return VLMModel.from_config(cfg.model)
     if cfg.model.probe is not None:
         from .train.stages import ContrastiveProbe
 
@@ -177,6 +183,24 @@ def build_model(cfg: RunConfig, tokenizer: TextTokenizer | None):
     return ContrastiveModel(cfg.model, tokenizer)
 
 
+def check_vlm_lora(model, targets: list[str]) -> None:
+    """train.lora.targets of a vlm run must name the LM's linear layers only (the image tower stays frozen)."""
+    from .train.lora import resolve_targets
+
+    try:
+        names = resolve_targets(model.lm, targets)
+    except ConfigError as e:
+        raise ConfigError(
+            f"train.lora.targets: {e}; a vlm model adapts its LM (e.g. q_proj, v_proj for Llama / Qwen2, "
+            "c_attn for GPT-2)"
+        ) from None
+    if len(resolve_targets(model, targets)) != len(names):
+        raise ConfigError(
+            f"train.lora.targets = {targets}: some patterns also match the image tower or projector; name the "
+            "LM's layers only (e.g. q_proj, v_proj)"
+        )
+
+
 def describe(cfg: RunConfig, model, out: Path) -> str:
     n = sum(p.numel() for p in model.parameters()) / 1e6
     if cfg.kind == "fusion":
@@ -184,6 +208,12 @@ def describe(cfg: RunConfig, model, out: Path) -> str:
             f"task {cfg.data.synthetic.task}" if cfg.data.source == "synthetic" else f"{cfg.data.source} data"
         )
         return f"model: {model.config.fusion} fusion over {', '.join(model.modalities)}, {n:.2f}M parameters; {where}; run directory {out}"
+    if cfg.kind == "vlm":
+        lm = type(model.lm).__name__
+        return (
+            f"model: image tower -> projector -> {lm} ({cfg.model.lm.hf}), {n:.2f}M parameters, "
+            f"{model.num_image_tokens} image tokens; run directory {out}"
+        )
     probe = f" + {cfg.model.probe.label} probe" if cfg.model.probe is not None else ""
     return f"model: two-tower contrastive{probe}, {n:.2f}M parameters; run directory {out}"
 
@@ -296,6 +326,10 @@ def train(
             "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
             "which tensor-parallel groups would duplicate; tensor parallel is for fusion models"
         )
+    if cfg.kind == "vlm":  # its LM folder and tower run are checked before any data is read
+        from .models.vlm import check_sources
+
+        check_sources(cfg.model)
     out, is_main = prepare_run_dir(cfg, resume, overwrite)
     say = log if is_main else _quiet
     seed_everything(cfg.seed)
@@ -314,6 +348,8 @@ def train(
     seed_everything(cfg.seed)
     model = build_model(cfg, tokenizer)
     say(describe(cfg, model, out))
+    if cfg.kind == "vlm" and cfg.train.lora is not None:
+        check_vlm_lora(model, cfg.train.lora.targets)
     student = model
     prepare_model(model, cfg.train, resume, say)
     if cfg.train.distill is not None:

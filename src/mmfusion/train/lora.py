@@ -51,14 +51,20 @@ def _matches(pattern: str, name: str) -> bool:
         ) from None
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2's linear layers, weight stored transposed), which peft adapts."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def resolve_targets(model: nn.Module, target: list[str]) -> list[str]:
-    """Full names of the `nn.Linear` modules that the patterns in `target` name, in model order.
+    """Full names of the `nn.Linear` (or GPT-2 Conv1D) modules that the patterns in `target` name, in model
+    order.
 
     Raises ConfigError naming every pattern that matches no Linear layer.
     """
     if isinstance(target, str) or not target:
         raise ConfigError(f"LoRA target must be a non-empty list of module-name patterns, got {target!r}")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if _adaptable(m)]
     unmatched = [p for p in target if not any(_matches(p, n) for n in linears)]
     if unmatched:
         suffixes = sorted({re.sub(r"^.*blocks\.\d+\.", "", n) for n in linears})
@@ -93,7 +99,15 @@ def apply_lora(
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout}")
     names = resolve_targets(model, target)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    conv1d = any(not isinstance(model.get_submodule(n), nn.Linear) for n in names)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        bias="none",
+        fan_in_fan_out=conv1d,  # Conv1D stores (in, out) weights
+    )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     # peft also matches targets as dotted suffixes; a full name can be a suffix only of a deeper copy of itself
     if sorted(_lora_layers(model)) != sorted(names):

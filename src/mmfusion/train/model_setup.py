@@ -102,7 +102,7 @@ def prepare_model(
         load_init_weights(model, cfg.init_from)
         log(f"initialised from {cfg.init_from}")
     if cfg.lora is not None:
-        if not cfg.init_from:
+        if not cfg.init_from and not getattr(model, "pretrained_base", False):
             log("note: train.lora without train.init_from adapts a randomly initialised model")
         apply_run_lora(model, cfg.lora, log)
     if cfg.grad_checkpointing:

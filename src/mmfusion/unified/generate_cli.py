@@ -189,9 +189,10 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     """Register `mmfusion generate`."""
     p = sub.add_parser(
         "generate",
-        help="caption an image or an audio clip, generate images from text, or answer a question (unified model)",
+        help="caption an image or an audio clip, generate images from text, or answer a question (unified / vlm model)",
         description="Generate with a unified model folder, or a unified run directory (`mmfusion train` with "
-        "model.kind: unified, or `mmfusion train-unified`). "
+        "model.kind: unified, or `mmfusion train-unified`), or a vlm model folder / run (model.kind: vlm: "
+        "--task caption and --task vqa). "
         "--task caption --image X.png [Y.png ...]: print a caption per image. "
         '--task image --prompt "a red circle" --out-dir DIR [--n N] [--cfg-scale S]: write N PNGs per prompt. '
         '--task vqa --image X.png --question "...": print the answer. '
@@ -239,9 +240,14 @@ def _slug(text: str) -> str:
 
 
 def cmd_generate(args) -> int:
+    from ..models.vlm import is_vlm_folder
     from .tokenize_cli import list_audio_inputs, list_image_inputs, load_audios, load_images
     from .train import UnifiedBundle, encode_images
 
+    if is_vlm_folder(args.model) is not None:  # an image tower -> projector -> HF causal LM folder
+        from .vlm_generate import generate_vlm
+
+        return generate_vlm(args)
     bundle = UnifiedBundle.load(args.model)
     results: list[dict] = []
     if args.task == "audio-caption":
