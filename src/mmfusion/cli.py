@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="environment, or what a run / model folder holds",
         description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
-        "model's configuration, parameter count and checkpoints.",
+        "model's configuration, parameter count, where each tower's weights came from (package / folder + "
+        "SHA-256 of the source weights, or trained from scratch) and checkpoints.",
     )
     p.add_argument("path", nargs="?", help="a run directory or a model folder")
 
@@ -292,6 +293,9 @@ def cmd_info(args) -> int:
             f"model folder {model_dir}: {type(model).__name__}, {n / 1e6:.2f}M parameters, vocabulary {vocab}"
         )
         print(json.dumps(model.config.model_dump(mode="json"), indent=2))
+        from .models.provenance import describe_folder
+
+        print("\n".join(describe_folder(model_dir)))  # where each tower's weights came from
     from .train.checkpoint import list_checkpoints, verify
 
     for ck in list_checkpoints(path / "checkpoints"):
