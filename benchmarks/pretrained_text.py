@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    p.add_argument("--steps", type=int, default=90, help="optimizer steps of every run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (of everything but the MiniLM)")
     p.add_argument(
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch threads (1: on cores shared with other jobs, 2 threads ran 4-5x slower than 1)",
     )
-    p.add_argument("--n-test", type=int, default=1000, help="test pairs (plain and paraphrased)")
+    p.add_argument("--n-test", type=int, default=500, help="test pairs (plain and paraphrased)")
     p.add_argument("--out", default="runs/pretrained_text", help="run directories and results.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     return p.parse_args(argv)

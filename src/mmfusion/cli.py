@@ -77,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "info",
         help="environment, or what a run / model folder holds",
-        description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
-        "model's configuration, parameter count, where each tower's weights came from (package / folder + "
-        "SHA-256 of the source weights, or trained from scratch) and checkpoints.",
+        description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the model's "
+        "configuration, parameter count, where each tower's weights came from (+ SHA-256) and checkpoints.",
     )
     p.add_argument("path", nargs="?", help="a run directory or a model folder")
 
@@ -201,7 +200,9 @@ def cmd_train(args) -> int:
     from .train import distributed as dist_utils
 
     try:
-        result = run_mod.train(cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted)
+        result = run_mod.train(
+            cfg, resume=args.resume or restarted, overwrite=args.overwrite and not restarted
+        )
         main = dist_utils.rank() == 0
     finally:
         dist_utils.shutdown()
@@ -285,6 +286,7 @@ def cmd_info(args) -> int:
     model_dir = path / "model" if (path / "model").is_dir() else path
     if (model_dir / "config.json").is_file():
         from . import load_model
+        from .models.provenance import describe_folder
 
         model = load_model(model_dir)
         n = sum(p.numel() for p in model.parameters())
@@ -293,8 +295,6 @@ def cmd_info(args) -> int:
             f"model folder {model_dir}: {type(model).__name__}, {n / 1e6:.2f}M parameters, vocabulary {vocab}"
         )
         print(json.dumps(model.config.model_dump(mode="json"), indent=2))
-        from .models.provenance import describe_folder
-
         print("\n".join(describe_folder(model_dir)))  # where each tower's weights came from
     from .train.checkpoint import list_checkpoints, verify
 

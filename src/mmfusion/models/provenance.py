@@ -71,7 +71,7 @@ def describe_folder(model_dir: str | Path) -> list[str]:
     """Lines `mmfusion info` prints: one per tower."""
     prov = read_provenance(model_dir)
     if prov is None:
-        return ["weights provenance: not recorded (a model folder saved before provenance was kept)"]
+        return ["weights provenance: not recorded in this folder's config.json"]
     return [f"weights of {name}: {describe(rec)}" for name, rec in prov.items()]
 
 
