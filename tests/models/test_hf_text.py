@@ -250,3 +250,15 @@ def test_run_trains_and_evaluates_with_an_hf_text_tower(tiny_bert, tiny_run, tmp
     metrics = evaluate_run(run, cfg, "test", tmp_path / "eval")
     assert metrics["n_pairs"] == metrics["para_n_pairs"] == 8
     assert {"t2i_recall@5", "para_t2i_recall@5", "para_zero_shot_colour_acc"} <= set(metrics)
+
+
+def test_cli_train_exits_2_naming_the_key(tiny_run, tmp_path, capsys):
+    import yaml
+
+    from mmfusion.cli import main
+
+    raw = tiny_run(tmp_path, "missing", "two_tower")
+    raw["model"]["text"] = {"hf": str(tmp_path / "no-such-folder")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert f"model.text.hf = '{tmp_path / 'no-such-folder'}': folder not found" in capsys.readouterr().err
