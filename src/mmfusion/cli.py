@@ -286,7 +286,7 @@ def cmd_info(args) -> int:
     model_dir = path / "model" if (path / "model").is_dir() else path
     if (model_dir / "config.json").is_file():
         from . import load_model
-        from .models.provenance import describe_folder
+        from .models.provenance import describe_folder as provenance  # where each tower's weights came from
 
         model = load_model(model_dir)
         n = sum(p.numel() for p in model.parameters())
@@ -294,8 +294,7 @@ def cmd_info(args) -> int:
         print(
             f"model folder {model_dir}: {type(model).__name__}, {n / 1e6:.2f}M parameters, vocabulary {vocab}"
         )
-        print(json.dumps(model.config.model_dump(mode="json"), indent=2))
-        print("\n".join(describe_folder(model_dir)))  # where each tower's weights came from
+        print(json.dumps(model.config.model_dump(mode="json"), indent=2), *provenance(model_dir), sep="\n")
     from .train.checkpoint import list_checkpoints, verify
 
     for ck in list_checkpoints(path / "checkpoints"):
