@@ -177,6 +177,11 @@ def test_missing_sources_name_the_key(tiny_bert, tmp_path):
         ConfigError, match="model.text.hf = 'no-such-pretrained-pkg': neither a folder nor an installed"
     ):
         two_tower("no-such-pretrained-pkg")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_bert, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has no model.safetensors"):
+        two_tower(no_weights)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
         two_tower(tmp_path / "empty")

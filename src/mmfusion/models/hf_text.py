@@ -222,7 +222,14 @@ class HFTextTower(nn.Module):
         _check_encoder(hf_config, key, spec)
         try:
             if pretrained:
-                self.model = tf.AutoModel.from_pretrained(str(folder), local_files_only=True)
+                if not (folder / "model.safetensors").is_file():  # never unpickle a pytorch_model.bin
+                    raise ConfigError(
+                        f"{key} = {spec!r}: {folder} has no model.safetensors (pickled weights "
+                        "are not loaded; convert them with transformers' save_pretrained)"
+                    )
+                self.model = tf.AutoModel.from_pretrained(
+                    str(folder), local_files_only=True, use_safetensors=True
+                )
             else:
                 self.model = tf.AutoModel.from_config(hf_config)
             hf_tok = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
