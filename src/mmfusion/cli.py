@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "info",
         help="environment, or what a run / model folder holds",
-        description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the "
-        "model's configuration, parameter count and checkpoints.",
+        description="Without PATH: versions, devices and the precision `auto` picks. With PATH: the model's "
+        "configuration, parameter count, where each tower's weights came from (+ SHA-256) and checkpoints.",
     )
     p.add_argument("path", nargs="?", help="a run directory or a model folder")
 
@@ -267,27 +267,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
     from . import __version__
-    from .train.precision import cpu_has_native_bf16, resolve_precision
+    from .train.precision import environment_lines
 
     if args.path is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        print(f"mmfusion {__version__}")
-        print(
-            f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}"
-        )
-        print(
-            f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}"
-        )
-        print(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
-        print(f"train.precision=auto resolves to {resolve_precision('auto', device)} on {device}")
+        print(f"mmfusion {__version__}", *environment_lines(), sep="\n")
         return 0
     path = Path(args.path)
     model_dir = path / "model" if (path / "model").is_dir() else path
     if (model_dir / "config.json").is_file():
         from . import load_model
+        from .models.provenance import describe_folder as provenance  # where each tower's weights came from
 
         model = load_model(model_dir)
         n = sum(p.numel() for p in model.parameters())
@@ -295,7 +285,7 @@ def cmd_info(args) -> int:
         print(
             f"model folder {model_dir}: {type(model).__name__}, {n / 1e6:.2f}M parameters, vocabulary {vocab}"
         )
-        print(json.dumps(model.config.model_dump(mode="json"), indent=2))
+        print(json.dumps(model.config.model_dump(mode="json"), indent=2), *provenance(model_dir), sep="\n")
     from .train.checkpoint import list_checkpoints, verify
 
     for ck in list_checkpoints(path / "checkpoints"):

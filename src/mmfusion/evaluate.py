@@ -210,6 +210,12 @@ def evaluate_run(
     dataset = load_split(cfg, split)
     metrics, emb = evaluate_contrastive(model, dataset, cfg.eval.recall_at, cfg.eval.batch_size)
     metrics = {"split": split, **metrics}
+    if cfg.eval.paraphrase:
+        if cfg.data.source != "synthetic":
+            raise ConfigError("eval.paraphrase: paraphrased captions exist for the synthetic world only")
+        from .eval.paraphrase import evaluate_paraphrase
+
+        metrics.update(evaluate_paraphrase(model, dataset, cfg.eval.recall_at, cfg.eval.batch_size))
     if has_probe(model_dir):  # a CL-FT run: the classification probe on the image embedding
         metrics.update(evaluate_probe(cfg, model_dir, split))
     plots = [

@@ -136,7 +136,7 @@ def _tokenizer_settings(cfg: RunConfig) -> tuple[str | None, int, int, str]:
 def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
     """<run>/tokenizer.json: the given one, the init_from model's, or BPE trained on the training texts."""
     field = text_field(cfg)
-    if field is None or cfg.kind == "vlm":  # a vlm model uses its LM's own tokenizer
+    if field is None or cfg.kind == "vlm" or hf_text(cfg):  # vlm / HF towers bring their own tokenizer
         return
     path, vocab, context, key = _tokenizer_settings(cfg)
     if path or cfg.train.init_from:  # init_from: the tokenizer of the model it starts from
@@ -154,8 +154,13 @@ def write_tokenizer(cfg: RunConfig, out: Path, train_set) -> None:
     TextTokenizer.train(texts, vocab, context).save(out)
 
 
+def hf_text(cfg: RunConfig) -> bool:
+    """A two-tower run whose text tower is a pretrained HF encoder (`model.text.hf`): it brings its tokenizer."""
+    return cfg.kind == "contrastive" and cfg.model.text.hf is not None
+
+
 def load_tokenizer(cfg: RunConfig, out: Path) -> TextTokenizer | None:
-    if text_field(cfg) is None or cfg.kind == "vlm":
+    if text_field(cfg) is None or cfg.kind == "vlm" or hf_text(cfg):
         return None
     if cfg.kind == "contrastive" and cfg.model.text.arch == "clip":  # model.text.tokenizer: a CLIP one
         t = cfg.model.text

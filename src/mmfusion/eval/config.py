@@ -15,6 +15,9 @@ class EvalConfig(Section):
     grid_queries: int = Field(4, ge=0, le=32)
     # a unified run generates for every evaluated row: at most this many held-out rows
     max_rows: int = Field(200, ge=1)
+    # two-tower runs on the synthetic world: also evaluate on the split with paraphrased captions and
+    # zero-shot prompts (words the training captions never use; mmfusion.eval.paraphrase), keys "para_*"
+    paraphrase: bool = False
 
 
 __all__ = ["EvalConfig"]

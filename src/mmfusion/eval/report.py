@@ -13,9 +13,10 @@ from .retrieval import embed_dataset, retrieval_metrics, zero_shot_accuracy
 
 
 def evaluate_contrastive(
-    model, dataset, recall_at=(1, 5, 10), batch_size: int = 256
+    model, dataset, recall_at=(1, 5, 10), batch_size: int = 256, prompts: list[str] | None = None
 ) -> tuple[dict[str, Any], dict]:
-    """Retrieval recall@K both ways and, when samples carry scene records, zero-shot colour/shape accuracy."""
+    """Retrieval recall@K both ways and, when samples carry scene records, zero-shot colour/shape accuracy
+    (with `prompts` in place of the default zero-shot prompts, in their order)."""
     emb = embed_dataset(model, dataset, batch_size)
     metrics: dict[str, Any] = {"n_pairs": len(emb["keys"]), **retrieval_metrics(emb, recall_at)}
     single = [i for i, s in enumerate(emb["scenes"]) if s and len(s["objects"]) == 1]
@@ -23,7 +24,9 @@ def evaluate_contrastive(
         idx = torch.tensor(single)
         for attr in ("colour", "shape"):
             labels = [emb["scenes"][i]["objects"][0][attr] for i in single]
-            metrics[f"zero_shot_{attr}_acc"] = zero_shot_accuracy(model, emb["image"][idx], labels, attr)
+            metrics[f"zero_shot_{attr}_acc"] = zero_shot_accuracy(
+                model, emb["image"][idx], labels, attr, prompts
+            )
         metrics["zero_shot_n_images"] = len(single)
     if emb["skipped"]:
         metrics["skipped"] = len(emb["skipped"])

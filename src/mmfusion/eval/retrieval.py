@@ -78,15 +78,19 @@ def zero_shot_prompts() -> tuple[list[str], list[dict[str, str]]]:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, image_emb: torch.Tensor, labels: Sequence[str], attribute: str) -> float:
+def zero_shot_accuracy(
+    model, image_emb: torch.Tensor, labels: Sequence[str], attribute: str, prompts: list[str] | None = None
+) -> float:
     """Zero-shot classification of `attribute` ("colour" | "shape") from text prompts alone.
 
     p(class | image) is the softmax over all single-object prompts (at the model's temperature),
     marginalised over the other attributes: p(red) = sum of p("a small red circle"), p("a large red
     square"), ... Averaging prompt embeddings per class (CLIP's ensembling) blurs the shape directions
-    with the colour ones in this world, so the marginal is used.
+    with the colour ones in this world, so the marginal is used. `prompts`: other wordings of the same
+    prompts, in zero_shot_prompts()'s order.
     """
-    prompts, attrs = zero_shot_prompts()
+    default, attrs = zero_shot_prompts()
+    prompts = default if prompts is None else prompts  # e.g. paraphrased: one per attribute combination
     probs = (model.scale().detach().float().cpu() * image_emb @ model.encode_text(prompts).t()).softmax(dim=1)
     names = sorted({a[attribute] for a in attrs})
     member = torch.tensor([[a[attribute] == n for n in names] for a in attrs], dtype=probs.dtype)  # (P, C)

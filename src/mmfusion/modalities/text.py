@@ -153,6 +153,11 @@ class TextEncoderConfig(EncoderConfigBase):
     kind: Literal["text"] = "text"
     vocab_size: int | None = Field(None, ge=4)
     context_length: int = Field(32, ge=4, le=4096)
+    # a pretrained transformers encoder (folder or installed package; mmfusion.models.hf_text) instead of the
+    # TextEncoder: its own tokenizer, width and depth; `MultiModalModel(encoders={"text": "hf:<path>"})`
+    hf: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    freeze: bool | int = False
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:

@@ -15,6 +15,10 @@ from ..modalities import MODALITIES, EncoderConfigBase
 def build_encoder(cfg: EncoderConfigBase) -> nn.Module:
     """Encoder module for one config (its modality's builder); it is used through `forward_tokens` -> (B, N,
     width)."""
+    if cfg.kind == "text" and getattr(cfg, "hf", None):  # a pretrained transformers encoder (models.hf_text)
+        from .hf_text import HFTextTower
+
+        return HFTextTower(cfg.hf, None, cfg.pooling, cfg.freeze, cfg.context_length, key="encoders.text.hf")
     enc = MODALITIES[cfg.kind].build_encoder(cfg)
     # Only the token path is used here (the model projects tokens itself), so a pooled projection would be
     # a parameter without gradients (DDP rejects those): replace it.

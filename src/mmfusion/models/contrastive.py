@@ -46,23 +46,29 @@ class ContrastiveModel(nn.Module):
     `encode_text(list[str])` and `encode_image(images)` return L2-normalised (N, embed_dim) embeddings.
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: TextTokenizer | ClipTokenizer):
+    def __init__(self, config: ModelConfig, tokenizer: TextTokenizer | ClipTokenizer | None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         t, i = config.text, config.image
-        eot_id = tokenizer.eot_id if t.arch == "clip" else None  # CLIP: pooled at the first <|endoftext|>
-        self.text_encoder = TextEncoder(
-            tokenizer.vocab_size,
-            t.context_length,
-            t.width,
-            t.depth,
-            t.heads,
-            config.embed_dim,
-            t.mlp_ratio,
-            t.act,
-            eot_id,
-        )
+        if t.hf is not None:  # a pretrained transformers encoder with its own tokenizer (models.hf_text)
+            from .hf_text import HFTextTower
+
+            self.text_encoder = HFTextTower(t.hf, config.embed_dim, t.pooling, t.freeze, t.context_length)
+            self.tokenizer = self.text_encoder.tokenizer
+        else:
+            eot_id = tokenizer.eot_id if t.arch == "clip" else None  # CLIP: pooled at the first <|endoftext|>
+            self.text_encoder = TextEncoder(
+                tokenizer.vocab_size,
+                t.context_length,
+                t.width,
+                t.depth,
+                t.heads,
+                config.embed_dim,
+                t.mlp_ratio,
+                t.act,
+                eot_id,
+            )
         self.image_encoder = ImageEncoder(
             i.image_size,
             i.patch_size,
@@ -169,7 +175,20 @@ class ContrastiveModel(nn.Module):
     # ---- persistence -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors + tokenizer.json into `directory`."""
-        return save_folder(self, directory, MODEL_TYPE, self.config.model_dump(mode="json"), self.tokenizer)
+        return save_folder(
+            self,
+            directory,
+            MODEL_TYPE,
+            self.config.model_dump(mode="json"),
+            self.tokenizer,
+            self.provenance(),
+        )
+
+    def provenance(self) -> dict[str, dict]:
+        """Tower -> where its weights came from (mmfusion.models.provenance), saved into config.json."""
+        from .provenance import model_provenance
+
+        return model_provenance({"text_encoder": self.text_encoder, "image_encoder": self.image_encoder})
 
     @classmethod
     def from_pretrained(
@@ -177,6 +196,11 @@ class ContrastiveModel(nn.Module):
     ) -> ContrastiveModel:
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         config = ModelConfig.model_validate(read_config(directory, MODEL_TYPE))
+        if config.text.hf is not None:  # the HF tower and its tokenizer come from <directory>/hf_text
+            from .hf_text import loading_saved
+
+            with loading_saved(directory):
+                return load_weights(cls(config, None), directory, map_location)
         t = config.text
         tokenizer = load_text_tokenizer(directory, t.context_length, t.arch, t.vocab_size)
         return load_weights(cls(config, tokenizer), directory, map_location)

