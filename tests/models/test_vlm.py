@@ -108,6 +108,7 @@ def test_save_delete_lm_folder_load_same_generations(lm_folders, samples, tmp_pa
     from mmfusion.train.lora import apply_lora, merge_lora
 
     source = shutil.copytree(lm_folders["gpt2"], tmp_path / "gpt2")
+    shutil.copytree(source, tmp_path / "gpt2_hash")  # the source's weights, for the provenance hash
     model = _model(source)
     apply_lora(model, ["c_attn"], r=4, verbose=False)
     with torch.no_grad():
@@ -129,6 +130,17 @@ def test_save_delete_lm_folder_load_same_generations(lm_folders, samples, tmp_pa
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert not list((tmp_path / "saved").rglob("*.bin")) and not list((tmp_path / "saved").rglob("*.pt"))
+    # provenance (mmfusion info): the LM's source folder and the SHA-256 of its weights file, a new tower
+    from mmfusion.models.provenance import describe_folder, sha256_file
+
+    assert loaded.sources["lm"]["path"] == str(source.resolve())
+    assert loaded.sources["lm"]["weights"] == "model.safetensors"
+    assert len(loaded.sources["lm"]["sha256"]) == 64
+    assert loaded.sources["lm"]["sha256"] == sha256_file(tmp_path / "gpt2_hash" / "model.safetensors")
+    assert loaded.sources["image_encoder"] == {"source": "scratch"}
+    assert describe_folder(tmp_path / "saved")[1].startswith(
+        f"weights of lm: pretrained: folder {source.resolve()}"
+    )
 
 
 def test_config_errors_name_the_key(lm_folders, tmp_path):

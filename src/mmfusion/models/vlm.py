@@ -30,6 +30,7 @@ from .contrastive import ModelOutput
 from .contrastive_config import ModelConfig
 from .hf_lm import load_causal_lm
 from .persistence import read_config
+from .provenance import read_provenance
 from .vlm_config import VLMConfig
 from .vlm_data import IGNORE, PromptFormat, VLMCollate
 
@@ -138,13 +139,23 @@ class VLMModel(nn.Module):
         self.lm.requires_grad_(not config.lm.freeze)
         self.register_state_dict_post_hook(_drop_aliases)
         self.register_load_state_dict_pre_hook(_fill_aliases)
+        self.sources: dict[str, dict] = {}  # tower -> where its weights came from (models.provenance)
 
     @classmethod
     def from_config(cls, config: VLMConfig) -> VLMModel:
         """A fresh captioner: the LM and tokenizer from `lm.hf`, the tower from `image.from_run` or new."""
+        from .provenance import SCRATCH, folder_record
+
         config, tower = resolve_image(config)
         lm, tokenizer = load_causal_lm(config.lm.hf)
-        return cls(config, lm, tokenizer, tower)
+        model = cls(config, lm, tokenizer, tower)
+        from_run = config.image.from_run
+        model.sources = {
+            "image_encoder": folder_record(_tower_folder(from_run)) if from_run else dict(SCRATCH),
+            "lm": folder_record(config.lm.hf),
+            "projector": dict(SCRATCH),
+        }
+        return model
 
     @property
     def device(self) -> torch.device:
@@ -314,7 +325,11 @@ class VLMModel(nn.Module):
             k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("lm.")
         }
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"model_type": MODEL_TYPE, "model": self.config.model_dump(mode="json")}
+        meta = {
+            "model_type": MODEL_TYPE,
+            "model": self.config.model_dump(mode="json"),
+            "provenance": self.sources,
+        }
         (directory / "config.json").write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -328,6 +343,7 @@ class VLMModel(nn.Module):
         config = config.model_copy(update={"image": config.image.model_copy(update={"from_run": None})})
         lm, tokenizer = load_causal_lm(directory / LM_DIR, key=f"{directory}/{LM_DIR}")
         model = cls(config, lm, tokenizer)
+        model.sources = read_provenance(directory) or {}
         weights = directory / "model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{weights} not found")
