@@ -158,6 +158,12 @@ def test_config_errors_name_the_key(lm_folders, tmp_path):
     ).save_pretrained(bert)
     with pytest.raises(ConfigError, match=r"model\.lm\.hf = .*unsupported architecture 'bert'"):
         _model(bert)
+    pickled = shutil.copytree(lm_folders["gpt2"], tmp_path / "pickled")
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ConfigError, match=r"model\.lm\.hf = .*pickled.*no \*\.safetensors weights"):
+        _model(pickled)
     with pytest.raises(ConfigError, match=r"model: num_image_tokens = 5.*square number"):
         config_from_dict({"model": {"kind": "vlm", "lm": {"hf": "x"}, "num_image_tokens": 5}})
     with pytest.raises(ConfigError, match=r"model\.lm\.hf"):

@@ -75,8 +75,13 @@ def load_causal_lm(folder: str | Path, key: str = "model.lm.hf") -> tuple[Any, A
             f"{key} = {str(folder)!r}: its tokenizer has no eos token; captions need one to end "
             "(set eos_token in tokenizer_config.json)"
         )
+    if not any(Path(folder).glob("*.safetensors")):
+        raise ConfigError(
+            f"{key} = {str(folder)!r}: no *.safetensors weights there (pickled .bin weights are not loaded; "
+            "convert them with transformers' save_pretrained)"
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), config=config, local_files_only=True, dtype=torch.float32
+        str(folder), config=config, local_files_only=True, dtype=torch.float32, use_safetensors=True
     )
     return model, tokenizer
 
