@@ -23,7 +23,8 @@ DEADLINE: float | None = None
 
 def _env(env: dict[str, str] | None) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path, **(env or {})}
+    base = {"CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path, "OMP_WAIT_POLICY": "PASSIVE"}  # see conftest.py
+    return {**os.environ, **base, **(env or {})}
 
 
 def run_group(cmd: list[str], cwd, env=None, timeout: float = 240) -> subprocess.CompletedProcess:

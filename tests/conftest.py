@@ -5,6 +5,13 @@ import os
 import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# OpenMP threads sleep instead of spinning while they wait: on a loaded machine (CI shares its 2 cores) a
+# 2-thread torch process that spins burns its time slices waiting for a descheduled peer thread. Measured
+# here (a 2-thread MLP forward/backward loop): idle cores 2.9 s passive vs 2.5 s spinning; with 2 busy
+# processes 7.2 s vs 12.0 s; under 3 concurrent suites the 400-step quickstart test took > 850 s spinning
+# (about 3 min on idle cores). Read when torch loads OpenMP, so set before the import; subprocesses
+# inherit it (tests/clirun.py sets it too).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
