@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, DataError
-from .text import TextTokenizer
+from .text import TextTokenizer, check_texts, pad_rows
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -57,21 +57,13 @@ class ClipTokenizer:
 
     def encode(self, texts: Sequence[str], pad_to: int | None = None) -> torch.Tensor:
         """Texts -> (batch, length) int64 ids, <|startoftext|> ... <|endoftext|>, padded to the longest row."""
-        if isinstance(texts, str):
-            texts = [texts]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise DataError(f"text #{i} is {type(t).__name__}; expected str")
+        texts = check_texts(texts)
         keep = self.context_length - 2
         rows = [
             [self.bos_id, *e.ids[:keep], self.eot_id]
             for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         ]
-        length = pad_to or max(len(r) for r in rows)
-        out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return out
+        return pad_rows(rows, self.pad_id, pad_to)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, dropping special tokens."""

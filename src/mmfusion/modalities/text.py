@@ -19,6 +19,24 @@ PAD, UNK, EOT = "[PAD]", "[UNK]", "[EOT]"
 SPECIAL_TOKENS = (PAD, UNK, EOT)  # ids 0, 1, 2
 
 
+def check_texts(texts: str | Sequence[str]) -> list[str]:
+    """A list of strings (a lone string is one text); DataError naming the first text that is not a string."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"text #{i} is {type(t).__name__}; expected str")
+    return texts
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> torch.Tensor:
+    """(N, pad_to or the longest row) long tensor of id rows, right-padded with `pad_id`."""
+    length = pad_to or max(len(r) for r in rows)
+    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 class TextTokenizer:
     """BPE tokenizer trained on captions; encodes a batch to padded ids ending in [EOT].
 
@@ -63,19 +81,11 @@ class TextTokenizer:
 
         Rows are padded to the longest row in the batch (or to `pad_to`).
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise DataError(f"text #{i} is {type(t).__name__}; expected str")
+        texts = check_texts(texts)
         rows = [
             e.ids[: self.context_length - 1] + [self.eot_id] for e in self.tokenizer.encode_batch(list(texts))
         ]
-        length = pad_to or max(len(r) for r in rows)
-        out = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return out
+        return pad_rows(rows, self.pad_id, pad_to)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, dropping special tokens."""

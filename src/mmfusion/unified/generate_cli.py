@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, DataError
+from .vlm_generate import questions_per_image
 
 if TYPE_CHECKING:
     import torch
@@ -287,13 +288,7 @@ def cmd_generate(args) -> int:
             texts = caption_images(bundle, codes, _sampling(args, "greedy"), args.max_new_tokens)
             results = [{"image": str(p), "caption": c} for (_, p), c in zip(inputs, texts)]
         else:
-            questions = args.question or []
-            if len(questions) == 1:
-                questions = questions * len(inputs)
-            if len(questions) != len(inputs):
-                raise ConfigError(
-                    f"--task vqa: {len(questions)} --question for {len(inputs)} images; give one, or one per image"
-                )
+            questions = questions_per_image(args.question, len(inputs))
             texts = answer_questions(bundle, codes, questions, _sampling(args, "greedy"), args.max_new_tokens)
             results = [
                 {"image": str(p), "question": q, "answer": a}

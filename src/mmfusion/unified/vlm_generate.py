@@ -9,6 +9,18 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
+def questions_per_image(questions: list[str] | None, n_images: int) -> list[str]:
+    """`--question` once for every image, or one per image; ConfigError otherwise."""
+    questions = list(questions or [])
+    if len(questions) == 1:
+        questions = questions * n_images
+    if len(questions) != n_images:
+        raise ConfigError(
+            f"--task vqa: {len(questions)} --question for {n_images} images; give one, or one per image"
+        )
+    return questions
+
+
 def generate_vlm(args) -> int:
     """Print `path<TAB>caption` (or answer) per image; --json also writes them."""
     import torch
@@ -36,13 +48,7 @@ def generate_vlm(args) -> int:
         texts = model.caption(images, **options)
         results = [{"image": str(p), "caption": c} for (_, p), c in zip(inputs, texts)]
     else:
-        questions = args.question or []
-        if len(questions) == 1:
-            questions = questions * len(inputs)
-        if len(questions) != len(inputs):
-            raise ConfigError(
-                f"--task vqa: {len(questions)} --question for {len(inputs)} images; give one, or one per image"
-            )
+        questions = questions_per_image(args.question, len(inputs))
         texts = model.answer(images, questions, **options)
         results = [
             {"image": str(p), "question": q, "answer": a} for (_, p), q, a in zip(inputs, questions, texts)
