@@ -118,6 +118,9 @@ def prepare_server(cfg: RunConfig, overwrite: bool = False, log=print) -> Federa
         raise ConfigError(
             "federated runs train one model on plain data: drop train.stages / train.distill / data.mixture"
         )
+    inputs, fields = model_inputs(cfg), cfg.data.inputs if cfg.kind == "fusion" else {}
+    for cid in range(cfg.federated.clients):  # names checked before anything is written
+        dropped_fields(inputs, fields, cfg.federated.client_modalities(cid))
     out = run_dir(cfg)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
