@@ -34,3 +34,17 @@ def kill_after(step: int, rank: int | None = None, marker: str | None = None) ->
     }
     inner = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in args.items())
     return ["--set", f'train.callbacks=[{{target: "faults:KillAfterStep", args: {{{inner}}}}}]']
+
+
+class KillFederatedClient:
+    """SIGKILL a federated client process (mmfusion.federated.client) at local step `step` of round `round`,
+    mid-round: its Trainer writes into <run>/clients/client-<client> and runs round r as stage r - 1."""
+
+    def __init__(self, client: int, round: int, step: int):
+        self.client, self.round, self.step = client, round, step
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.run_dir.name != f"client-{self.client}" or trainer.stage is None:
+            return
+        if trainer.stage.index == self.round - 1 and trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -19,7 +19,7 @@ def test_defaults_validate_and_overrides_are_typed():
         ("train.foo=1", "unknown key 'train.foo'; allowed keys here: accumulation"),
         (
             "nope=1",
-            "unknown key 'nope'; allowed keys here: data, eval, model, name, out_dir, seed, train",
+            "unknown key 'nope'; allowed keys here: data, eval, federated, model, name, out_dir, seed, train",
         ),
         ("train.precision=fp8", "train.precision = 'fp8': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ("train.steps=0", "train.steps = 0: Input should be greater than or equal to 1"),

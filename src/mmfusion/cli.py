@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .cli_clip import add_clip_commands, export_folder
+from .cli_federated import add_federated_commands
 from .errors import CheckpointError, ConfigError, DataError, MMFusionError
 
 EXIT_CONFIG = 2
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_unified_command(sub)
     add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
+    add_federated_commands(sub)  # `federate` (mmfusion.cli_federated)
     return parser
 
 

@@ -53,6 +53,7 @@ from .train.config import (  # noqa: F401
     TensorConfig,
     TrainConfig,
 )
+from .train.federated_config import FederatedConfig
 from .unified.config import UnifiedModelConfig
 
 ModelSection = Annotated[
@@ -155,6 +156,8 @@ class RunConfig(Section):
     model: ModelSection = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    # edge-cloud federated training (`mmfusion federate`, mmfusion.federated); ignored by `mmfusion train`
+    federated: FederatedConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -27,6 +27,7 @@ def test_help_on_every_command(mmfusion, tmp_path):
         ["eval", "--help"],
         ["info", "--help"],
         ["data", "synth", "--help"],
+        ["federate", "--help"],
     ):
         out = mmfusion(*args, cwd=tmp_path).stdout
         assert "usage: mmfusion" in out

@@ -2,6 +2,7 @@
 
 A callback is any object; the Trainer calls the hooks it has:
 
+    on_before_optimizer_step(trainer)   after backward and gradient unscaling, before clipping and the step
     on_step_end(trainer)   after each optimizer step, its logging and evaluation, before that step's checkpoint
 
 `train.callbacks: [{target: "package.module:Name", args: {...}}]` imports `Name` and calls `Name(**args)`,
@@ -15,7 +16,7 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
-HOOKS = ("on_step_end",)
+HOOKS = ("on_before_optimizer_step", "on_step_end")
 
 
 def resolve_target(target: str) -> Any:

@@ -81,8 +81,10 @@ class Trainer:
         stage: StageInfo | None = None,
         groups: list[dict[str, Any]] | None = None,
         callbacks: list[Any] | None = None,
+        checkpoints: bool = True,
     ):
         self.cfg = cfg
+        self.checkpoints = checkpoints  # False: nothing written to run_dir/checkpoints (a federated client)
         self.stage = stage
         self.offset = stage.offset if stage is not None else 0
         self.run_dir = Path(run_dir)
@@ -395,6 +397,9 @@ class Trainer:
                     report_precision = False
                     self._log_precision()
                 self.scaler.unscale_(self.optimizer)
+                for cb in self.callbacks:  # e.g. FedProx's proximal gradient (mmfusion.federated.client)
+                    if hasattr(cb, "on_before_optimizer_step"):
+                        cb.on_before_optimizer_step(self)
                 self.accumulator.hold(self.step + 1)
                 grad_norm = float("nan")
                 if cfg.grad_clip > 0:
@@ -454,7 +459,7 @@ class Trainer:
                 for cb in self.callbacks:
                     if hasattr(cb, "on_step_end"):
                         cb.on_step_end(self)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if self.checkpoints and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save()
         finally:
             bar.close()
