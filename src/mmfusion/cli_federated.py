@@ -14,7 +14,7 @@ def add_federated_commands(sub: argparse._SubParsersAction) -> None:
         "inputs federated.modalities gives it; per round it trains federated.local_steps steps with the "
         "run's Trainer and sends its model back; the server aggregates and evaluates the global model on "
         "the test split. Writes runs/<name>/model (the global model), rounds/round-NNN, federated.jsonl, "
-        "metrics.json and plots/federated.png. --mode simulation runs every client in this process; "
+        "federated.json and plots/federated.png. --mode simulation runs every client in this process; "
         "--mode processes runs Flower's gRPC server here and one process per client over localhost.",
     )
     p.add_argument(

@@ -175,3 +175,26 @@ def test_a_users_jsonl_is_partitioned_by_its_label_column(tmp_path):
             total[k] = total.get(k, 0) + v
     assert total == {str(k): labels.count(k) for k in set(labels)}
     assert m["final"]["accuracy_all"] > 0
+
+
+def test_a_two_tower_recipe_federates_too(tmp_path):
+    """Any fusion or two-tower recipe: the e2e tiny two-tower config with a federated section (iid, 2 edges);
+    the server trains the BPE tokenizer (logged) and evaluates retrieval."""
+    lines = []
+    cfg = load_config(
+        "tests/e2e/tiny.yaml",
+        [f"out_dir={tmp_path}", "federated={clients: 2, rounds: 2, local_steps: 2, partition: {by: iid}}"],
+    )
+    m = simulate(cfg, log=lines.append)
+    assert any("to train the BPE tokenizer" in line for line in lines)
+    assert 0.0 <= m["final"]["t2i_recall@1"] <= 1.0 and "i2t_recall@5" in m["final"]
+    assert any(line.startswith("round 2/2: t2i_recall@1 ") for line in lines)
+    from mmfusion.models.contrastive import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(tmp_path / "tiny" / "model")
+    assert (tmp_path / "tiny" / "model" / "tokenizer.json").is_file() and model is not None
+    assert m["partition"]["sizes"] == [128, 128]
+    assert json.loads((tmp_path / "tiny" / "federated.json").read_text())["final"] == m["final"]
+    assert main(["eval", str(tmp_path / "tiny")]) == 0  # the run directory evaluates like any run's
+    evaluated = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert evaluated["t2i_recall@1"] == pytest.approx(m["final"]["t2i_recall@1"])

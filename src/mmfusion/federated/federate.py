@@ -120,7 +120,7 @@ def _finish(fed: Federation, evaluator: Evaluator, partition_info: dict[str, Any
         "clients_failed_total": sum(r.get("clients_failed", 0) for r in rows),
         "partition": partition_info,
     }
-    (fed.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (fed.out / "federated.json").write_text(json.dumps(metrics, indent=2))
     plot = plot_rounds(
         rows, fed.out / "plots" / "federated.png", evaluator.headline(final)[0] if final else None
     )
@@ -132,7 +132,7 @@ def _finish(fed: Federation, evaluator: Evaluator, partition_info: dict[str, Any
 
 
 def simulate(cfg, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Run the federation with every client in this process; returns metrics.json's content."""
+    """Run the federation with every client in this process; returns federated.json's content."""
     from flwr.server import Server, SimpleClientManager
 
     from ..run import load_split
