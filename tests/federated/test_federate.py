@@ -3,6 +3,7 @@ model; a run is reproducible; the global model is a model folder; a client kille
 
 import json
 
+import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
 from safetensors.numpy import load_file
@@ -15,6 +16,7 @@ from mmfusion.federated.wire import encode, payload_bytes, state_arrays
 from mmfusion.models.multimodal import MultiModalModel
 
 RECIPE = "configs/federated.yaml"
+SMALL = ["data.synthetic.n_train=240", "data.synthetic.n_test=40"]
 
 
 def _cfg(tmp_path, name, *overrides):
@@ -198,3 +200,23 @@ def test_a_two_tower_recipe_federates_too(tmp_path):
     assert main(["eval", str(tmp_path / "tiny")]) == 0  # the run directory evaluates like any run's
     evaluated = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert evaluated["t2i_recall@1"] == pytest.approx(m["final"]["t2i_recall@1"])
+
+
+def test_dp_clips_every_client_update_to_the_norm(tmp_path):
+    """federated.dp (Flower's server-side fixed clipping, no noise here): one round moves the global model by
+    at most clipping_norm in L2 over the whole state, however far the clients moved."""
+    from mmfusion.federated.server import open_client_side
+
+    cfg = _cfg(
+        tmp_path,
+        "dp",
+        "federated.rounds=1",
+        "federated.local_steps=3",
+        "federated.dp={noise_multiplier: 0.0, clipping_norm: 0.01}",
+    )
+    simulate(cfg, log=lambda _m: None)
+    start = open_client_side(tmp_path / "dp" / "config.yaml").new_model().state_dict()
+    after = load_file(str(tmp_path / "dp" / "rounds" / "round-001" / "model.safetensors"))
+    assert after.keys() == start.keys()
+    moved = np.sqrt(sum(float(((after[k].astype(np.float64) - start[k].numpy()) ** 2).sum()) for k in after))
+    assert 0.001 < moved <= 0.01 * (1 + 1e-5)
