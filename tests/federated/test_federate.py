@@ -220,3 +220,18 @@ def test_dp_clips_every_client_update_to_the_norm(tmp_path):
     assert after.keys() == start.keys()
     moved = np.sqrt(sum(float(((after[k].astype(np.float64) - start[k].numpy()) ** 2).sum()) for k in after))
     assert 0.001 < moved <= 0.01 * (1 + 1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_process_that_cannot_start_stops_the_server_with_its_log(tmp_path):
+    """The clients here lack the test callbacks module on their path: each exits at config load; the server
+    says which client, its exit code and the end of its log, instead of waiting connect_timeout_s."""
+    from mmfusion.errors import MMFusionError
+    from mmfusion.federated.federate import serve_processes
+
+    kill = '[{target: "faults:KillFederatedClient", args: {client: 1, round: 2, step: 3}}]'
+    cfg = _cfg(tmp_path, "early", *SMALL, "federated.clients=2", f"train.callbacks={kill}")
+    with pytest.raises(
+        MMFusionError, match=r"client \d exited with code 2 before joining:(.|\n)*cannot import 'faults'"
+    ):
+        serve_processes(cfg, log=lambda _m: None, client_env={"PYTHONPATH": ""})
