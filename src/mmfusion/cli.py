@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_unified_command(sub)
     add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
-    add_federated_commands(sub)  # `federate` (mmfusion.cli_federated)
-    add_safety_commands(sub)  # `bias` (mmfusion.cli_safety)
+    add_federated_commands(sub, _add_config_args)  # `federate` (mmfusion.cli_federated)
+    add_safety_commands(sub, _add_config_args)  # `bias` (mmfusion.cli_safety)
     return parser
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def add_safety_commands(sub: argparse._SubParsersAction) -> None:
+def add_safety_commands(sub: argparse._SubParsersAction, add_config_args) -> None:
     p = sub.add_parser(
         "bias",
         help="per-group metrics of a fusion classifier along sensitive axes (HTML report, four-fifths line)",
@@ -18,15 +18,7 @@ def add_safety_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="a run directory (its config.yaml names the data) or a model folder")
     p.add_argument("--axes", required=True, help="comma-separated sample fields that name the groups")
-    p.add_argument("--config", "-c", help="the recipe whose data to use (default: the run's config.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value",
-    )
+    add_config_args(p)  # --config (default: the run's config.yaml), --set
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument(
         "--positive",
