@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli_clip import add_clip_commands, export_folder
 from .cli_federated import add_federated_commands
+from .cli_safety import add_safety_commands
 from .errors import CheckpointError, ConfigError, DataError, MMFusionError
 
 EXIT_CONFIG = 2
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_unified_command(sub)
     add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
-    add_federated_commands(sub)  # `federate` (mmfusion.cli_federated)
+    add_federated_commands(sub, _add_config_args)  # `federate` (mmfusion.cli_federated)
+    add_safety_commands(sub, _add_config_args)  # `bias` (mmfusion.cli_safety)
     return parser
 
 

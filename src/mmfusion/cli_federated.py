@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_federated_commands(sub: argparse._SubParsersAction) -> None:
+def add_federated_commands(sub: argparse._SubParsersAction, add_config_args) -> None:
     p = sub.add_parser(
         "federate",
         help="federated training on Flower: clients train on their own data, the server aggregates",
@@ -14,20 +14,10 @@ def add_federated_commands(sub: argparse._SubParsersAction) -> None:
         "inputs federated.modalities gives it; per round it trains federated.local_steps steps with the "
         "run's Trainer and sends its model back; the server aggregates and evaluates the global model on "
         "the test split. Writes runs/<name>/model (the global model), rounds/round-NNN, federated.jsonl, "
-        "metrics.json and plots/federated.png. --mode simulation runs every client in this process; "
+        "federated.json and plots/federated.png. --mode simulation runs every client in this process; "
         "--mode processes runs Flower's gRPC server here and one process per client over localhost.",
     )
-    p.add_argument(
-        "--config", "-c", help="YAML recipe with a federated: section (see configs/federated.yaml)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set federated.rounds=5 (repeatable)",
-    )
+    add_config_args(p)  # --config (a recipe with a federated: section), --set, as `mmfusion train`
     p.add_argument("--clients", type=int, help="number of clients (overrides federated.clients)")
     p.add_argument("--rounds", type=int, help="number of rounds (overrides federated.rounds)")
     p.add_argument(

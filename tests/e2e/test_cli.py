@@ -28,6 +28,7 @@ def test_help_on_every_command(mmfusion, tmp_path):
         ["info", "--help"],
         ["data", "synth", "--help"],
         ["federate", "--help"],
+        ["bias", "--help"],
     ):
         out = mmfusion(*args, cwd=tmp_path).stdout
         assert "usage: mmfusion" in out

@@ -3,6 +3,7 @@ model; a run is reproducible; the global model is a model folder; a client kille
 
 import json
 
+import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
 from safetensors.numpy import load_file
@@ -15,6 +16,7 @@ from mmfusion.federated.wire import encode, payload_bytes, state_arrays
 from mmfusion.models.multimodal import MultiModalModel
 
 RECIPE = "configs/federated.yaml"
+SMALL = ["data.synthetic.n_train=240", "data.synthetic.n_test=40"]
 
 
 def _cfg(tmp_path, name, *overrides):
@@ -175,3 +177,61 @@ def test_a_users_jsonl_is_partitioned_by_its_label_column(tmp_path):
             total[k] = total.get(k, 0) + v
     assert total == {str(k): labels.count(k) for k in set(labels)}
     assert m["final"]["accuracy_all"] > 0
+
+
+def test_a_two_tower_recipe_federates_too(tmp_path):
+    """Any fusion or two-tower recipe: the e2e tiny two-tower config with a federated section (iid, 2 edges);
+    the server trains the BPE tokenizer (logged) and evaluates retrieval."""
+    lines = []
+    cfg = load_config(
+        "tests/e2e/tiny.yaml",
+        [f"out_dir={tmp_path}", "federated={clients: 2, rounds: 2, local_steps: 2, partition: {by: iid}}"],
+    )
+    m = simulate(cfg, log=lines.append)
+    assert any("to train the BPE tokenizer" in line for line in lines)
+    assert 0.0 <= m["final"]["t2i_recall@1"] <= 1.0 and "i2t_recall@5" in m["final"]
+    assert any(line.startswith("round 2/2: t2i_recall@1 ") for line in lines)
+    from mmfusion.models.contrastive import ContrastiveModel
+
+    model = ContrastiveModel.from_pretrained(tmp_path / "tiny" / "model")
+    assert (tmp_path / "tiny" / "model" / "tokenizer.json").is_file() and model is not None
+    assert m["partition"]["sizes"] == [128, 128]
+    assert json.loads((tmp_path / "tiny" / "federated.json").read_text())["final"] == m["final"]
+    assert main(["eval", str(tmp_path / "tiny")]) == 0  # the run directory evaluates like any run's
+    evaluated = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert evaluated["t2i_recall@1"] == pytest.approx(m["final"]["t2i_recall@1"])
+
+
+def test_dp_clips_every_client_update_to_the_norm(tmp_path):
+    """federated.dp (Flower's server-side fixed clipping, no noise here): one round moves the global model by
+    at most clipping_norm in L2 over the whole state, however far the clients moved."""
+    from mmfusion.federated.server import open_client_side
+
+    cfg = _cfg(
+        tmp_path,
+        "dp",
+        "federated.rounds=1",
+        "federated.local_steps=3",
+        "federated.dp={noise_multiplier: 0.0, clipping_norm: 0.01}",
+    )
+    simulate(cfg, log=lambda _m: None)
+    start = open_client_side(tmp_path / "dp" / "config.yaml").new_model().state_dict()
+    after = load_file(str(tmp_path / "dp" / "rounds" / "round-001" / "model.safetensors"))
+    assert after.keys() == start.keys()
+    moved = np.sqrt(sum(float(((after[k].astype(np.float64) - start[k].numpy()) ** 2).sum()) for k in after))
+    assert 0.001 < moved <= 0.01 * (1 + 1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_process_that_cannot_start_stops_the_server_with_its_log(tmp_path):
+    """The clients here lack the test callbacks module on their path: each exits at config load; the server
+    says which client, its exit code and the end of its log, instead of waiting connect_timeout_s."""
+    from mmfusion.errors import MMFusionError
+    from mmfusion.federated.federate import serve_processes
+
+    kill = '[{target: "faults:KillFederatedClient", args: {client: 1, round: 2, step: 3}}]'
+    cfg = _cfg(tmp_path, "early", *SMALL, "federated.clients=2", f"train.callbacks={kill}")
+    with pytest.raises(
+        MMFusionError, match=r"client \d exited with code 2 before joining:(.|\n)*cannot import 'faults'"
+    ):
+        serve_processes(cfg, log=lambda _m: None, client_env={"PYTHONPATH": ""})

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from ..modalities.base import read_field
 from .config import DataConfig
 from .loader import ListDataset
 
@@ -102,26 +103,28 @@ def source_fields(data: DataConfig, inputs: dict[str, str]) -> list[str]:
     return out
 
 
-def dataset_values(dataset, field: str) -> list[Any]:
-    """Every value of `field` in a map-style dataset (manifest entries are read without decoding media)."""
+def field_values(dataset, field: str) -> list[Any] | None:
+    """Every sample's value of `field` in a map-style dataset, in order (None where a sample has none; a field
+    kept in the sample's meta counts), read without decoding media where possible. None: a stream."""
     from .sources import JsonlDataset
 
     if isinstance(dataset, JsonlDataset):
-        return [o.get(field) for _, o in dataset.entries if isinstance(o, dict) and o.get(field) is not None]
+        return [o.get(field) if isinstance(o, dict) else None for _, o in dataset.entries]
     samples = getattr(dataset, "samples", None)
     if samples is None:
+        return None
+    return [read_field(s, field) if isinstance(s, dict) else None for s in samples]
+
+
+def dataset_values(dataset, field: str) -> list[Any]:
+    """Every value of `field` in a map-style dataset (manifest entries are read without decoding media)."""
+    values = field_values(dataset, field)
+    if values is None:
         raise ConfigError(
             f"the classes of data.target.field {field!r} cannot be read from a stream before training: "
             "list them in data.target.classes"
         )
-    out = []
-    for s in samples:
-        value = s.get(field) if isinstance(s, dict) else None
-        if value is None and isinstance(s, dict) and isinstance(s.get("meta"), dict):
-            value = s["meta"].get(field)
-        if value is not None:
-            out.append(value)
-    return out
+    return [v for v in values if v is not None]
 
 
 def dataset_texts(dataset, field: str = "text") -> list[str]:

@@ -56,7 +56,7 @@ class InProcessProxy(ClientProxy):
         return DisconnectRes(reason="")
 
 
-def _strategy(fed: Federation, evaluator: Evaluator, log):
+def _strategy(fed: Federation, evaluator: Evaluator, log, clients_gone=None):
     from .strategy import Recorded, base_strategy
     from .wire import load_arrays, state_arrays
 
@@ -95,7 +95,7 @@ def _strategy(fed: Federation, evaluator: Evaluator, log):
         return 1.0 - value, metrics
 
     inner = base_strategy(f, initial, evaluate_fn, fit_config)
-    recorded = Recorded(inner, f, dtypes, log)
+    recorded = Recorded(inner, f, dtypes, log, clients_gone)
     return recorded
 
 
@@ -120,7 +120,7 @@ def _finish(fed: Federation, evaluator: Evaluator, partition_info: dict[str, Any
         "clients_failed_total": sum(r.get("clients_failed", 0) for r in rows),
         "partition": partition_info,
     }
-    (fed.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (fed.out / "federated.json").write_text(json.dumps(metrics, indent=2))
     plot = plot_rounds(
         rows, fed.out / "plots" / "federated.png", evaluator.headline(final)[0] if final else None
     )
@@ -132,7 +132,7 @@ def _finish(fed: Federation, evaluator: Evaluator, partition_info: dict[str, Any
 
 
 def simulate(cfg, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Run the federation with every client in this process; returns metrics.json's content."""
+    """Run the federation with every client in this process; returns federated.json's content."""
     from flwr.server import Server, SimpleClientManager
 
     from ..run import load_split
@@ -172,65 +172,69 @@ def serve_processes(
     cfg, overwrite: bool = False, log=print, client_env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run Flower's gRPC server here and the clients as `mmfusion federate --connect` processes."""
-    from flwr.server import ServerConfig, start_server
+    from flwr.server import Server, ServerConfig, SimpleClientManager
+    from flwr.server.server import run_fl
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 
-    from ..process import die_with_parent, kill_group
+    from ..process import kill_group
 
     quiet_flower()
     fed = prepare_server(cfg, overwrite, log)
     f = fed.cfg.federated
     evaluator = Evaluator(fed, fed.new_model())
-    strategy = _strategy(fed, evaluator, log)
-    address = _free_address(f.address)
     logs = fed.out / "clients"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(client_env or {})}
-    procs = []
-    for cid in range(f.clients):
-        cmd = [
-            sys.executable,
-            "-m",
-            "mmfusion.cli",
-            "federate",
-            "--connect",
-            address,
-            "--client-id",
-            str(cid),
-            "--config",
-            str(fed.out / "config.yaml"),
-        ]
-        out = open(logs / f"client-{cid}.log", "w")
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        )
-    log(f"federation: server on {address}, {f.clients} client processes (logs in {logs}), {f.rounds} rounds")
+    procs: list[subprocess.Popen] = []
+
+    def exited_early() -> str | None:
+        """Before round 1: a client process that already ended, with the end of its log."""
+        for cid, p in enumerate(procs):
+            if p.poll() is not None:
+                tail = (logs / f"client-{cid}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                return f"client {cid} exited with code {p.returncode} before joining:\n  " + "\n  ".join(tail)
+        return None
+
+    strategy = _strategy(fed, evaluator, log, exited_early)
+    address = _free_address(f.address)
+    # The clients start first (they retry until the server listens), without a preexec_fn: a process with
+    # gRPC's threads running must not run Python in a fork. They die with this process themselves
+    # (MMFUSION_DIE_WITH_PARENT, run_client).
+    env = {**os.environ, "MMFUSION_DIE_WITH_PARENT": "1", **(client_env or {})}
+    manager, grpc_server = SimpleClientManager(), None
     try:
-        start_server(
-            server_address=address,
-            config=ServerConfig(num_rounds=f.rounds, round_timeout=f.round_timeout_s),
-            strategy=strategy,
+        for cid in range(f.clients):
+            cmd = [
+                *(sys.executable, "-m", "mmfusion.cli", "federate", "--connect", address),
+                *("--client-id", str(cid), "--config", str(fed.out / "config.yaml")),
+            ]
+            with open(logs / f"client-{cid}.log", "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
+                )
+        # Flower's gRPC server (what flwr.server.start_server runs), stopped however the run ends
+        grpc_server = start_grpc_server(client_manager=manager, server_address=address)
+        log(
+            f"federation: server on {address}, {f.clients} client processes (logs in {logs}), {f.rounds} rounds"
         )
-        deadline = time.monotonic() + 60
+        run_fl(Server(client_manager=manager, strategy=strategy), ServerConfig(f.rounds, f.round_timeout_s))
+        deadline = time.monotonic() + 60  # run_fl told them to disconnect: they exit on their own
         for p in procs:
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
     finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1)
         for p in procs:
             if p.poll() is None:
                 kill_group(p)
+                p.wait()
     codes = {cid: p.returncode for cid, p in enumerate(procs)}
     log("client exit codes: " + ", ".join(f"{c}={rc}" for c, rc in codes.items()))
-    info = {"client_exit_codes": codes}
-    return _finish(fed, evaluator, info, log)
+    return _finish(fed, evaluator, {"client_exit_codes": codes}, log)
 
 
 def run_client(config_path: str | Path, address: str, cid: int, log=print) -> int:
@@ -240,6 +244,10 @@ def run_client(config_path: str | Path, address: str, cid: int, log=print) -> in
     from ..run import load_split
     from .client import MMFusionClient
 
+    if os.environ.get("MMFUSION_DIE_WITH_PARENT") == "1":  # started by serve_processes: never outlive it
+        from ..process import die_with_parent
+
+        die_with_parent()
     quiet_flower()
     fed = open_client_side(config_path, log)
     f = fed.cfg.federated

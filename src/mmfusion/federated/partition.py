@@ -28,23 +28,15 @@ _TRIES = 100
 def sample_labels(dataset, field: str) -> list[Any]:
     """The value of `field` of every sample of a map-style dataset, in order (None where a sample has none),
     read without decoding media where the dataset allows it."""
-    from ..data.sources import JsonlDataset
+    from ..data.splits import field_values
 
-    if isinstance(dataset, JsonlDataset):
-        return [o.get(field) if isinstance(o, dict) else None for _, o in dataset.entries]
-    samples = getattr(dataset, "samples", None)
-    if samples is None:
+    values = field_values(dataset, field)
+    if values is None:
         raise ConfigError(
             "federated.partition.by = 'label' needs a map-style training split (synthetic or JSONL data); "
             "a WebDataset stream cannot be partitioned by label before training"
         )
-    out = []
-    for s in samples:
-        value = s.get(field) if isinstance(s, dict) else None
-        if value is None and isinstance(s, dict) and isinstance(s.get("meta"), dict):
-            value = s["meta"].get(field)
-        out.append(value)
-    return out
+    return values
 
 
 def _too_small(n: int, clients: int, min_samples: int) -> None:

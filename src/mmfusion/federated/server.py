@@ -6,7 +6,7 @@ its clients are built.
                                      model.safetensors), the newest train.keep_checkpoints kept
                model/                the final global model (same format as `mmfusion train`'s)
                federated.jsonl       per round: held-out metrics, bytes down/up, clients ok/failed, loss
-               metrics.json          the final evaluation + the partition; plots/federated.png
+               federated.json        the final evaluation, bytes, failures, the partition; plots/federated.png
                clients/client-<i>/   each client's own training log (metrics.jsonl, one stage per round)
 
 The server never reads the training split, except to infer a user JSONL's class names (data.target.classes
@@ -179,7 +179,10 @@ class Evaluator:
         return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
     def headline(self, metrics: dict[str, float]) -> tuple[str, float]:
-        key = "accuracy_all" if "accuracy_all" in metrics else next(k for k in metrics if "r@1" in k.lower())
+        for key in ("accuracy_all", "t2i_recall@1"):
+            if key in metrics:
+                return key, metrics[key]
+        key = sorted(metrics)[0]
         return key, metrics[key]
 
     def save_round(self, server_round: int) -> Path:

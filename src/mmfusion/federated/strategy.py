@@ -29,7 +29,7 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-from ..errors import ConfigError
+from ..errors import MMFusionError
 from ..train.federated_config import FederatedConfig
 from .wire import decode, encode, payload_bytes
 
@@ -69,9 +69,10 @@ def mean_client_loss(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any
 class Recorded(Strategy):
     """`inner` with the payload codec, a deterministic aggregation order and per-round records."""
 
-    def __init__(self, inner: Strategy, fcfg: FederatedConfig, dtypes, log=print):
+    def __init__(self, inner: Strategy, fcfg: FederatedConfig, dtypes, log=print, clients_gone=None):
         super().__init__()
         self.inner, self.fcfg, self.dtypes, self.log = inner, fcfg, list(dtypes), log
+        self.clients_gone = clients_gone  # () -> why a client cannot join any more (None: none such)
         self.records: dict[int, dict[str, Any]] = {}
         self._t0: dict[int, float] = {}
 
@@ -83,13 +84,7 @@ class Recorded(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
         if server_round == 1:
-            n = self.fcfg.clients
-            if not client_manager.wait_for(n, timeout=int(self.fcfg.connect_timeout_s)):
-                got = client_manager.num_available()
-                raise ConfigError(
-                    f"federated: {got} of {n} clients connected within connect_timeout_s = "
-                    f"{self.fcfg.connect_timeout_s} s"
-                )
+            self._wait_for_clients(client_manager)
         self._t0[server_round] = time.perf_counter()
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         out = []
@@ -120,6 +115,19 @@ class Recorded(Strategy):
         params, metrics = self.inner.aggregate_fit(server_round, decoded, failures)
         rec["seconds"] = time.perf_counter() - self._t0.get(server_round, time.perf_counter())
         return params, metrics
+
+    def _wait_for_clients(self, client_manager: ClientManager) -> None:
+        """Every client connected before round 1, or an error: a client process that ended, or the timeout."""
+        n, deadline = self.fcfg.clients, time.monotonic() + self.fcfg.connect_timeout_s
+        while not client_manager.wait_for(n, timeout=1):
+            gone = self.clients_gone() if self.clients_gone is not None else None
+            if gone:
+                raise MMFusionError(f"federated: {gone}")
+            if time.monotonic() > deadline:
+                raise MMFusionError(
+                    f"federated: {client_manager.num_available()} of {n} clients connected within "
+                    f"connect_timeout_s = {self.fcfg.connect_timeout_s} s"
+                )
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []
