@@ -23,7 +23,7 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
 	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
-	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated
+	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew
 
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
@@ -87,6 +87,9 @@ bench-pretrained: $(STAMP)
 
 bench-federated: $(STAMP)
 	nice -n 10 $(PY) benchmarks/federated.py $(BENCH_ARGS)
+
+bench-bias-skew: $(STAMP)
+	nice -n 10 $(PY) benchmarks/bias_skew.py $(BENCH_ARGS)
 
 bench-clft: $(STAMP)
 	$(PY) benchmarks/clft.py --seeds 0 1 $(BENCH_ARGS)

@@ -62,20 +62,9 @@ def centralised(cfg, out_name: str) -> dict:
     return Evaluator(fed, model).metrics()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--mu", type=float, default=0.01)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--out", default="runs/bench/federated")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
+def run(args, out: Path) -> list[dict]:
+    """Train every (seed, setting) of `args`; print and return one JSON row each (and one fp16-bytes row)."""
+    rows = []
     for seed in args.seeds:
         base = [
             f"out_dir={out}",
@@ -86,55 +75,117 @@ def main() -> None:
             f"federated.local_steps={args.local_steps}",
             f"federated.partition.alpha={args.alpha}",
             f"federated.proximal_mu={args.mu}",
+            *([f"train.threads={args.threads}"] if args.threads else []),
         ]
         central_done: dict[str, dict] = {}
         for name in args.settings:
             cfg = load_config(RECIPE, [*base, f"name=s{seed}-{name.replace(' / ', '-')}", *SETTINGS[name]])
             t0 = time.perf_counter()
             m = simulate(cfg, overwrite=True, log=lambda _m: None)
-            fed_s = time.perf_counter() - t0
             row = {
+                "setting": name,
                 "seed": seed,
                 **{f"fed_{k}": v for k, v in m["final"].items() if k.startswith("accuracy")},
                 "bytes_per_round": m["bytes_total"] / args.rounds,
-                "fed_seconds": fed_s,
+                "fed_seconds": time.perf_counter() - t0,
             }
             # centralised on the same data: the modality masks matter (hetero), the partition does not
             key = "hetero" if name.startswith("hetero") else "all"
             if key not in central_done:
                 central_done[key] = centralised(cfg, f"s{seed}-central-{key}")
             row.update({f"central_{k}": v for k, v in central_done[key].items()})
-            results.setdefault(name, []).append(row)
-            print(json.dumps({"setting": name, **row}), flush=True)
-    # the fp16 payload of the same model (bytes only: one round)
-    cfg = load_config(
-        RECIPE, [f"out_dir={out}", "name=fp16", "federated.rounds=1", "federated.compression=fp16"]
-    )
-    fp16 = simulate(cfg, overwrite=True, log=lambda _m: None)["bytes_total"]
-    summary = {"args": vars(args), "results": results, "fp16_bytes_per_round": fp16}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.fp16:  # the fp16 payload of the same model (bytes only: one round of one local step)
+        cfg = load_config(
+            RECIPE,
+            [
+                f"out_dir={out}",
+                "name=fp16",
+                "federated.rounds=1",
+                f"federated.clients={args.clients}",
+                "federated.local_steps=1",
+                "federated.compression=fp16",
+            ],
+        )
+        fp16 = simulate(cfg, overwrite=True, log=lambda _m: None)["bytes_total"]
+        rows.append({"fp16_bytes_per_round": fp16})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
-    def ms(rows, key):
-        v = np.array([r[key] for r in rows])
+
+def table(rows: list[dict], args) -> str:
+    def ms(sel, key):
+        v = np.array([r[key] for r in sel])
         return f"{v.mean():.3f} ± {v.std():.3f}"
 
-    print(
-        f"\n{args.rounds} rounds x {args.clients} clients x {args.local_steps} local steps, seeds {args.seeds}"
+    runs = [r for r in rows if "setting" in r]
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [
+        f"{args.rounds} rounds x {args.clients} clients x {args.local_steps} local steps (label skew: Dirichlet "
+        f"alpha {args.alpha}; FedProx mu {args.mu}); centralised: the same steps in all; seeds {seeds}; mean ± std",
+        "",
+        "| setting | seeds | federated acc | centralised acc | federated acc w/o audio | centralised acc w/o audio "
+        "| federated acc w/o image | centralised acc w/o image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in SETTINGS:
+        sel = [r for r in runs if r["setting"] == name]
+        if not sel:
+            continue
+        cols = [
+            ms(sel, f"{side}_accuracy_{k}")
+            for k in ("all", "without_audio", "without_image")
+            for side in ("fed", "central")
+        ]
+        lines.append(f"| {name} | {len(sel)} | " + " | ".join(cols) + " |")
+    fp32 = runs[0]["bytes_per_round"] if runs else float("nan")
+    fp16 = next((r["fp16_bytes_per_round"] for r in rows if "fp16_bytes_per_round" in r), float("nan"))
+    lines += [
+        "",
+        f"payload per round (down + up, {args.clients} clients): fp32 {fp32 / 1e6:.3f} MB, "
+        f"fp16 {fp16 / 1e6:.3f} MB ({fp16 / fp32:.3f}x)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--mu", type=float, default=0.01)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--threads", type=int, help="torch threads per run (train.threads); default: torch's")
+    ap.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16 payload run")
+    ap.add_argument(
+        "--from-logs",
+        nargs="+",
+        metavar="LOG",
+        help="train nothing: build the table from the JSON rows earlier runs of this script printed (a "
+        "benchmark split over several processes, e.g. one per seed)",
     )
-    print(
-        "| setting | federated acc | centralised acc | fed / central | fed acc w/o audio | fed acc w/o image |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        ratio = np.mean([r["fed_accuracy_all"] / r["central_accuracy_all"] for r in rows])
-        print(
-            f"| {name} | {ms(rows, 'fed_accuracy_all')} | {ms(rows, 'central_accuracy_all')} | {ratio:.3f} | "
-            f"{ms(rows, 'fed_accuracy_without_audio')} | {ms(rows, 'fed_accuracy_without_image')} |"
-        )
-    per_round = next(iter(results.values()))[0]["bytes_per_round"]
-    print(
-        f"\nbytes per round (down + up, {args.clients} clients): fp32 {per_round / 1e6:.3f} MB, fp16 {fp16 / 1e6:.3f} MB"
-    )
+    ap.add_argument("--out", default="runs/bench/federated")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.from_logs:
+        rows = []
+        for log in args.from_logs:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    rows.append(row)
+    else:
+        rows = run(args, out)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print("\n" + table(rows, args))
 
 
 if __name__ == "__main__":
