@@ -89,7 +89,7 @@ bench-federated: $(STAMP)
 	nice -n 10 $(PY) benchmarks/federated.py $(BENCH_ARGS)
 
 bench-bias-skew: $(STAMP)
-	nice -n 10 $(PY) benchmarks/bias_skew.py $(BENCH_ARGS)
+	nice -n 10 $(PY) benchmarks/bias_skew.py --rare image $(BENCH_ARGS)
 
 bench-clft: $(STAMP)
 	$(PY) benchmarks/clft.py --seeds 0 1 $(BENCH_ARGS)
