@@ -3,7 +3,8 @@
 simulation: N MMFusionClients in this process behind in-process ClientProxies, driven by Flower's own
             server loop (flwr.server.Server.fit) and strategy, one client at a time (deterministic; Flower's
             Ray-based simulation engine is not needed for models this size).
-processes:  this process runs Flower's gRPC server (start_server) and starts N client processes
+processes:  this process runs Flower's gRPC-bidi server (start_grpc_server + run_fl, what start_server does)
+            and starts N client processes
             (`mmfusion federate --connect HOST:PORT --client-id I`), each in its own session; a client that
             dies mid-round counts as that round's failure and the federation goes on without it.
 """
