@@ -154,3 +154,9 @@ bench-judge: $(STAMP)
 # OpenCLIP -> mmfusion import parity (and export back) against the real open_clip (docs/pretrained.md).
 bench-clip-parity: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/clip_parity.py $(BENCH_ARGS)
+
+# PPO-CS (issue 17, Z1): appended as its own line so that other targets' edits of BENCH_TARGETS do not collide
+BENCH_TARGETS += bench-ppo-cs
+.PHONY: bench-ppo-cs
+bench-ppo-cs: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/ppo_cs.py --seeds 0 1 2 $(BENCH_ARGS)

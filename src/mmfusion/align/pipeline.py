@@ -191,7 +191,12 @@ def prepare(cfg: AlignConfig, log=print) -> Prepared:
         texts += [t for r in labelled for t in (r.prompt, r.response)]
         texts += [t for p in prefs for t in (p.prompt, p.chosen, p.rejected)]
     vocab = WordVocab.from_texts(texts)
+    # <bos> prompt <sep> + a response of max_new_tokens (+ <eos> when a labelled one is re-encoded)
     max_len = 2 + 4 * world.n_objects + cfg.ppo.max_new_tokens + 1
+    user = [(r.prompt, r.response) for r in labelled] + [
+        (p.prompt, x) for p in prefs for x in (p.chosen, p.rejected)
+    ]
+    max_len = max([max_len] + [len(vocab.prompt_ids(a)) + len(vocab.response_ids(b)) for a, b in user])
     sft = _decoder(vocab, cfg.policy, max_len, s)
     sft_scenes = world.scenes(cfg.data.n_sft, s + 1)
     rng = np.random.default_rng(s + 2)

@@ -34,7 +34,7 @@ class WordVocab:
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> WordVocab:
         """Every word of `texts`, sorted."""
-        return cls(sorted({w for t in texts for w in words(t)}))
+        return cls(sorted({w for t in texts for w in words(t)} - set(SPECIALS)))
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -31,11 +31,11 @@ from ..data.synthetic.scene import COLOURS, SHAPES, SIZES, TEMPLATES
 from ..errors import ConfigError
 
 Triple = tuple[str, str, str]  # (size, colour, shape)
-_TOKEN = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+_TOKEN = re.compile(r"<[a-z]+>|[a-z0-9]+|[^a-z0-9\s]")
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens: 'a, b: c' -> ['a', ',', 'b', ':', 'c']."""
+    """Lower-cased word, punctuation and <special> tokens: 'a, b: <unk>' -> ['a', ',', 'b', ':', '<unk>']."""
     return _TOKEN.findall(text.lower())
 
 

@@ -1,0 +1,54 @@
+"""`mmfusion align` end to end on a tiny budget, and its config errors (mmfusion.cli_align / align.pipeline)."""
+
+import json
+
+from mmfusion.cli import main
+from mmfusion.unified.model import UnifiedDecoder
+
+TINY = [
+    "data.n_sft=200",
+    "data.n_labelled=64",
+    "data.n_ppo_prompts=64",
+    "data.n_eval=32",
+    "policy.dim=16",
+    "policy.steps=5",
+    "scorer.dim=16",
+    "scorer.steps=5",
+    "ppo.steps=2",
+    "ppo.batch_prompts=8",
+    "ppo.budget=2",
+]
+
+
+def _args(*sets):
+    return [x for s in (*TINY, *sets) for x in ("--set", s)]
+
+
+def test_align_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            ["align", "--config", "configs/ppo_cs.yaml", "--out", str(out), *_args("ppo.mechanism=resample")]
+        )
+        == 0
+    )
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1.0, 2.0]
+    assert {"resample_rate", "dropped", "dropped_total", "harmful", "complete"} <= set(lines[0])
+    results = json.loads((out / "results.json").read_text())
+    assert results["mechanism"] == "resample" and set(results["before"]) == set(results["after"])
+    assert results["dropped_prompts"] == lines[-1]["dropped_total"]
+    assert {"complete", "harmful", "cost_model_agreement"} <= set(results["after"])
+    dec = UnifiedDecoder.from_pretrained(out / "model" / "decoder")
+    assert dec.cfg.dim == 16
+    assert (out / "model" / "vocab.json").is_file() and (out / "cost_model" / "model.safetensors").is_file()
+    assert (out / "ppo.png").is_file()
+    assert "resample: harmful" in capsys.readouterr().out
+
+
+def test_align_config_errors_exit_2_and_name_the_key(capsys):
+    assert main(["align", "--set", "ppo.mechanism=bogus"]) == 2
+    assert "ppo.mechanism" in capsys.readouterr().err
+    assert main(["align", "--set", "ppo.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'ppo.stepz'" in err and "steps" in err
