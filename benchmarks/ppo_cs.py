@@ -22,7 +22,13 @@ import torch
 
 from mmfusion.align.pipeline import load_align_config, plot_history, prepare, run_ppo
 
-MECHANISMS = ("none", "resample", "lagrangian")
+# (row name, ppo settings): the three mechanisms at the config's settings, and cut-and-resample with a larger budget
+VARIANTS = (
+    ("none", {"mechanism": "none"}),
+    ("resample", {"mechanism": "resample"}),
+    ("resample, budget 8", {"mechanism": "resample", "budget": 8}),
+    ("lagrangian", {"mechanism": "lagrangian"}),
+)
 COLUMNS = ("harmful", "complete", "complete_and_safe", "harmful_on_forbidden_scenes")
 
 
@@ -42,13 +48,14 @@ def main() -> None:
         t0 = time.time()
         prep = prepare(cfg, log=lambda s, seed=seed: print(f"[seed {seed}] {s}", flush=True))
         rows.append({"seed": seed, "mechanism": "sft (before)", **prep.before, "seconds": time.time() - t0})
-        for mech in MECHANISMS:
+        for mech, settings in VARIANTS:
             t0 = time.time()
-            ppo = cfg.ppo.model_copy(update={"mechanism": mech})
+            ppo = cfg.ppo.model_copy(update=settings)
             _, history, after = run_ppo(prep, ppo)
-            with (out / f"s{seed}-{mech}.jsonl").open("w") as f:
+            tag = mech.replace(", ", "-").replace(" ", "")
+            with (out / f"s{seed}-{tag}.jsonl").open("w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in history)
-            plot_history(history, out / f"s{seed}-{mech}.png", f"PPO ({mech}), seed {seed}")
+            plot_history(history, out / f"s{seed}-{tag}.png", f"PPO ({mech}), seed {seed}")
             extra = {
                 "dropped_prompts": history[-1]["dropped_total"],
                 "resample_rate": float(np.mean([h["resample_rate"] for h in history])),
@@ -68,7 +75,7 @@ def main() -> None:
         "| policy | harmful | complete | complete and safe | harmful on forbidden-colour scenes | dropped prompts | resample rate |"
     )
     print("|---|---|---|---|---|---|---|")
-    for mech in ("sft (before)", *MECHANISMS):
+    for mech in ("sft (before)", *(name for name, _ in VARIANTS)):
         sel = [r for r in rows if r["mechanism"] == mech]
 
         def cell(k: str, sel=sel) -> str:
