@@ -22,11 +22,13 @@ import torch
 
 from mmfusion.align.pipeline import load_align_config, plot_history, prepare, run_ppo
 
-# (row name, ppo settings): the three mechanisms at the config's settings, and cut-and-resample with a larger budget
+# (row name, ppo settings): the three mechanisms at the config's settings; cut-and-resample with a larger budget
+# and with the cut trajectories kept as terminated episodes (ppo.cut_penalty)
 VARIANTS = (
     ("none", {"mechanism": "none"}),
     ("resample", {"mechanism": "resample"}),
     ("resample, budget 8", {"mechanism": "resample", "budget": 8}),
+    ("resample, cut penalty -1", {"mechanism": "resample", "cut_penalty": -1.0}),
     ("lagrangian", {"mechanism": "lagrangian"}),
 )
 COLUMNS = ("harmful", "complete", "complete_and_safe", "harmful_on_forbidden_scenes")

@@ -156,6 +156,14 @@ def test_every_trajectory_trained_on_under_resample_is_safe(sft_decoder):
     assert sum(h["n"] for h in hist) + hist[-1]["dropped_total"] == 2 * 32
 
 
+def test_cut_penalty_trains_on_cut_trajectories_without_accepting_them(sft_decoder):
+    cfg = PPOConfig(mechanism="resample", steps=3, batch_prompts=32, budget=2, cut_penalty=-1.0, lr=2e-3)
+    hist = _trainer(sft_decoder, cfg).train()
+    assert hist[0]["n_cut_trained"] > 0 and hist[0]["resample_rate"] > 0
+    assert all(h["harmful"] == 0.0 for h in hist)  # the accepted outputs stay safe
+    assert all(h["n"] + h["dropped"] == 32 for h in hist)  # cut trajectories are trained on, never accepted
+
+
 def _late_harm(history, k=4):
     return float(np.mean([h["harmful"] for h in history[-k:]]))
 

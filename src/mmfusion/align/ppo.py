@@ -164,10 +164,12 @@ def sample_responses(
 
 
 class Resampled:
-    """Outcome of cut-and-resample: accepted (prompt index, response) pairs, samples drawn, cut, dropped."""
+    """Outcome of cut-and-resample: accepted (prompt index, response) pairs, the cut ones, samples drawn, cut
+    count, dropped prompt indices."""
 
     def __init__(self) -> None:
         self.accepted: list[tuple[int, list[int]]] = []
+        self.cut_trajectories: list[tuple[int, list[int]]] = []
         self.samples = 0
         self.cut = 0
         self.dropped: list[int] = []
@@ -205,6 +207,7 @@ def cut_and_resample(
                 out.accepted.append((i, r))
             else:
                 out.cut += 1
+                out.cut_trajectories.append((i, r))
                 still.append(i)
         pending = still
     out.dropped = pending

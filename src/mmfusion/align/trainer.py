@@ -4,7 +4,10 @@
 - "none": plain PPO on the reward (with the KL penalty to the reference policy);
 - "resample": the seed's cut-and-resample (000, PPO-CS): rollouts whose safety score 1 - cost falls under
   `theta` are cut and re-sampled, at most `budget` trajectories per prompt; prompts that exhaust the budget are
-  dropped from the batch and counted; PPO trains on the accepted trajectories;
+  dropped from the batch and counted; PPO trains on the accepted trajectories. With `cut_penalty` set, the cut
+  trajectories also stay in the batch as episodes terminated by the violation, whose terminal reward is
+  `cut_penalty` instead of the reward model's score (the early-terminated MDP reading of "terminate the
+  trajectory"; Sun et al. 2021); they never count as accepted outputs;
 - "lagrangian": PPO-Lagrangian (Safe-RLHF): lambda follows the windowed episode cost against
   `cost_threshold`, and the advantage is (A_R - lambda * A_C) / (1 + lambda).
 
@@ -62,6 +65,9 @@ class PPOConfig(Section):
     # cut-and-resample
     theta: float = Field(0.5, ge=0, le=1)
     budget: int = Field(4, ge=1)
+    cut_penalty: float | None = (
+        None  # None: cut trajectories are discarded; a number: kept as terminated episodes
+    )
     # PPO-Lagrangian
     cost_threshold: float = 0.05
     lambda_init: float = Field(1.0, gt=0)
@@ -113,10 +119,12 @@ class PPOTrainer:
             seed,
         )
 
-    def rollout(self, prompt_idx: list[int]) -> tuple[list[int], list[list[int]], dict[str, float]]:
-        """(kept prompt indices, their responses, rollout stats) under the configured mechanism."""
+    def rollout(
+        self, prompt_idx: list[int]
+    ) -> tuple[list[int], list[list[int]], dict[str, float], list[tuple[int, list[int]]]]:
+        """(kept prompt indices, their responses, rollout stats, cut (prompt index, response) trajectories)."""
         if self.cfg.mechanism != "resample":
-            return prompt_idx, self._sample(prompt_idx, 0), {"resample_rate": 0.0, "dropped": 0.0}
+            return prompt_idx, self._sample(prompt_idx, 0), {"resample_rate": 0.0, "dropped": 0.0}, []
 
         def safety(local: list[int], responses: list[list[int]]) -> torch.Tensor:
             return 1.0 - self.cost([self.prompts[prompt_idx[i]] for i in local], responses)
@@ -131,7 +139,8 @@ class PPOTrainer:
         self.dropped_total += len(res.dropped)
         kept = [prompt_idx[i] for i, _ in res.accepted]
         stats = {"resample_rate": res.resample_rate, "dropped": float(len(res.dropped))}
-        return kept, [r for _, r in res.accepted], stats
+        cut = [(prompt_idx[i], r) for i, r in res.cut_trajectories]
+        return kept, [r for _, r in res.accepted], stats, cut
 
     # ---- one PPO step -----------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -140,7 +149,7 @@ class PPOTrainer:
         idx = self.rng.choice(
             len(self.prompts), size=min(cfg.batch_prompts, len(self.prompts)), replace=False
         )
-        kept, responses, stats = self.rollout([int(i) for i in idx])
+        kept, responses, stats, cut = self.rollout([int(i) for i in idx])
         self.step_count += 1
         metrics: dict[str, float] = {"step": float(self.step_count), **stats}
         metrics["dropped_total"] = float(self.dropped_total)
@@ -148,14 +157,25 @@ class PPOTrainer:
             judged = [self.judge(i, self.vocab.decode(r)) for i, r in zip(kept, responses)]
             metrics["complete"] = float(np.mean([c for c, _ in judged]))
             metrics["harmful"] = float(np.mean([h for _, h in judged]))
-        if not kept:  # every prompt dropped: nothing to learn from this step
+        if not kept and not (cut and cfg.cut_penalty is not None):  # every prompt dropped: nothing to learn
             metrics.update(n=0.0, **({"lambda": self.lagrange.value} if self.lagrange else {}))
             return metrics
         prompts = [self.prompts[i] for i in kept]
         with torch.no_grad():
-            reward = self.reward(prompts, responses).float()
-            cost = self.cost(prompts, responses).float()
-        metrics.update(n=float(len(kept)), reward=float(reward.mean()), cost=float(cost.mean()))
+            reward = self.reward(prompts, responses).float() if kept else torch.zeros(0)
+            cost = self.cost(prompts, responses).float() if kept else torch.zeros(0)
+        metrics.update(n=float(len(kept)))
+        if kept:
+            metrics.update(reward=float(reward.mean()), cost=float(cost.mean()))
+        if cut and cfg.cut_penalty is not None:  # terminated episodes: the penalty replaces the reward
+            metrics["n_cut_trained"] = float(len(cut))
+            prompts = prompts + [self.prompts[i] for i, _ in cut]
+            responses = list(responses) + [r for _, r in cut]
+            reward = torch.cat([reward, torch.full((len(cut),), float(cfg.cut_penalty))])
+            with torch.no_grad():
+                cost = torch.cat(
+                    [cost, self.cost([self.prompts[i] for i, _ in cut], [r for _, r in cut]).float()]
+                )
         if self.lagrange is not None:
             metrics["cost_window"] = self.lagrange.update(cost.tolist())
             metrics["lambda"] = self.lagrange.value
