@@ -52,3 +52,36 @@ def test_align_config_errors_exit_2_and_name_the_key(capsys):
     assert main(["align", "--set", "ppo.stepz=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'ppo.stepz'" in err and "steps" in err
+
+
+def test_align_trains_its_scorers_on_a_users_jsonl(tmp_path, capsys):
+    rows = [
+        {
+            "prompt": "small red circle | large blue square",
+            "response": "a small circle to the left of a large blue square",
+            "reward": 0.5,
+            "cost": 0,
+        },
+        {
+            "prompt": "small red circle | large blue square",
+            "response": "a small red circle to the left of a large blue square",
+            "reward": 1.0,
+            "cost": 1,
+        },
+        {
+            "prompt": "small green cross | small red diamond",
+            "chosen": "a small green cross to the left of a small diamond",
+            "rejected": "a small green cross to the left of a small red diamond nasty",
+        },
+    ]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = _args("ppo.mechanism=lagrangian", "ppo.steps=1", f"data.labels={labels}")
+    assert main(["align", "--config", "configs/ppo_cs.yaml", "--out", str(out), *args]) == 0
+    words = json.loads((out / "model" / "vocab.json").read_text())["words"]
+    assert "nasty" in words  # the vocabulary covers the user's texts
+    assert "lambda" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    labels.write_text('{"prompt": "x", "response": "y"}\n')
+    assert main(["align", "--out", str(out), *args]) == 1
+    assert "labels.jsonl:1: a row needs 'response'" in capsys.readouterr().err
