@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""SCD adversarial-input detection on attacks the project generates (issue 17 part 2, requirement Z2).
+
+Per seed: a small two-tower model trained on the synthetic world (the quickstart recipe, narrower, --steps);
+a gallery of --n test scenes (image + caption). The model's output for a query is its top-1 candidate of the
+other modality (image -> caption, caption -> image); correct when its scene key is the query's.
+
+- Detectors (mmfusion.safety.scd): distance = 1 - cos(query, top-1 candidate); mutation = fraction of
+  --mutations random mutations whose top-1 changes. Thresholds calibrated on --n clean validation queries
+  (against the validation gallery) at --fpr.
+- Attacks (mmfusion.safety.attacks), on the clean-correct test queries: PGD L-inf (--eps in 1/255 units,
+  --pgd-steps) on images, rounded to 8-bit pixels; greedy character edits (--k) and greedy synonym
+  substitutions (--k words) on captions. An attack succeeds when the top-1 candidate's scene key changes.
+- Reported per attack and detector: attack success rate, TPR on the successful adversarial inputs, FPR on all
+  clean test queries, AUROC (clean test vs successful adversarial).
+
+    .venv/bin/python benchmarks/scd.py --seeds 0 1 2 --out runs/bench/scd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfusion.config import config_from_dict
+from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
+from mmfusion.models.contrastive import ContrastiveModel
+from mmfusion.modalities.image import preprocess_images
+from mmfusion.run import train
+from mmfusion.safety.attacks import char_attack, pgd_images, retrieval_loss, synonym_attack
+from mmfusion.safety.scd import (
+    calibrate_threshold,
+    detection_metrics,
+    distance_scores,
+    image_mutation_scores,
+    text_mutation_scores,
+    top1,
+)
+
+
+def recipe(seed: int, out: Path, steps: int) -> dict:
+    tower = {"width": 64, "depth": 2, "heads": 4}
+    return {
+        "name": f"s{seed}",
+        "out_dir": str(out),
+        "seed": seed,
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"seed": seed, "n_train": 20000, "n_val": 100, "n_test": 100},
+        },
+        "model": {
+            "embed_dim": 64,
+            "text": {"vocab_size": 1000, "context_length": 32, **tower},
+            "image": {"stem": "conv", "image_size": 32, "patch_size": 8, **tower},
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": 128,
+            "lr": 2.0e-3,
+            "weight_decay": 0.1,
+            "warmup_steps": 50,
+            "grad_clip": 1.0,
+            "checkpoint_every": steps,
+            "progress": False,
+        },
+        "eval": {"batch_size": 500},
+    }
+
+
+class Gallery:
+    """n scenes of a split: images in [0, 1], captions, scene keys, and both embeddings."""
+
+    def __init__(self, model: ContrastiveModel, world: SyntheticWorld, split: str, n: int):
+        samples = [world.sample(split, i) for i in range(n)]
+        self.x = (preprocess_images([s["image"] for s in samples], model.image_size) + 1) / 2  # (n, 3, H, W)
+        self.texts = [s["text"] for s in samples]
+        self.keys = np.array([s["scene_key"] for s in samples])
+        self.img = embed_images(model, self.x)
+        self.txt = model.encode_text(self.texts)
+
+
+def embed_images(model: ContrastiveModel, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.embed_image_tensor(x * 2 - 1).float()
+
+
+def image_queries(model, g: Gallery, x: torch.Tensor, mutations: int, seed: int):
+    """Scores and correctness of images x (rows of g) as queries against g's captions."""
+    emb = embed_images(model, x)
+    idx, _ = top1(emb, g.txt)
+    dist = distance_scores(emb, g.txt[idx])
+    mut = image_mutation_scores(x, lambda z: top1(embed_images(model, z), g.txt)[0], mutations, seed)
+    return dist.numpy(), mut.numpy(), g.keys[idx.numpy()]
+
+
+def text_queries(model, g: Gallery, texts: list[str], mutations: int, seed: int):
+    emb = model.encode_text(texts)
+    idx, _ = top1(emb, g.img)
+    dist = distance_scores(emb, g.img[idx])
+    mut = text_mutation_scores(texts, lambda t: top1(model.encode_text(t), g.img)[0], mutations, seed)
+    return dist.numpy(), mut.numpy(), g.keys[idx.numpy()]
+
+
+def text_attack(model, g: Gallery, i: int, kind: str, k: int, seed: int):
+    """Attack caption i of the gallery: lower the margin sim(true image) - best sim(an image of another key)."""
+    other = torch.from_numpy(g.keys != g.keys[i])
+
+    def margin(texts: list[str]) -> torch.Tensor:
+        sims = model.encode_text(texts) @ g.img.t()  # (B, n)
+        return sims[:, i] - sims[:, other].max(dim=1).values
+
+    def success(texts: list[str]) -> torch.Tensor:
+        idx, _ = top1(model.encode_text(texts), g.img)
+        return torch.from_numpy(g.keys[idx.numpy()] != g.keys[i])
+
+    if kind == "char":
+        return char_attack(g.texts[i], margin, success, k, generator=torch.Generator().manual_seed(seed + i))
+    return synonym_attack(g.texts[i], margin, success, k)
+
+
+def run_seed(seed: int, args, out: Path) -> dict:
+    cfg = config_from_dict(recipe(seed, out, args.steps))
+    t0 = time.time()
+    run = Path(train(cfg, overwrite=True, log=lambda _m: None)["run_dir"])
+    model = ContrastiveModel.from_pretrained(run / "model").eval()
+    train_s = time.time() - t0
+    world = SyntheticWorld(WorldConfig(seed=seed))
+    val, test = Gallery(model, world, "val", args.n), Gallery(model, world, "test", args.n)
+    m, res = args.mutations, {"seed": seed, "train_s": round(train_s, 1)}
+
+    # ---- image queries: PGD ----
+    cal_d, cal_m, _ = image_queries(model, val, val.x, m, seed)
+    clean_d, clean_m, pred = image_queries(model, test, test.x, m, seed)
+    correct = np.flatnonzero(pred == test.keys)
+    eps = args.eps / 255
+    loss = retrieval_loss(
+        lambda z: model.embed_image_tensor(z * 2 - 1).float(),
+        test.txt,
+        torch.from_numpy(correct),
+        float(model.scale()),
+    )
+    adv = pgd_images(
+        test.x[correct], loss, eps, args.pgd_steps, generator=torch.Generator().manual_seed(seed)
+    )
+    adv = (adv * 255).round() / 255  # 8-bit pixels, as a served PNG carries them
+    adv_d, adv_m, adv_pred = image_queries(model, test, adv, m, seed + 1)
+    ok = adv_pred != test.keys[correct]
+    res["image"] = {
+        "clean_accuracy": float((pred == test.keys).mean()),
+        "attack": f"pgd linf eps={args.eps}/255 steps={args.pgd_steps}",
+        "attacked": int(correct.size),
+        "success_rate": float(ok.mean()),
+        "distance": detection_metrics(clean_d, adv_d[ok], calibrate_threshold(cal_d, args.fpr)),
+        "mutation": detection_metrics(clean_m, adv_m[ok], calibrate_threshold(cal_m, args.fpr)),
+    }
+
+    # ---- caption queries: character and synonym attacks ----
+    cal_d, cal_m, _ = text_queries(model, val, val.texts, m, seed)
+    clean_d, clean_m, pred = text_queries(model, test, test.texts, m, seed)
+    correct = np.flatnonzero(pred == test.keys)
+    for kind in ("char", "synonym"):
+        results = [text_attack(model, test, int(i), kind, args.k, seed) for i in correct]
+        adv_texts = [r.text for r in results if r.success]
+        entry = {
+            "clean_accuracy": float((pred == test.keys).mean()),
+            "attack": f"{kind} k={args.k}",
+            "attacked": int(correct.size),
+            "success_rate": float(np.mean([r.success for r in results])),
+            "examples": [[test.texts[i], r.text] for i, r in zip(correct, results) if r.success][:3],
+        }
+        if adv_texts:
+            adv_d, adv_m, _ = text_queries(model, test, adv_texts, m, seed + 1)
+            entry["distance"] = detection_metrics(clean_d, adv_d, calibrate_threshold(cal_d, args.fpr))
+            entry["mutation"] = detection_metrics(clean_m, adv_m, calibrate_threshold(cal_m, args.fpr))
+        res[kind] = entry
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=500, help="training steps of each two-tower model")
+    ap.add_argument("--n", type=int, default=300, help="gallery size (validation and test)")
+    ap.add_argument("--fpr", type=float, default=0.05, help="stated false-positive rate of the thresholds")
+    ap.add_argument("--eps", type=float, default=8, help="PGD L-inf radius in 1/255 pixel units")
+    ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument(
+        "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
+    )
+    ap.add_argument("--mutations", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench/scd")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    rows = []
+    for seed in args.seeds:
+        rows.append(run_seed(seed, args, out))
+        print(json.dumps(rows[-1]), flush=True)
+        (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(f"\nseeds {args.seeds}, gallery {args.n}, thresholds at FPR {args.fpr} on clean validation queries")
+    print("| attack | clean acc | success | detector | TPR | FPR | AUROC |")
+    print("|---|---|---|---|---|---|---|")
+
+    def ms(vals) -> str:
+        v = np.asarray(vals, dtype=float)
+        return f"{v.mean():.3f} ± {v.std():.3f}"
+
+    for kind in ("image", "char", "synonym"):
+        for det in ("distance", "mutation"):
+            sel = [r[kind] for r in rows if det in r[kind]]
+            if not sel:
+                continue
+            print(
+                f"| {sel[0]['attack']} | {ms([s['clean_accuracy'] for s in sel])} | "
+                f"{ms([s['success_rate'] for s in sel])} | {det} | {ms([s[det]['tpr'] for s in sel])} | "
+                f"{ms([s[det]['fpr'] for s in sel])} | {ms([s[det]['auroc'] for s in sel])} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
