@@ -29,8 +29,8 @@ import torch
 
 from mmfusion.config import config_from_dict
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
-from mmfusion.models.contrastive import ContrastiveModel
 from mmfusion.modalities.image import preprocess_images
+from mmfusion.models.contrastive import ContrastiveModel
 from mmfusion.run import train
 from mmfusion.safety.attacks import char_attack, pgd_images, retrieval_loss, synonym_attack
 from mmfusion.safety.scd import (
@@ -70,6 +70,20 @@ def recipe(seed: int, out: Path, steps: int) -> dict:
         },
         "eval": {"batch_size": 500},
     }
+
+
+def trained_model(seed: int, args, out: Path) -> tuple[ContrastiveModel, float]:
+    """Seed's two-tower model: trained (seconds it took), or with --reuse the one a previous run left."""
+    run = out / f"s{seed}"
+    if not (args.reuse and (run / "model" / "config.json").is_file()):
+        t0 = time.time()
+        run = Path(
+            train(config_from_dict(recipe(seed, out, args.steps)), overwrite=True, log=lambda _m: None)[
+                "run_dir"
+            ]
+        )
+        return ContrastiveModel.from_pretrained(run / "model").eval(), time.time() - t0
+    return ContrastiveModel.from_pretrained(run / "model").eval(), 0.0
 
 
 class Gallery:
@@ -124,11 +138,7 @@ def text_attack(model, g: Gallery, i: int, kind: str, k: int, seed: int):
 
 
 def run_seed(seed: int, args, out: Path) -> dict:
-    cfg = config_from_dict(recipe(seed, out, args.steps))
-    t0 = time.time()
-    run = Path(train(cfg, overwrite=True, log=lambda _m: None)["run_dir"])
-    model = ContrastiveModel.from_pretrained(run / "model").eval()
-    train_s = time.time() - t0
+    model, train_s = trained_model(seed, args, out)
     world = SyntheticWorld(WorldConfig(seed=seed))
     val, test = Gallery(model, world, "val", args.n), Gallery(model, world, "test", args.n)
     m, res = args.mutations, {"seed": seed, "train_s": round(train_s, 1)}
@@ -142,7 +152,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
         lambda z: model.embed_image_tensor(z * 2 - 1).float(),
         test.txt,
         torch.from_numpy(correct),
-        float(model.scale()),
+        float(model.scale().detach()),
     )
     adv = pgd_images(
         test.x[correct], loss, eps, args.pgd_steps, generator=torch.Generator().manual_seed(seed)
@@ -195,6 +205,7 @@ def main() -> None:
     ap.add_argument("--mutations", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench/scd")
+    ap.add_argument("--reuse", action="store_true", help="use the models a previous run trained in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -74,6 +74,13 @@ def mutate_text(text: str, rng: np.random.Generator) -> str:
     return text[:i] + c + text[i:]
 
 
+def mutations_of(text: str, m: int, seed: int) -> list[str]:
+    """The m mutations of one text that the server scores (`mmfusion serve --scd`): a fresh generator seeded
+    with `seed` per text, so a text always gets the same mutations."""
+    rng = np.random.default_rng(seed)
+    return [mutate_text(text, rng) for _ in range(m)]
+
+
 def text_mutation_scores(
     texts: Sequence[str], predict: Callable[[list[str]], torch.Tensor], m: int, seed: int
 ) -> torch.Tensor:

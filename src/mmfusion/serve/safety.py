@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..safety.filters import ConceptFilters, level_for
-from ..safety.scd import SCDCalibration, mutate_text
+from ..safety.scd import SCDCalibration, mutations_of
 
 
 class SearchSafety:
@@ -38,8 +38,7 @@ class SearchSafety:
         if cal.score == "distance":
             score = 1.0 - top["score"]
         else:  # a fixed seed per server: the same query always gets the same mutations and score
-            rng = np.random.default_rng(cal.seed)
-            vecs, _ = await backend.embed("text", [mutate_text(text, rng) for _ in range(cal.mutations)])
+            vecs, _ = await backend.embed("text", mutations_of(text, cal.mutations, cal.seed))
             score = float(np.mean([index.search(v, 1)[0]["index"] != top["index"] for v in vecs]))
         return {
             "score": round(float(score), 6),

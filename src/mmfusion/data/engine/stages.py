@@ -131,23 +131,28 @@ def score_alignment(
 
 
 def apply_filters(verdicts, samples, path: str, with_image: list[int], img, scorer: PairScorer) -> None:
-    """The concept filters of `path` (mmfusion.safety.filters, normal level) on each candidate's image (its
-    embedding `img`) and caption, in place: a blocked sample becomes `filtered`, naming concept and score."""
+    """The concept filters of `path` (mmfusion.safety.filters, normal level) on each candidate's image (rows
+    `with_image`, embeddings `img`) and caption, in place: a blocked sample becomes `filtered`, each blocking modality, concept and score named."""
     from ...safety.filters import ConceptFilters
 
     filters = ConceptFilters.load(path)
+    keep = [k for k, i in enumerate(with_image) if samples[i] is not None]  # not rejected as misaligned
+    with_image, img = [with_image[k] for k in keep], img[keep]
     with_text = [i for i, s in enumerate(samples) if s is not None and "text" in s]
     txt = scorer.embed_texts([samples[i]["text"] for i in with_text])  # type: ignore[index]
+    blocked: set[int] = set()
     for modality, rows, emb in (("image", with_image, img), ("text", with_text, txt)):
         if not rows:
             continue
         scores = filters.scores(emb)
-        for k, (i, blocked) in enumerate(zip(rows, filters.check(modality, emb))):
-            if blocked and samples[i] is not None:
-                cols = [j for j, c in enumerate(filters.concepts) if c.name in blocked]
+        for k, (i, names) in enumerate(zip(rows, filters.check(modality, emb))):
+            if names:
+                cols = [j for j, c in enumerate(filters.concepts) if c.name in names]
                 detail = ", ".join(f"{filters.concepts[j].name} {scores[k, j]:.3f}" for j in cols)
                 verdicts[i]["reasons"].append(["filtered", f"{modality}: {detail}"])
-                samples[i] = None
+                blocked.add(i)
+    for i in blocked:
+        samples[i] = None
 
 
 def run_chunk(
