@@ -20,19 +20,24 @@ other modality (image -> caption, caption -> image); correct when its scene key 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mmfusion.config import config_from_dict
-from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
+from mmfusion.data.synthetic import Scene, SyntheticWorld, WorldConfig
+from mmfusion.eval.concepts import calibrate_filters, filter_report, shows
 from mmfusion.modalities.image import preprocess_images
 from mmfusion.models.contrastive import ContrastiveModel
 from mmfusion.run import train
+from mmfusion.safety import watermark
 from mmfusion.safety.attacks import char_attack, pgd_images, retrieval_loss, synonym_attack
+from mmfusion.safety.filters import level_for
 from mmfusion.safety.scd import (
     calibrate_threshold,
     detection_metrics,
@@ -94,6 +99,7 @@ class Gallery:
         self.x = (preprocess_images([s["image"] for s in samples], model.image_size) + 1) / 2  # (n, 3, H, W)
         self.texts = [s["text"] for s in samples]
         self.keys = np.array([s["scene_key"] for s in samples])
+        self.scenes = [Scene.from_dict(s["scene"]) for s in samples]
         self.img = embed_images(model, self.x)
         self.txt = model.encode_text(self.texts)
 
@@ -137,6 +143,12 @@ def text_attack(model, g: Gallery, i: int, kind: str, k: int, seed: int):
     return synonym_attack(g.texts[i], margin, success, k)
 
 
+def _other(keys: np.ndarray, i: int, g: torch.Generator) -> int:
+    """A random gallery index whose scene key differs from row i's."""
+    choices = np.flatnonzero(keys != keys[i])
+    return int(choices[int(torch.randint(len(choices), (1,), generator=g))])
+
+
 def run_seed(seed: int, args, out: Path) -> dict:
     model, train_s = trained_model(seed, args, out)
     world = SyntheticWorld(WorldConfig(seed=seed))
@@ -160,13 +172,36 @@ def run_seed(seed: int, args, out: Path) -> dict:
     adv = (adv * 255).round() / 255  # 8-bit pixels, as a served PNG carries them
     adv_d, adv_m, adv_pred = image_queries(model, test, adv, m, seed + 1)
     ok = adv_pred != test.keys[correct]
+    thresholds = {
+        "distance": calibrate_threshold(cal_d, args.fpr),
+        "mutation": calibrate_threshold(cal_m, args.fpr),
+    }
     res["image"] = {
         "clean_accuracy": float((pred == test.keys).mean()),
         "attack": f"pgd linf eps={args.eps}/255 steps={args.pgd_steps}",
         "attacked": int(correct.size),
         "success_rate": float(ok.mean()),
-        "distance": detection_metrics(clean_d, adv_d[ok], calibrate_threshold(cal_d, args.fpr)),
-        "mutation": detection_metrics(clean_m, adv_m[ok], calibrate_threshold(cal_m, args.fpr)),
+        "distance": detection_metrics(clean_d, adv_d[ok], thresholds["distance"]),
+        "mutation": detection_metrics(clean_m, adv_m[ok], thresholds["mutation"]),
+    }
+    # a detector-aware attacker: targeted PGD onto a caption of another scene, 3x the steps, so the image lands
+    # close to (not between) captions: the distance score is what it lowers
+    g = torch.Generator().manual_seed(seed + 7)
+    target = torch.tensor([_other(test.keys, int(i), g) for i in correct])
+    tloss = retrieval_loss(
+        lambda z: model.embed_image_tensor(z * 2 - 1).float(), test.txt, target, float(model.scale().detach())
+    )
+    tadv = pgd_images(test.x[correct], lambda z: -tloss(z), eps, 3 * args.pgd_steps, generator=g)
+    tadv = (tadv * 255).round() / 255
+    t_d, t_m, t_pred = image_queries(model, test, tadv, m, seed + 2)
+    ok = t_pred != test.keys[correct]
+    res["image_targeted"] = {
+        "clean_accuracy": res["image"]["clean_accuracy"],
+        "attack": f"targeted pgd linf eps={args.eps}/255 steps={3 * args.pgd_steps}",
+        "attacked": int(correct.size),
+        "success_rate": float(ok.mean()),
+        "distance": detection_metrics(clean_d, t_d[ok], thresholds["distance"]),
+        "mutation": detection_metrics(clean_m, t_m[ok], thresholds["mutation"]),
     }
 
     # ---- caption queries: character and synonym attacks ----
@@ -191,38 +226,109 @@ def run_seed(seed: int, args, out: Path) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=500, help="training steps of each two-tower model")
-    ap.add_argument("--n", type=int, default=300, help="gallery size (validation and test)")
-    ap.add_argument("--fpr", type=float, default=0.05, help="stated false-positive rate of the thresholds")
-    ap.add_argument("--eps", type=float, default=8, help="PGD L-inf radius in 1/255 pixel units")
-    ap.add_argument("--pgd-steps", type=int, default=10)
-    ap.add_argument(
-        "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
-    )
-    ap.add_argument("--mutations", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="runs/bench/scd")
-    ap.add_argument("--reuse", action="store_true", help="use the models a previous run trained in --out")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    rows = []
-    for seed in args.seeds:
-        rows.append(run_seed(seed, args, out))
-        print(json.dumps(rows[-1]), flush=True)
-        (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+def run_filters(seed: int, args, out: Path) -> dict:
+    """Concept filters: precision / recall per concept, modality and level; an evasion attack on the image
+    filter (PGD lowering the concept score of images that show it) and the adaptive level (strict when the
+    mutation SCD flags the input)."""
+    model, _ = trained_model(seed, args, out)
+    recall = {"normal": args.recall, "strict": args.strict_recall}
+    filters = calibrate_filters(model, args.concepts, seed, "val", args.n_filter, recall)
+    res: dict = {"seed": seed, "report": filter_report(model, filters, seed, "test", args.n_filter)}
+    world = SyntheticWorld(WorldConfig(seed=seed))
+    val, test = Gallery(model, world, "val", args.n), Gallery(model, world, "test", args.n)
+    t_mut = calibrate_threshold(image_queries(model, val, val.x, args.mutations, seed)[1], args.fpr)
+    clean_mut = image_queries(model, test, test.x, args.mutations, seed)[1]
+    clean_levels = [level_for(f) for f in clean_mut > t_mut]
+    embed = lambda z: model.embed_image_tensor(z * 2 - 1).float()  # noqa: E731
+    evasion = {}
+    for c in filters.concepts:
+        pos = np.flatnonzero([shows(sc, c.name) for sc in test.scenes])
+        vec = torch.tensor(c.vector)
+        adv = pgd_images(test.x[pos], lambda z, v=vec: -(embed(z) @ v), args.eps / 255, args.pgd_steps)
+        adv = (adv * 255).round() / 255
+        mut = image_queries(model, test, adv, args.mutations, seed + 3)[1]
+        flagged = mut > t_mut
+        emb_adv, emb_clean = embed_images(model, adv).numpy(), test.img.numpy()
+
+        def caught(emb, levels, name=c.name):
+            return float(np.mean([name in b for b in filters.check("image", emb, levels)]))
+
+        neg = np.setdiff1d(np.arange(len(test.scenes)), pos)
+        adaptive_clean = filters.check("image", emb_clean, clean_levels)
+        evasion[c.name] = {
+            "positives": int(pos.size),
+            "recall_clean_normal": caught(emb_clean[pos], "normal"),
+            "recall_adv_normal": caught(emb_adv, "normal"),
+            "recall_adv_strict": caught(emb_adv, "strict"),
+            "scd_flagged_adv": float(flagged.mean()),
+            "recall_adv_adaptive": caught(emb_adv, [level_for(f) for f in flagged]),
+            "false_block_clean_normal": float(
+                np.mean([c.name in b for b in filters.check("image", emb_clean[neg])])
+            ),
+            "false_block_clean_adaptive": float(np.mean([c.name in adaptive_clean[i] for i in neg])),
+        }
+    res["evasion"] = evasion
+    return res
+
+
+TRANSFORMS = {
+    "none (PNG)": lambda im: im,
+    "JPEG q95": lambda im: _jpeg(im, 95),
+    "JPEG q75": lambda im: _jpeg(im, 75),
+    "JPEG q50": lambda im: _jpeg(im, 50),
+    "Gaussian noise std 2": lambda im: np.clip(
+        im + np.random.default_rng(0).normal(0, 2, im.shape), 0, 255
+    ).astype(np.uint8),
+    "shift 1 px": lambda im: np.roll(im, 1, axis=1),
+    "resize 1/2 and back": lambda im: np.asarray(
+        Image.fromarray(im)
+        .resize((im.shape[1] // 2, im.shape[0] // 2), Image.BILINEAR)
+        .resize(im.shape[1::-1], Image.BILINEAR)
+    ),
+}
+
+
+def _jpeg(im: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def run_watermark(seed: int, args) -> dict:
+    """Detection rate of the keyed watermark after each transform, and false positives (unmarked images, another
+    key), on --n test images of the world at 32 and 64 px."""
+    key, other = f"bench-key-{seed}".encode(), f"other-key-{seed}".encode()
+    res: dict = {"seed": seed}
+    for side in (32, 64):
+        world = SyntheticWorld(WorldConfig(seed=seed, image_size=side))
+        images = [world.sample("test", i, ("image",))["image"] for i in range(args.n)]
+        marked = [watermark.embed(im, key) for im in images]
+        mse = np.mean([np.mean((m.astype(float) - im) ** 2) for m, im in zip(marked, images)])
+        row = {
+            "psnr_db": float(10 * np.log10(255**2 / mse)),
+            "fpr_unmarked": float(np.mean([watermark.detect(im, key) for im in images])),
+            "fpr_other_key": float(np.mean([watermark.detect(m, other) for m in marked])),
+        }
+        for name, t in TRANSFORMS.items():
+            z = [watermark.score(t(m), key) for m in marked]
+            row[name] = {
+                "detected": float(np.mean(np.array(z) >= watermark.DEFAULT_THRESHOLD)),
+                "z_mean": float(np.mean(z)),
+            }
+        res[f"{side}px"] = row
+    return res
+
+
+def ms(vals) -> str:
+    v = np.asarray(vals, dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+def print_scd(rows: list[dict], args) -> None:
     print(f"\nseeds {args.seeds}, gallery {args.n}, thresholds at FPR {args.fpr} on clean validation queries")
     print("| attack | clean acc | success | detector | TPR | FPR | AUROC |")
     print("|---|---|---|---|---|---|---|")
-
-    def ms(vals) -> str:
-        v = np.asarray(vals, dtype=float)
-        return f"{v.mean():.3f} ± {v.std():.3f}"
-
-    for kind in ("image", "char", "synonym"):
+    for kind in ("image", "image_targeted", "char", "synonym"):
         for det in ("distance", "mutation"):
             sel = [r[kind] for r in rows if det in r[kind]]
             if not sel:
@@ -232,6 +338,108 @@ def main() -> None:
                 f"{ms([s['success_rate'] for s in sel])} | {det} | {ms([s[det]['tpr'] for s in sel])} | "
                 f"{ms([s[det]['fpr'] for s in sel])} | {ms([s[det]['auroc'] for s in sel])} |"
             )
+
+
+def print_filters(rows: list[dict], args) -> None:
+    print(
+        f"\nfilters: seeds {args.seeds}, calibrated on {args.n_filter} val, measured on {args.n_filter} test"
+    )
+    print(
+        "| modality | concept | positives | normal precision | normal recall | strict precision | strict recall |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mod in ("image", "text"):
+        for c in args.concepts:
+            r = [row["report"][mod][c] for row in rows]
+            print(
+                f"| {mod} | {c} | {ms([x['normal']['positives'] for x in r])} | "
+                f"{ms([x['normal']['precision'] for x in r])} | {ms([x['normal']['recall'] for x in r])} | "
+                f"{ms([x['strict']['precision'] for x in r])} | {ms([x['strict']['recall'] for x in r])} |"
+            )
+    print(
+        "\n| concept | recall clean | recall attacked, normal | SCD flags attacked | recall attacked, adaptive "
+        "| recall attacked, strict | false blocks clean normal | false blocks clean adaptive |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for c in args.concepts:
+        e = [row["evasion"][c] for row in rows]
+        keys = (
+            "recall_clean_normal",
+            "recall_adv_normal",
+            "scd_flagged_adv",
+            "recall_adv_adaptive",
+            "recall_adv_strict",
+            "false_block_clean_normal",
+            "false_block_clean_adaptive",
+        )
+        print(f"| {c} | " + " | ".join(ms([x[k] for x in e]) for k in keys) + " |")
+
+
+def print_watermark(rows: list[dict], args) -> None:
+    print(
+        f"\nwatermark: delta {watermark.DEFAULT_DELTA}, z >= {watermark.DEFAULT_THRESHOLD}, {args.n} test "
+        f"images per seed, seeds {args.seeds}"
+    )
+    for side in ("32px", "64px"):
+        r = [row[side] for row in rows]
+        print(
+            f"{side}: PSNR {ms([x['psnr_db'] for x in r])} dB; false positives: unmarked "
+            f"{ms([x['fpr_unmarked'] for x in r])}, another key {ms([x['fpr_other_key'] for x in r])}"
+        )
+    print("| transform | detected 32 px | mean z 32 px | detected 64 px | mean z 64 px |")
+    print("|---|---|---|---|---|")
+    for t in TRANSFORMS:
+        cells = []
+        for side in ("32px", "64px"):
+            cells += [
+                ms([row[side][t]["detected"] for row in rows]),
+                ms([row[side][t]["z_mean"] for row in rows]),
+            ]
+        print(f"| {t} | " + " | ".join(cells) + " |")
+
+
+PARTS = ("scd", "filters", "watermark")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--steps", type=int, default=500, help="training steps of each two-tower model")
+    ap.add_argument("--n", type=int, default=300, help="gallery size (validation and test)")
+    ap.add_argument("--fpr", type=float, default=0.05, help="stated false-positive rate of the thresholds")
+    ap.add_argument("--eps", type=float, default=8, help="PGD L-inf radius in 1/255 pixel units")
+    ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument(
+        "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
+    )
+    ap.add_argument("--mutations", type=int, default=8)
+    ap.add_argument("--concepts", nargs="+", default=["red", "cross", "large"])
+    ap.add_argument("--n-filter", type=int, default=1000, help="filter calibration / test samples")
+    ap.add_argument("--recall", type=float, default=0.9, help="filters' normal-level recall target")
+    ap.add_argument("--strict-recall", type=float, default=0.99, help="filters' strict-level recall target")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench/scd")
+    ap.add_argument("--reuse", action="store_true", help="use the models a previous run trained in --out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    runners = {
+        "scd": (lambda s: run_seed(s, args, out), print_scd),
+        "filters": (lambda s: run_filters(s, args, out), print_filters),
+        "watermark": (lambda s: run_watermark(s, args), print_watermark),
+    }
+    for part in args.parts:
+        run, report = runners[part]
+        rows = []
+        for seed in args.seeds:
+            rows.append(run(seed))
+            print(json.dumps(rows[-1]), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"results_{part}.json").write_text(
+                json.dumps({"args": vars(args), "rows": rows}, indent=2)
+            )
+        report(rows, args)
 
 
 if __name__ == "__main__":
