@@ -413,7 +413,7 @@ def main() -> None:
     ap.add_argument(
         "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
     )
-    ap.add_argument("--mutations", type=int, default=8)
+    ap.add_argument("--mutations", type=int, default=16, help="mutations per input for the mutation score")
     ap.add_argument("--concepts", nargs="+", default=["red", "cross", "large"])
     ap.add_argument("--n-filter", type=int, default=1000, help="filter calibration / test samples")
     ap.add_argument("--recall", type=float, default=0.9, help="filters' normal-level recall target")

@@ -17,6 +17,9 @@ from mmfusion.safety.filters import (
 def test_concept_vector_is_the_normalised_mean():
     v = concept_vector(np.array([[1.0, 0.0], [0.0, 1.0]]))
     np.testing.assert_allclose(v, [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+    # with negatives: the direction mean(prompts) - mean(negatives)
+    v = concept_vector(np.array([[1.0, 0.0], [0.6, 0.8]]), np.array([[0.6, 0.8]]))
+    np.testing.assert_allclose(v, [np.sqrt(0.2), -np.sqrt(0.8)], rtol=1e-6)  # (0.2, -0.4) normalised
 
 
 def test_threshold_for_recall_and_precision_recall_exact():

@@ -2,8 +2,8 @@
 
 A concept is a word of the world's vocabulary (a colour, shape or size: "red", "cross", "large"); a scene
 shows it when one of its objects has that attribute. Its prompts are the single-object captions that name it
-("a small red circle", ... for "red"); their mean text embedding is the concept's vector
-(mmfusion.safety.filters). `calibrate_filters` sets per-concept image and caption thresholds on one split,
+("a small red circle", ... for "red"), its negative prompts those of the attribute's other values (every other
+colour); the concept's vector is the difference of their mean text embeddings (mmfusion.safety.filters). `calibrate_filters` sets per-concept image and caption thresholds on one split,
 `filter_report` gives precision / recall on another.
 """
 
@@ -18,6 +18,12 @@ from ..errors import ConfigError
 from ..safety.filters import Concept, ConceptFilters, concept_vector
 
 VOCABULARY = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{z: "size" for z in SIZES}}
+
+
+def negative_prompts(concept: str) -> list[str]:
+    """The prompts of the concept's alternatives: the other values of its attribute (other colours for a colour)."""
+    field = VOCABULARY[concept]
+    return [p for w, f in VOCABULARY.items() if f == field and w != concept for p in concept_prompts(w)]
 
 
 def concept_prompts(concept: str) -> list[str]:
@@ -49,8 +55,9 @@ def build_filters(model, concepts: list[str], recall: dict[str, float], model_id
         concept_prompts(c)  # names the allowed concepts on a typo
     out = []
     for c in concepts:
-        prompts = concept_prompts(c)
-        out.append(Concept(c, prompts, concept_vector(model.encode_text(prompts).numpy()).tolist()))
+        prompts, negatives = concept_prompts(c), negative_prompts(c)
+        vec = concept_vector(model.encode_text(prompts).numpy(), model.encode_text(negatives).numpy())
+        out.append(Concept(c, prompts, vec.tolist(), negatives=negatives))
     return ConceptFilters(out, model_id, dict(recall))
 
 

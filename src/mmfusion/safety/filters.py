@@ -1,7 +1,7 @@
 """Per-modality concept filters in a shared embedding space, with calibrated per-concept thresholds (Z4).
 
-A concept ("red", "cross", or any text on a user's data) is the L2-normalised mean of its prompts' text
-embeddings in a two-tower model's space. An input (an image, or a caption) scores cos(input embedding, concept
+A concept ("red", "cross", or any text on a user's data) is a direction in a two-tower model's space: the mean
+of its prompts' text embeddings minus the mean of its negative prompts' (`concept_vector`), L2-normalised. An input (an image, or a caption) scores cos(input embedding, concept
 vector); it is blocked for the concept when the score is at or above the concept's threshold for the input's
 modality and the current safety level. Thresholds are calibrated per concept and modality on labelled data for a
 target recall: "normal" (default 0.90) and "strict" (default 0.99: more blocked, lower precision). The level
@@ -26,9 +26,15 @@ from ..errors import ConfigError
 LEVELS = ("normal", "strict")
 
 
-def concept_vector(prompt_embeddings: np.ndarray) -> np.ndarray:
-    """(P, D) L2-normalised prompt embeddings -> their mean, L2-normalised (D,)."""
+def concept_vector(
+    prompt_embeddings: np.ndarray, negative_embeddings: np.ndarray | None = None
+) -> np.ndarray:
+    """(P, D) L2-normalised prompt embeddings -> their mean, L2-normalised (D,); with (Q, D) embeddings of
+    negative prompts (the concept's alternatives: other colours for a colour), the direction mean(prompts) -
+    mean(negatives), L2-normalised: it cancels what all prompts share (a caption's template, the other words)."""
     v = np.asarray(prompt_embeddings, dtype=np.float64).mean(axis=0)
+    if negative_embeddings is not None and len(negative_embeddings):
+        v = v - np.asarray(negative_embeddings, dtype=np.float64).mean(axis=0)
     return (v / max(np.linalg.norm(v), 1e-12)).astype(np.float32)
 
 
@@ -66,12 +72,14 @@ def level_for(scd_flagged: bool) -> str:
 
 @dataclass
 class Concept:
-    """One concept: its prompts, its vector in the model's space and modality -> level -> threshold."""
+    """One concept: its prompts (and negative prompts), its vector in the model's space (`concept_vector`) and
+    modality -> level -> threshold."""
 
     name: str
     prompts: list[str]
     vector: list[float]
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    negatives: list[str] = field(default_factory=list)
 
 
 @dataclass
