@@ -40,6 +40,7 @@ from mmfusion.safety.attacks import char_attack, pgd_images, retrieval_loss, syn
 from mmfusion.safety.filters import level_for
 from mmfusion.safety.scd import (
     calibrate_threshold,
+    combined_scores,
     detection_metrics,
     distance_scores,
     image_mutation_scores,
@@ -143,6 +144,18 @@ def text_attack(model, g: Gallery, i: int, kind: str, k: int, seed: int):
     return synonym_attack(g.texts[i], margin, success, k)
 
 
+def detectors(cal, clean, adv, fpr: float) -> dict:
+    """TPR / FPR / AUROC of the distance, mutation and combined scores: (distance, mutation) arrays of the clean
+    calibration, clean test and adversarial inputs; thresholds at `fpr` on the calibration arrays."""
+    out = {}
+    for k, name in enumerate(("distance", "mutation")):
+        out[name] = detection_metrics(clean[k], adv[k], calibrate_threshold(cal[k], fpr))
+    ref = {"distance": cal[0], "mutation": cal[1]}
+    comb = [combined_scores(ref, {"distance": x[0], "mutation": x[1]}) for x in (cal, clean, adv)]
+    out["combined"] = detection_metrics(comb[1], comb[2], calibrate_threshold(comb[0], fpr))
+    return out
+
+
 def _other(keys: np.ndarray, i: int, g: torch.Generator) -> int:
     """A random gallery index whose scene key differs from row i's."""
     choices = np.flatnonzero(keys != keys[i])
@@ -172,17 +185,12 @@ def run_seed(seed: int, args, out: Path) -> dict:
     adv = (adv * 255).round() / 255  # 8-bit pixels, as a served PNG carries them
     adv_d, adv_m, adv_pred = image_queries(model, test, adv, m, seed + 1)
     ok = adv_pred != test.keys[correct]
-    thresholds = {
-        "distance": calibrate_threshold(cal_d, args.fpr),
-        "mutation": calibrate_threshold(cal_m, args.fpr),
-    }
     res["image"] = {
         "clean_accuracy": float((pred == test.keys).mean()),
         "attack": f"pgd linf eps={args.eps}/255 steps={args.pgd_steps}",
         "attacked": int(correct.size),
         "success_rate": float(ok.mean()),
-        "distance": detection_metrics(clean_d, adv_d[ok], thresholds["distance"]),
-        "mutation": detection_metrics(clean_m, adv_m[ok], thresholds["mutation"]),
+        **detectors((cal_d, cal_m), (clean_d, clean_m), (adv_d[ok], adv_m[ok]), args.fpr),
     }
     # a detector-aware attacker: targeted PGD onto a caption of another scene, 3x the steps, so the image lands
     # close to (not between) captions: the distance score is what it lowers
@@ -200,8 +208,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
         "attack": f"targeted pgd linf eps={args.eps}/255 steps={3 * args.pgd_steps}",
         "attacked": int(correct.size),
         "success_rate": float(ok.mean()),
-        "distance": detection_metrics(clean_d, t_d[ok], thresholds["distance"]),
-        "mutation": detection_metrics(clean_m, t_m[ok], thresholds["mutation"]),
+        **detectors((cal_d, cal_m), (clean_d, clean_m), (t_d[ok], t_m[ok]), args.fpr),
     }
 
     # ---- caption queries: character and synonym attacks ----
@@ -220,8 +227,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
         }
         if adv_texts:
             adv_d, adv_m, _ = text_queries(model, test, adv_texts, m, seed + 1)
-            entry["distance"] = detection_metrics(clean_d, adv_d, calibrate_threshold(cal_d, args.fpr))
-            entry["mutation"] = detection_metrics(clean_m, adv_m, calibrate_threshold(cal_m, args.fpr))
+            entry.update(detectors((cal_d, cal_m), (clean_d, clean_m), (adv_d, adv_m), args.fpr))
         res[kind] = entry
     return res
 
@@ -329,7 +335,7 @@ def print_scd(rows: list[dict], args) -> None:
     print("| attack | clean acc | success | detector | TPR | FPR | AUROC |")
     print("|---|---|---|---|---|---|---|")
     for kind in ("image", "image_targeted", "char", "synonym"):
-        for det in ("distance", "mutation"):
+        for det in ("distance", "mutation", "combined"):
             sel = [r[kind] for r in rows if det in r[kind]]
             if not sel:
                 continue
@@ -414,7 +420,7 @@ def main() -> None:
         "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
     )
     ap.add_argument("--mutations", type=int, default=16, help="mutations per input for the mutation score")
-    ap.add_argument("--concepts", nargs="+", default=["red", "cross", "large"])
+    ap.add_argument("--concepts", nargs="+", default=["red", "large", "circle"])
     ap.add_argument("--n-filter", type=int, default=1000, help="filter calibration / test samples")
     ap.add_argument("--recall", type=float, default=0.9, help="filters' normal-level recall target")
     ap.add_argument("--strict-recall", type=float, default=0.99, help="filters' strict-level recall target")

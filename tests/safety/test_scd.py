@@ -9,6 +9,8 @@ import torch
 from mmfusion.safety.scd import (
     SCDCalibration,
     calibrate_threshold,
+    clean_rank,
+    combined_scores,
     detection_metrics,
     distance_scores,
     image_mutation_scores,
@@ -104,3 +106,13 @@ def test_calibration_file_round_trip_and_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="mmfusion scd calibrate"):
         SCDCalibration.load(tmp_path / "bad.json")
+
+
+def test_clean_rank_and_combined_score():
+    cal = np.array([0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(clean_rank(cal, [0.0, 0.2, 0.25, 0.5]), [0.0, 0.375, 0.5, 1.0])
+    both = combined_scores(
+        {"distance": cal, "mutation": np.array([0.0, 0.0, 0.5, 1.0])},
+        {"distance": np.array([0.05, 0.45]), "mutation": np.array([1.0, 0.0])},
+    )
+    np.testing.assert_allclose(both, [0.875, 1.0])  # the first is extreme on mutation, the second on distance

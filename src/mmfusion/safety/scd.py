@@ -10,6 +10,8 @@ semantic embeddings of input and output; two scores per input, larger = more sus
   one character edit on text) under which the output changes. Adversarial inputs sit near a decision
   boundary that the attack found, so their output is brittle.
 
+- combined: the larger of the two scores' ranks among clean calibration scores (`combined_scores`).
+
 A threshold is calibrated on clean held-out inputs for a stated false-positive rate (`calibrate_threshold`);
 an input is flagged when its score is above it. `detection_metrics` reports TPR, FPR and AUROC on clean vs
 adversarial scores.
@@ -100,6 +102,22 @@ def image_mutation_scores(
     clean = predict(x)
     mutated = torch.stack([predict(mutate_images(x, g, sigma)) for _ in range(m)])
     return mutation_scores(clean, mutated)
+
+
+def clean_rank(calibration: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Each score's rank among clean calibration scores, in [0, 1]: the fraction below it, ties counted half
+    (an empirical CDF). Puts scores of different scales on one scale."""
+    c = np.sort(np.asarray(calibration, dtype=np.float64).ravel())
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    below = np.searchsorted(c, s, side="left")
+    upto = np.searchsorted(c, s, side="right")
+    return (below + upto) / (2.0 * c.size)
+
+
+def combined_scores(calibration: dict[str, np.ndarray], scores: dict[str, np.ndarray]) -> np.ndarray:
+    """The "combined" score: the largest clean rank (`clean_rank`) of an input over several scores (distance and
+    mutation), so an input extreme on either is suspicious; calibrate its threshold like any score."""
+    return np.max([clean_rank(calibration[k], scores[k]) for k in scores], axis=0)
 
 
 def calibrate_threshold(clean_scores: Sequence[float] | np.ndarray | torch.Tensor, fpr: float) -> float:
