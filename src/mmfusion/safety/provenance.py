@@ -107,3 +107,13 @@ def write_signed_manifest(
     path = manifest_path(media)
     path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return path, manifest
+
+
+def folder_id(folder: str | Path) -> str:
+    """A model folder's id for manifests: SHA-256 over its files' relative paths and bytes (16 hex digits)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
