@@ -91,8 +91,9 @@ bench-federated: $(STAMP)
 bench-bias-skew: $(STAMP)
 	nice -n 10 $(PY) benchmarks/bias_skew.py --rare image $(BENCH_ARGS)
 
-# SCD adversarial-input detection (PGD, character and synonym attacks), concept filters and the watermark
-# (docs/safety.md); three two-tower models of 500 steps, then `--reuse` re-scores them without training.
+# SCD adversarial-input detection (PGD, character and synonym attacks; a two-tower model and a fusion classifier),
+# concept filters and the watermark (docs/safety.md): trains three two-tower models of 500 steps; add
+# BENCH_ARGS="--reuse" to re-score them without training, "--parts fusion" for one part.
 bench-scd: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/scd.py --seeds 0 1 2 --out $(BENCH_OUT)/scd $(BENCH_ARGS)
 

@@ -29,15 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmfusion.batch import Batch
 from mmfusion.config import config_from_dict
-from mmfusion.data.synthetic import Scene, SyntheticWorld, WorldConfig
-from mmfusion.eval.concepts import calibrate_filters, filter_report, shows
+from mmfusion.data.synthetic import COLOURS, Scene, SyntheticWorld, WorldConfig
+from mmfusion.data.tasks import paired_samples
+from mmfusion.eval.concepts import calibrate_filters, concept_prompts, filter_report, negative_prompts, shows
 from mmfusion.modalities.image import preprocess_images
 from mmfusion.models.contrastive import ContrastiveModel
+from mmfusion.models.multimodal import MultiModalModel
 from mmfusion.run import train
 from mmfusion.safety import watermark
 from mmfusion.safety.attacks import char_attack, pgd_images, retrieval_loss, synonym_attack
-from mmfusion.safety.filters import level_for
+from mmfusion.safety.filters import concept_vector, level_for
 from mmfusion.safety.scd import (
     calibrate_threshold,
     combined_scores,
@@ -277,6 +280,86 @@ def run_filters(seed: int, args, out: Path) -> dict:
     return res
 
 
+def fusion_classifier(world: SyntheticWorld, seed: int, steps: int):
+    """A fusion classifier (the image encoder of MultiModalModel, cross-attention fusion, 8-way head) trained on
+    the colour of a scene's leftmost object: 3000 training scenes, `steps` AdamW steps of batch 64."""
+    x, y = paired_images(world, "train", 3000)
+    torch.manual_seed(seed)
+    model = MultiModalModel(
+        {"image": {"image_size": 32, "patch_size": 8}}, head="classify", n_classes=8, dim=64
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (64,), generator=g)
+        loss = model(Batch({"image": x[idx] * 2 - 1, "label": y[idx]}, {})).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def paired_images(world: SyntheticWorld, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n scenes of `split`: images in [0, 1] (n, 3, 32, 32) and the leftmost object's colour index (n,)."""
+    samples = paired_samples(world, split, n, "colour", ("image",))
+    x = (preprocess_images([s["image"] for s in samples], 32) + 1) / 2
+    return x, torch.tensor([s["label"] for s in samples])
+
+
+def run_fusion(seed: int, args, out: Path) -> dict:
+    """SCD for a fusion classifier, with the seed's two-tower model as the semantic judge: distance = 1 - cos(the
+    judge's image embedding, the judge's direction of the predicted colour); mutation = prediction flips; PGD
+    against the classifier (the judge is not attacked)."""
+    judge, _ = trained_model(seed, args, out)
+    world = SyntheticWorld(WorldConfig(seed=seed))
+    t0 = time.time()
+    model = fusion_classifier(world, seed, args.fusion_steps)
+    train_s = time.time() - t0
+    logits = lambda z: model.logits(Batch({"image": z * 2 - 1}, {}))[0]  # noqa: E731
+
+    def predict(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return logits(z).argmax(dim=1)
+
+    vecs = torch.tensor(
+        np.stack(
+            [
+                concept_vector(judge.encode_text(concept_prompts(c)), judge.encode_text(negative_prompts(c)))
+                for c in COLOURS
+            ]
+        )
+    )
+
+    def scores(z: torch.Tensor, s: int):
+        pred = predict(z)
+        dist = 1 - (embed_images(judge, z) * vecs[pred]).sum(dim=1)
+        return dist.numpy(), image_mutation_scores(z, predict, args.mutations, s).numpy(), pred
+
+    (vx, _), (tx, ty) = paired_images(world, "val", args.n), paired_images(world, "test", args.n)
+    cal_d, cal_m, _ = scores(vx, seed)
+    clean_d, clean_m, pred = scores(tx, seed)
+    correct = (pred == ty).nonzero().flatten()
+    y = ty[correct]
+    adv = pgd_images(
+        tx[correct],
+        lambda z: torch.nn.functional.cross_entropy(logits(z), y, reduction="none"),
+        args.eps / 255,
+        args.pgd_steps,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    adv = (adv * 255).round() / 255
+    adv_d, adv_m, adv_pred = scores(adv, seed + 1)
+    ok = (adv_pred != y).numpy()
+    entry = {
+        "clean_accuracy": float((pred == ty).float().mean()),
+        "attack": f"fusion classifier: pgd linf eps={args.eps}/255 steps={args.pgd_steps}",
+        "attacked": int(correct.numel()),
+        "success_rate": float(ok.mean()),
+        **detectors((cal_d, cal_m), (clean_d, clean_m), (adv_d[ok], adv_m[ok]), args.fpr),
+    }
+    return {"seed": seed, "train_s": round(train_s, 1), "fusion": entry}
+
+
 TRANSFORMS = {
     "none (PNG)": lambda im: im,
     "JPEG q95": lambda im: _jpeg(im, 95),
@@ -330,11 +413,15 @@ def ms(vals) -> str:
     return f"{v.mean():.3f} ± {v.std():.3f}"
 
 
-def print_scd(rows: list[dict], args) -> None:
+def print_fusion(rows: list[dict], args) -> None:
+    print_scd(rows, args, ("fusion",))
+
+
+def print_scd(rows: list[dict], args, kinds=("image", "image_targeted", "char", "synonym")) -> None:
     print(f"\nseeds {args.seeds}, gallery {args.n}, thresholds at FPR {args.fpr} on clean validation queries")
     print("| attack | clean acc | success | detector | TPR | FPR | AUROC |")
     print("|---|---|---|---|---|---|---|")
-    for kind in ("image", "image_targeted", "char", "synonym"):
+    for kind in kinds:
         for det in ("distance", "mutation", "combined"):
             sel = [r[kind] for r in rows if det in r[kind]]
             if not sel:
@@ -404,7 +491,7 @@ def print_watermark(rows: list[dict], args) -> None:
         print(f"| {t} | " + " | ".join(cells) + " |")
 
 
-PARTS = ("scd", "filters", "watermark")
+PARTS = ("scd", "fusion", "filters", "watermark")
 
 
 def main() -> None:
@@ -420,6 +507,7 @@ def main() -> None:
         "--k", type=int, default=2, help="text attacks: most character edits / word substitutions"
     )
     ap.add_argument("--mutations", type=int, default=16, help="mutations per input for the mutation score")
+    ap.add_argument("--fusion-steps", type=int, default=300, help="training steps of the fusion classifier")
     ap.add_argument("--concepts", nargs="+", default=["red", "large", "circle"])
     ap.add_argument("--n-filter", type=int, default=1000, help="filter calibration / test samples")
     ap.add_argument("--recall", type=float, default=0.9, help="filters' normal-level recall target")
@@ -432,6 +520,7 @@ def main() -> None:
     out = Path(args.out)
     runners = {
         "scd": (lambda s: run_seed(s, args, out), print_scd),
+        "fusion": (lambda s: run_fusion(s, args, out), print_fusion),
         "filters": (lambda s: run_filters(s, args, out), print_filters),
         "watermark": (lambda s: run_watermark(s, args), print_watermark),
     }
