@@ -253,7 +253,13 @@ def run_filters(seed: int, args, out: Path) -> dict:
     for c in filters.concepts:
         pos = np.flatnonzero([shows(sc, c.name) for sc in test.scenes])
         vec = torch.tensor(c.vector)
-        adv = pgd_images(test.x[pos], lambda z, v=vec: -(embed(z) @ v), args.eps / 255, args.pgd_steps)
+        adv = pgd_images(
+            test.x[pos],
+            lambda z, v=vec: -(embed(z) @ v),
+            args.eps / 255,
+            args.pgd_steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
         adv = (adv * 255).round() / 255
         mut = image_queries(model, test, adv, args.mutations, seed + 3)[1]
         flagged = mut > t_mut
@@ -438,14 +444,14 @@ def print_filters(rows: list[dict], args) -> None:
         f"\nfilters: seeds {args.seeds}, calibrated on {args.n_filter} val, measured on {args.n_filter} test"
     )
     print(
-        "| modality | concept | positives | normal precision | normal recall | strict precision | strict recall |"
+        "| modality | concept | positives | AUROC | normal precision | normal recall | strict precision | strict recall |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for mod in ("image", "text"):
         for c in args.concepts:
             r = [row["report"][mod][c] for row in rows]
             print(
-                f"| {mod} | {c} | {ms([x['normal']['positives'] for x in r])} | "
+                f"| {mod} | {c} | {ms([x['normal']['positives'] for x in r])} | {ms([x['auroc'] for x in r])} | "
                 f"{ms([x['normal']['precision'] for x in r])} | {ms([x['normal']['recall'] for x in r])} | "
                 f"{ms([x['strict']['precision'] for x in r])} | {ms([x['strict']['recall'] for x in r])} |"
             )

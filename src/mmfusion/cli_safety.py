@@ -241,8 +241,10 @@ def cmd_filter_calibrate(args) -> int:
     print(f"{args.eval_split} split, {args.n} samples: precision / recall per level")
     for modality, per in report.items():
         for c, lv in per.items():
+            auroc = lv.pop("auroc")
             cells = "; ".join(f"{name} P={r['precision']:.3f} R={r['recall']:.3f}" for name, r in lv.items())
-            print(f"{modality:5s} {c}: {cells} (positives {lv['normal']['positives']})")
+            tail = f", AUROC {auroc:.3f}" if auroc is not None else ""
+            print(f"{modality:5s} {c}: {cells} (positives {lv['normal']['positives']}{tail})")
     print(f"wrote {args.out}")
     return 0
 

@@ -60,6 +60,8 @@ def test_calibrate_check_levels_and_report():
     rep = f.report("image", emb, labels)
     assert rep["red"]["normal"]["recall"] == 0.5 and rep["red"]["strict"]["recall"] == 1.0
     assert rep["red"]["strict"]["precision"] == 1.0
+    # red: positives score 1.0 and 0.8, negatives 0.6, 0.0, -1.0; cross: 0.8, 1.0 against 0.6, 0.0, 0.0
+    assert rep["red"]["auroc"] == 1.0 and rep["cross"]["auroc"] == 1.0
 
 
 def test_filter_file_round_trip_and_errors(tmp_path):

@@ -131,14 +131,18 @@ class ConceptFilters:
             }
 
     def report(self, modality: str, embeddings: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        """concept -> level -> precision / recall / counts on labelled inputs."""
+        """concept -> level -> precision / recall / counts on labelled inputs, and concept -> "auroc" (how well
+        the score ranks positives over negatives, whatever the threshold; None without both classes)."""
+        from sklearn.metrics import roc_auc_score
+
         s, y = self.scores(embeddings), np.asarray(labels, dtype=bool)
-        return {
-            c.name: {
-                lv: precision_recall(s[:, j], y[:, j], self.thresholds(modality, lv)[j]) for lv in LEVELS
-            }
-            for j, c in enumerate(self.concepts)
-        }
+        out: dict[str, Any] = {}
+        for j, c in enumerate(self.concepts):
+            th = self.thresholds(modality, "normal")[j], self.thresholds(modality, "strict")[j]
+            out[c.name] = {lv: precision_recall(s[:, j], y[:, j], t) for lv, t in zip(LEVELS, th)}
+            both = 0 < int(y[:, j].sum()) < len(y)
+            out[c.name]["auroc"] = float(roc_auc_score(y[:, j], s[:, j])) if both else None
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
