@@ -115,3 +115,6 @@ def test_serve_flags_need_an_index_and_matching_filters(model_index, tmp_path):
     assert isinstance(
         _safety(argparse.Namespace(scd=str(cal), concept_filter=None), index).scd, SCDCalibration
     )
+    other = SCDCalibration("distance", 0.5, 0.05, 10, model_id="0123456789abcdef").save(tmp_path / "o.json")
+    with pytest.raises(ConfigError, match="calibrated with model 0123456789abcdef"):
+        _safety(argparse.Namespace(scd=str(other), concept_filter=None), index)

@@ -255,7 +255,8 @@ def create_app(
 
     An embedding backend (LocalBackend, remote.RemoteBackend) gets /v1/embed, /v1/search, /v1/classify,
     /v1/index and the demo page; a `generate_api.GenerateBackend` (a unified model folder) gets /v1/generate
-    instead. `safety` (serve.safety.SearchSafety): opt-in SCD flag and concept filters on /v1/search. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema."""
+    instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema. `safety`
+    (serve.safety.SearchSafety): the opt-in SCD flag and concept filters of /v1/search."""
     from .. import __version__
 
     settings = settings or ServeSettings()

@@ -246,6 +246,12 @@ def _safety(args, index):
 
     scd = SCDCalibration.load(args.scd) if args.scd else None
     filters = ConceptFilters.load(args.concept_filter) if args.concept_filter else None
+    for flag, made in (("--scd", scd), ("--filter", filters)):
+        if made is not None and made.model_id and index.model_id and made.model_id != index.model_id:
+            raise ConfigError(
+                f"{flag} was calibrated with model {made.model_id}; this index and model are {index.model_id}: "
+                "recalibrate with this model"
+            )
     if filters is not None:
         filters.scores(np.zeros((1, index.dim), dtype=np.float32))  # the dimension check, before serving
     return SearchSafety(scd, filters)
