@@ -12,7 +12,7 @@ from pathlib import Path
 from .cli_align import add_align_commands
 from .cli_clip import add_clip_commands, export_folder
 from .cli_federated import add_federated_commands
-from .cli_safety import add_safety_commands
+from .cli_safety import add_guard_commands, add_safety_commands
 from .errors import CheckpointError, ConfigError, DataError, MMFusionError
 
 EXIT_CONFIG = 2
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
     add_federated_commands(sub, _add_config_args)  # `federate` (mmfusion.cli_federated)
     add_safety_commands(sub, _add_config_args)  # `bias` (mmfusion.cli_safety)
+    add_guard_commands(sub)  # `scd`, `filter`, `provenance` (mmfusion.cli_safety)
     add_align_commands(sub, _add_config_args)  # `align` (mmfusion.cli_align)
     return parser
 

@@ -89,3 +89,220 @@ def cmd_bias(args) -> int:
         print(f"{r.axis}: accuracy {cells}; ratio {r.ratio['accuracy']:.3f}{flag}")
     print(f"report: {page}")
     return 0
+
+
+# ---- Z2 / Z4: `mmfusion scd`, `mmfusion filter`, `mmfusion provenance` -----------------------------------
+def add_guard_commands(sub: argparse._SubParsersAction) -> None:
+    """`scd calibrate`, `filter calibrate`, `provenance sign|verify` (mmfusion.safety)."""
+    p = sub.add_parser(
+        "scd", help="adversarial-input detection (SCD): calibrate a threshold for `serve --scd`"
+    )
+    ssub = p.add_subparsers(dest="scd_command", required=True)
+    c = ssub.add_parser(
+        "calibrate",
+        help="threshold of a caption query's SCD score against an index at a stated false-positive rate",
+        description="Score clean caption queries against an index (from `mmfusion index build`) the way "
+        "`mmfusion serve --scd` does (distance: 1 - cosine to the top-1 image; mutation: the fraction of "
+        "--mutations character mutations that change the top-1 image) and write the threshold that flags "
+        "--fpr of them. Use held-out captions: the synthetic validation split, or a file of one per line.",
+    )
+    c.add_argument("model", help="a contrastive run directory or model folder")
+    c.add_argument("--index", required=True, help="the index folder the server will search")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="clean queries: a text file, one caption per line")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N captions of the synthetic world")
+    c.add_argument("--split", default="val", choices=["train", "val", "test"], help="for --synthetic")
+    c.add_argument("--seed", type=int, default=0, help="world seed for --synthetic; mutation seed")
+    c.add_argument("--fpr", type=float, default=0.05, help="stated false-positive rate (default 0.05)")
+    c.add_argument("--score", default="distance", choices=["distance", "mutation"])
+    c.add_argument("--mutations", type=int, default=8, help="mutations per query for --score mutation")
+    c.add_argument("--out", required=True, help="calibration JSON to write")
+    c.set_defaults(func=cmd_scd_calibrate)
+
+    p = sub.add_parser("filter", help="embedding-space concept filters for `data build` / `serve --filter`")
+    fsub = p.add_subparsers(dest="filter_command", required=True)
+    c = fsub.add_parser(
+        "calibrate",
+        help="per-concept image and caption thresholds on the synthetic world, with precision / recall",
+        description="Concepts are words of the synthetic world (a colour, shape or size); a scene shows one "
+        "when an object has it. Thresholds on cosine(input, concept vector) per concept and modality are set "
+        "on --n samples of --split for a target recall (normal and strict levels); precision and recall are "
+        "reported on --n samples of --eval-split.",
+    )
+    c.add_argument("model", help="a contrastive run directory or model folder")
+    c.add_argument("--concepts", required=True, help="comma-separated, e.g. red,cross")
+    c.add_argument("--n", type=int, default=1000, help="samples per split (default 1000)")
+    c.add_argument("--split", default="val", choices=["train", "val", "test"])
+    c.add_argument("--eval-split", default="test", choices=["train", "val", "test"])
+    c.add_argument("--seed", type=int, default=0, help="world seed")
+    c.add_argument("--recall", type=float, default=0.9, help="normal level's recall target (default 0.9)")
+    c.add_argument("--strict-recall", type=float, default=0.99, help="strict level's (default 0.99)")
+    c.add_argument("--out", required=True, help="filter JSON to write")
+    c.set_defaults(func=cmd_filter_calibrate)
+
+    p = sub.add_parser("provenance", help="signed manifests (and a watermark) for generated media")
+    psub = p.add_subparsers(dest="provenance_command", required=True)
+    key_help = "key file (default: $MMFUSION_PROVENANCE_KEY)"
+    c = psub.add_parser(
+        "sign",
+        help="write FILE.provenance.json: SHA-256, model id, seed, prompt, HMAC-SHA256 signature",
+        description="Sign a generated file's manifest. With --watermark (PNG images) a keyed invisible mark is "
+        "embedded first (the file is rewritten), so the manifest hashes the marked image.",
+    )
+    c.add_argument("file")
+    c.add_argument("--model-id", required=True, help="the model that generated the file")
+    c.add_argument("--seed", type=int, help="the sampling seed")
+    c.add_argument("--prompt", help="the prompt")
+    c.add_argument("--watermark", action="store_true", help="embed the keyed watermark (PNG images)")
+    c.add_argument("--key-file", help=key_help)
+    c.set_defaults(func=cmd_provenance_sign)
+    c = psub.add_parser(
+        "verify",
+        help="check a file against its signed manifest (exit 1 when it does not match)",
+        description="Check the manifest's signature and the file's SHA-256; for images also report the "
+        "watermark's z-score (marked: >= 4). Exit 0 when the manifest verifies, 1 when not.",
+    )
+    c.add_argument("file")
+    c.add_argument("--manifest", help="the manifest (default: FILE.provenance.json)")
+    c.add_argument("--key-file", help=key_help)
+    c.set_defaults(func=cmd_provenance_verify)
+
+
+def _contrastive(path: str):
+    from . import load_model
+    from .errors import ConfigError
+
+    model = load_model(path)
+    if not hasattr(model, "encode_text") or not hasattr(model, "encode_image"):
+        raise ConfigError(f"{path}: needs a contrastive (two-tower) model; this is a {type(model).__name__}")
+    return model.eval()
+
+
+def cmd_scd_calibrate(args) -> int:
+    import torch
+
+    from .data.synthetic import SyntheticWorld, WorldConfig
+    from .errors import ConfigError, DataError
+    from .safety.scd import SCDCalibration, calibrate_threshold, mutations_of, top1
+    from .serve.engine import model_fingerprint
+    from .serve.index import EmbeddingIndex
+
+    if not 0 <= args.fpr < 1 or args.mutations < 1:
+        raise ConfigError("--fpr: a rate in [0, 1); --mutations >= 1")
+    model = _contrastive(args.model)
+    index = EmbeddingIndex.load(args.index)
+    if args.texts:
+        try:
+            texts = [t.strip() for t in Path(args.texts).read_text().splitlines() if t.strip()]
+        except OSError as e:
+            raise DataError(f"--texts {args.texts}: cannot read ({e.strerror or e})") from None
+    else:
+        world = SyntheticWorld(WorldConfig(seed=args.seed))
+        texts = [world.sample(args.split, i, ("text",))["text"] for i in range(args.synthetic)]
+    if not texts:
+        raise DataError("no clean query to calibrate on")
+    emb = model.encode_text(texts)
+    idx, best = top1(emb, index.embeddings)
+    if args.score == "distance":
+        scores = 1.0 - best
+    else:
+        muts = [m for t in texts for m in mutations_of(t, args.mutations, args.seed)]
+        mut_idx = top1(model.encode_text(muts), index.embeddings)[0].reshape(len(texts), args.mutations)
+        scores = (mut_idx != idx[:, None]).float().mean(dim=1)
+    threshold = calibrate_threshold(scores, args.fpr)
+    cal = SCDCalibration(
+        args.score, threshold, args.fpr, len(texts), model_fingerprint(model), args.mutations, args.seed
+    )
+    cal.save(args.out)
+    flagged = float((torch.as_tensor(scores) > threshold).float().mean())
+    print(
+        f"{args.score} threshold {threshold:.4f}: flags {flagged:.3f} of {len(texts)} clean queries -> {args.out}"
+    )
+    return 0
+
+
+def cmd_filter_calibrate(args) -> int:
+    from .errors import ConfigError
+    from .eval.concepts import calibrate_filters, filter_report
+    from .serve.engine import model_fingerprint
+
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    if not concepts:
+        raise ConfigError("--concepts: name at least one concept")
+    if not (0 < args.recall <= 1 and 0 < args.strict_recall <= 1) or args.n < 1:
+        raise ConfigError("--recall / --strict-recall: rates in (0, 1]; --n >= 1")
+    model = _contrastive(args.model)
+    recall = {"normal": args.recall, "strict": args.strict_recall}
+    filters = calibrate_filters(
+        model, concepts, args.seed, args.split, args.n, recall, model_fingerprint(model)
+    )
+    filters.save(args.out)
+    report = filter_report(model, filters, args.seed, args.eval_split, args.n)
+    print(f"{args.eval_split} split, {args.n} samples: precision / recall per level")
+    for modality, per in report.items():
+        for c, lv in per.items():
+            auroc = lv.pop("auroc")
+            cells = "; ".join(f"{name} P={r['precision']:.3f} R={r['recall']:.3f}" for name, r in lv.items())
+            tail = f", AUROC {auroc:.3f}" if auroc is not None else ""
+            print(f"{modality:5s} {c}: {cells} (positives {lv['normal']['positives']}{tail})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_provenance_sign(args) -> int:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .errors import DataError
+    from .safety import watermark
+    from .safety.provenance import load_key, write_signed_manifest
+
+    key = load_key(args.key_file)
+    path = Path(args.file)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    extra = {}
+    if args.watermark:
+        try:
+            img = np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+        except OSError as e:
+            raise DataError(f"{path}: --watermark needs an image ({e})") from None
+        Image.fromarray(watermark.embed(img, key)).save(path, format="PNG")
+        extra["watermark"] = {"kind": "keyed-pm-pattern", "delta": watermark.DEFAULT_DELTA}
+    out, m = write_signed_manifest(path, key, args.model_id, args.seed, args.prompt, **extra)
+    print(f"{path}: sha256 {m['sha256']} signed -> {out}")
+    return 0
+
+
+def cmd_provenance_verify(args) -> int:
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import DataError
+    from .safety import watermark
+    from .safety.provenance import load_key, manifest_path, verify_manifest
+
+    key = load_key(args.key_file)
+    path = Path(args.file)
+    mpath = Path(args.manifest) if args.manifest else manifest_path(path)
+    try:
+        data = path.read_bytes()
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {path} or its manifest {mpath}: {e}") from None
+    result = verify_manifest(manifest, key, data)
+    try:
+        z = watermark.score(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), key)
+        mark = f"; watermark z = {z:.1f} ({'present' if z >= watermark.DEFAULT_THRESHOLD else 'absent'})"
+    except (UnidentifiedImageError, OSError):
+        mark = ""
+    if result.ok:
+        print(f"{path}: OK (model {manifest.get('model_id')}, seed {manifest.get('seed')}){mark}")
+        return 0
+    print(f"{path}: FAILED: {'; '.join(result.problems)}{mark}")
+    return 1

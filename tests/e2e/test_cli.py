@@ -29,6 +29,9 @@ def test_help_on_every_command(mmfusion, tmp_path):
         ["data", "synth", "--help"],
         ["federate", "--help"],
         ["bias", "--help"],
+        ["scd", "calibrate", "--help"],
+        ["filter", "calibrate", "--help"],
+        ["provenance", "verify", "--help"],
         ["align", "--help"],
     ):
         out = mmfusion(*args, cwd=tmp_path).stdout

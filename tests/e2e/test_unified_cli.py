@@ -7,6 +7,7 @@ config.yaml) whose model folder is DIR/model; `generate --model` takes either.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from mmfusion.cli import main
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
+from mmfusion.safety.provenance import KEY_ENV, folder_id
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,25 @@ def test_generate_caption_image_and_vqa(workdir, model, mmfusion, capsys):
     files = sorted(p.name for p in (workdir / "gen").iterdir())
     assert files == ["000_00_a_red_circle.png", "000_01_a_red_circle.png"]
     assert Image.open(workdir / "gen" / files[0]).size == (16, 16)
+    # the same seed with a signed manifest and the watermark: pixels within +-3, manifest verifies
+    os.environ[KEY_ENV] = "e2e-key"
+    try:
+        code, _, _ = _run(capsys, "generate", "--model", model, "--task", "image", "--prompt", "a red circle",
+                          "--n", "2", "--cfg-scale", "2", "--out-dir", workdir / "signed", "--provenance",
+                          "--watermark")  # fmt: skip
+        assert code == 0
+        signed = workdir / "signed" / files[0]
+        plain = np.asarray(Image.open(workdir / "gen" / files[0]), dtype=int)
+        diff = np.abs(np.asarray(Image.open(signed), dtype=int) - plain)
+        assert 0 < diff.max() <= 3
+        manifest = json.loads(signed.with_name(signed.name + ".provenance.json").read_text())
+        assert (
+            manifest["prompt"] == "a red circle" and manifest["seed"] == 0 and manifest["watermark"] is True
+        )
+        assert manifest["model_id"] == folder_id(model / "model")
+        assert _run(capsys, "provenance", "verify", signed)[0] == 0
+    finally:
+        del os.environ[KEY_ENV]
 
     w = workdir
     code, out, _ = _run(capsys, "generate", "--model", model, "--task", "caption", "--image", w / "imgs/im0.png",

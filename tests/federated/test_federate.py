@@ -147,6 +147,25 @@ def test_config_errors_name_the_problem(tmp_path, capsys):
     assert "--connect needs --client-id" in capsys.readouterr().err
 
 
+def test_a_webdataset_stream_is_refused_with_a_config_error(tmp_path):
+    from torch.utils.data import IterableDataset
+
+    from mmfusion.errors import ConfigError
+    from mmfusion.federated.server import Federation
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield {}
+
+    fed = Federation(_cfg(tmp_path, "wds"), tmp_path / "wds")
+    for by in ("iid", "size", "label"):
+        fed.cfg.federated.partition.by = by
+        with pytest.raises(
+            ConfigError, match=r"needs a map-style training split .* WebDataset stream \(Stream\)"
+        ):
+            fed.client_datasets(Stream(), [0])
+
+
 def test_a_users_jsonl_is_partitioned_by_its_label_column(tmp_path):
     """Your own files: `mmfusion data synth` writes the task as JSONL + PNG/WAV; the federation splits the
     manifest by its label column, and the server names the classes from it (logged)."""

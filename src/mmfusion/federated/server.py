@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import IterableDataset
+
 from ..config import RunConfig, dump_config
 from ..errors import ConfigError
 from ..run import (
@@ -70,6 +72,12 @@ class Federation:
     def client_datasets(self, train_set, cids) -> tuple[dict[int, ClientDataset], dict[str, Any]]:
         """The ClientDataset of each client in `cids`, and a description of the whole partition."""
         f = self.cfg.federated
+        if isinstance(train_set, IterableDataset) or not hasattr(train_set, "__len__"):
+            raise ConfigError(
+                f"federated training needs a map-style training split (synthetic data or a JSONL manifest) to "
+                f"partition among clients; data.train is a WebDataset stream ({type(train_set).__name__}): point "
+                f"data.train at a JSONL manifest (e.g. the one the shards were built from)"
+            )
         labels = None
         if f.partition.by == "label" or self.cfg.kind == "fusion":
             try:

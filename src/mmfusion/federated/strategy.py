@@ -2,6 +2,7 @@
 for what a run records.
 
     Recorded(inner, ...) -> per round: bytes down / up, clients trained / failed, their mean local loss
+    (weighted by their sample counts)
 
 The wrapper also makes a round reproducible (results aggregated in client order, whatever order they
 arrived in), waits for every client before round 1 (so round 1 never starts short), and applies the
@@ -102,8 +103,9 @@ class Recorded(Strategy):
         rec = self.records.setdefault(server_round, {"round": server_round})
         rec["bytes_up"] = sum(payload_bytes(res.parameters) for _, res in results)
         rec["clients_ok"], rec["clients_failed"] = len(results), len(failures)
-        losses = [float(res.metrics["loss"]) for _, res in results if "loss" in res.metrics]
-        rec["client_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        rec["client_loss"] = mean_client_loss([(res.num_examples, res.metrics) for _, res in results]).get(
+            "loss", float("nan")
+        )
         rec["cids"] = sorted(int(res.metrics.get("cid", -1)) for _, res in results)
         decoded = []
         for proxy, res in sorted(results, key=lambda r: int(r[1].metrics.get("cid", -1))):

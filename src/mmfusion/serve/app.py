@@ -193,10 +193,14 @@ def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeS
         index = need_index()
         vecs, hits = await backend.embed("text", [text])
         results = index.search(vecs[0], k)
+        body: dict[str, Any] = {"query": text, "k": k, "cache_hits": hits}
+        if app.state.safety is not None:  # --scd / --filter: flags and filter counts in the response
+            extra, results = await app.state.safety.search(backend, index, text, vecs[0], results)
+            body.update(extra)
         if include:
             for r in results:
                 r["image_png_base64"] = base64.b64encode(index.image_png(r["index"])).decode()
-        return {"query": text, "k": k, "cache_hits": hits, "results": results}
+        return {**body, "results": results}
 
     @v1.get("/index", summary="What the loaded index holds")
     async def index_info():
@@ -245,12 +249,14 @@ def create_app(
     settings: ServeSettings | None = None,
     backend: LocalBackend | Any = None,
     model_id: str | None = None,
+    safety=None,
 ):
     """The FastAPI app for `model` (or a ready backend), with an optional EmbeddingIndex for /v1/search.
 
     An embedding backend (LocalBackend, remote.RemoteBackend) gets /v1/embed, /v1/search, /v1/classify,
     /v1/index and the demo page; a `generate_api.GenerateBackend` (a unified model folder) gets /v1/generate
-    instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema."""
+    instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema. `safety`
+    (serve.safety.SearchSafety): the opt-in SCD flag and concept filters of /v1/search."""
     from .. import __version__
 
     settings = settings or ServeSettings()
@@ -280,6 +286,7 @@ def create_app(
         settings,
         metrics,
     )
+    app.state.safety = safety
 
     install_error_handlers(app)
 
@@ -302,6 +309,7 @@ def create_app(
             "index_size": len(index) if index is not None else 0,
             "batching": settings.batching,
             "cache": settings.cache,
+            "safety": app.state.safety.info() if app.state.safety is not None else {},
         }
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")

@@ -59,6 +59,19 @@ def add_commands(sub) -> None:
         "is under T (calibrated on the run's val split; serve the run directory); predictions list them as "
         "`pruned`",
     )
+    p.add_argument(
+        "--scd",
+        metavar="FILE",
+        help="opt-in adversarial-input check on /v1/search: a calibration from `mmfusion scd calibrate`; "
+        "responses carry an scd flag (results are still returned)",
+    )
+    p.add_argument(
+        "--filter",
+        dest="concept_filter",
+        metavar="FILE",
+        help="concept filters on /v1/search (a file from `mmfusion filter calibrate`): blocked queries get no "
+        "results and say why, blocked result images are left out and counted; strict level when --scd flags",
+    )
     p.add_argument("--role", default="all", choices=["all", "encoder", "fusion"], help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=cmd_serve)
@@ -184,6 +197,8 @@ def cmd_serve(args) -> int:
     from .generate import unified_folder
 
     folder = unified_folder(args.model)
+    if (args.scd or args.concept_filter) and (folder is not None or args.split):
+        raise ConfigError("--scd / --filter check /v1/search of a contrastive model served without --split")
     if folder is not None:
         return _serve_unified(args, settings, folder)
     if args.split:
@@ -207,7 +222,7 @@ def cmd_serve(args) -> int:
         engine = Engine(load_model(args.model))
     backend = LocalBackend(engine, settings)
     index = _load_index(args.index, backend.info())
-    app = create_app(backend=backend, index=index, settings=settings)
+    app = create_app(backend=backend, index=index, settings=settings, safety=_safety(args, index))
     print(
         f"mmfusion serve: http://{args.host}:{args.port}/ ({backend.info()['model_type']}, "
         f"index {len(index) if index is not None else 'none'})",
@@ -215,6 +230,31 @@ def cmd_serve(args) -> int:
     )
     _run(app, args.host, args.port, args.log_level)
     return 0
+
+
+def _safety(args, index):
+    """The opt-in /v1/search checks of --scd / --filter (serve.safety), or None; both need --index."""
+    if args.scd is None and args.concept_filter is None:
+        return None
+    if index is None:
+        raise ConfigError("--scd / --filter check /v1/search: start the server with --index INDEX_DIR too")
+    import numpy as np
+
+    from ..safety.filters import ConceptFilters
+    from ..safety.scd import SCDCalibration
+    from .safety import SearchSafety
+
+    scd = SCDCalibration.load(args.scd) if args.scd else None
+    filters = ConceptFilters.load(args.concept_filter) if args.concept_filter else None
+    for flag, made in (("--scd", scd), ("--filter", filters)):
+        if made is not None and made.model_id and index.model_id and made.model_id != index.model_id:
+            raise ConfigError(
+                f"{flag} was calibrated with model {made.model_id}; this index and model are {index.model_id}: "
+                "recalibrate with this model"
+            )
+    if filters is not None:
+        filters.scores(np.zeros((1, index.dim), dtype=np.float32))  # the dimension check, before serving
+    return SearchSafety(scd, filters)
 
 
 def _serve_unified(args, settings, folder) -> int:

@@ -227,6 +227,16 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="longest caption / answer (default 40)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument(
+        "--provenance",
+        action="store_true",
+        help="--task image: write a signed manifest per PNG (<png>.provenance.json: SHA-256, model id, seed, "
+        "prompt; HMAC-SHA256 keyed by --key-file or $MMFUSION_PROVENANCE_KEY; `mmfusion provenance verify`)",
+    )
+    p.add_argument(
+        "--watermark", action="store_true", help="--task image: embed the keyed invisible watermark"
+    )
+    p.add_argument("--key-file", help="provenance / watermark key file (default: $MMFUSION_PROVENANCE_KEY)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -240,6 +250,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "prompt"
 
 
+def _provenance_key(args) -> bytes | None:
+    if not (args.provenance or args.watermark):
+        return None
+    from ..safety.provenance import load_key
+
+    return load_key(args.key_file)
+
+
+def _mark(image, key):
+    from ..safety import watermark
+
+    return watermark.embed(image, key)
+
+
+def _sign(path: Path, key, args, prompt: str, k: int):
+    """The signed manifest of one generated PNG: model id = digest of the model folder's files."""
+    from ..safety.provenance import folder_id, write_signed_manifest
+
+    folder = Path(args.model) / "model" if (Path(args.model) / "model").is_dir() else Path(args.model)
+    extra = {"index": k % args.n, "cfg_scale": args.cfg_scale, "watermark": bool(args.watermark)}
+    return write_signed_manifest(path, key, folder_id(folder), args.seed, prompt, **extra)
+
+
 def cmd_generate(args) -> int:
     from ..models.vlm import is_vlm_folder
     from .tokenize_cli import list_audio_inputs, list_image_inputs, load_audios, load_images
@@ -249,6 +282,10 @@ def cmd_generate(args) -> int:
         from .vlm_generate import generate_vlm
 
         return generate_vlm(args)
+    if (args.provenance or args.watermark) and args.task != "image":
+        raise ConfigError(
+            f"--provenance / --watermark mark generated images (--task image), not --task {args.task}"
+        )
     bundle = UnifiedBundle.load(args.model)
     results: list[dict] = []
     if args.task == "audio-caption":
@@ -270,14 +307,18 @@ def cmd_generate(args) -> int:
             raise ConfigError("--task image needs --prompt TEXT and --out-dir DIR")
         from PIL import Image
 
+        key = _provenance_key(args)  # before generating: a missing key is a config error, not lost work
         images, _ = generate_images(bundle, args.prompt, args.n, args.cfg_scale, _sampling(args, "sample"))
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for k, im in enumerate(images.numpy()):
             prompt = args.prompt[k // args.n]
             path = out / f"{k // args.n:03d}_{k % args.n:02d}_{_slug(prompt)}.png"
-            Image.fromarray(im).save(path)
+            Image.fromarray(_mark(im, key) if args.watermark else im).save(path)
             results.append({"prompt": prompt, "path": str(path)})
+            if args.provenance:
+                manifest, _ = _sign(path, key, args, prompt, k)
+                results[-1]["provenance"] = str(manifest)
             print(f"{path}\t{prompt}")
     else:
         if not args.image:

@@ -24,6 +24,7 @@ FIELD_HELP = {
     "dedup_cosine": "near_duplicate at or above this image-embedding cosine (with a model)",
     "shard_size": "accepted samples per output shard",
     "model": "a trained contrastive model folder, for alignment and embedding dedup",
+    "concept_filter": "a concept-filter file (`mmfusion filter calibrate`, with --model): filtered when blocked",
 }
 
 
@@ -48,6 +49,7 @@ class BuildConfig:
     dedup_cosine: float = 0.98
     shard_size: int = 1000
     model: str | None = None
+    concept_filter: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("image_size", "sample_rate", "max_audio_seconds", "video_frames", "shard_size")
@@ -73,6 +75,11 @@ class BuildConfig:
             raise ConfigError("build config min_alignment / dedup_cosine: expected cosines in -1..1")
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"--model {self.model}: not a model folder (no config.json)")
+        if self.concept_filter is not None:
+            if self.model is None:
+                raise ConfigError("--filter needs --model: the filters compare the model's embeddings")
+            if not Path(self.concept_filter).is_file():
+                raise ConfigError(f"--filter {self.concept_filter}: no such file")
 
 
 __all__ = ["FIELD_HELP", "BuildConfig"]

@@ -44,8 +44,15 @@ def add_data_commands(dsub: argparse._SubParsersAction, load_model: Callable[[st
     s.add_argument("--chunk-size", type=int, default=256, help="inputs per resumable work unit (default 256)")
     from .build_config import FIELD_HELP, BuildConfig  # no heavy imports at parse time
 
+    s.add_argument(
+        "--filter",
+        dest="concept_filter",
+        default=None,
+        help="a concept-filter file from `mmfusion filter calibrate` (needs --model): samples whose image or "
+        "caption is blocked for a concept are rejected as `filtered` and counted in the report",
+    )
     for f in dataclasses.fields(BuildConfig):
-        if f.name == "model":
+        if f.name in ("model", "concept_filter"):
             continue
         s.add_argument(
             "--" + f.name.replace("_", "-"),

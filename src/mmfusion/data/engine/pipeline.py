@@ -83,6 +83,8 @@ def _config_fingerprint(cfg: BuildConfig) -> dict[str, Any]:
     if cfg.model is not None:
         folder = Path(cfg.model)
         out["model"] = {p.name: sha256(p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+    if cfg.concept_filter is not None:
+        out["concept_filter"] = sha256(Path(cfg.concept_filter).read_bytes())
     return out
 
 

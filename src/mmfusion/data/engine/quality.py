@@ -24,6 +24,7 @@ REASONS = {
     "caption_too_long": "a caption longer than max_caption_chars",
     "garbled_caption": "a caption with replacement characters or too few letters (min_letter_ratio)",
     "misaligned": "image-caption CLIP-style score under min_alignment (with --model)",
+    "filtered": "blocked by a concept filter (--filter): the concept and its score in the detail",
     "duplicate_id": "a sample id seen earlier in the source",
     "duplicate": "exact duplicate (same content hash) of an earlier sample",
     "near_duplicate": "image near-duplicate of an earlier sample (perceptual hash or embedding cosine)",

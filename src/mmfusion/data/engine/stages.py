@@ -126,6 +126,33 @@ def score_alignment(
                 ["misaligned", f"image-caption score {score:.3f} < {cfg.min_alignment}"]
             )
             samples[i] = None
+    if cfg.concept_filter is not None:
+        apply_filters(verdicts, samples, cfg.concept_filter, with_image, img, scorer)
+
+
+def apply_filters(verdicts, samples, path: str, with_image: list[int], img, scorer: PairScorer) -> None:
+    """The concept filters of `path` (mmfusion.safety.filters, normal level) on each candidate's image (rows
+    `with_image`, embeddings `img`) and caption, in place: a blocked sample becomes `filtered`, each blocking modality, concept and score named."""
+    from ...safety.filters import ConceptFilters
+
+    filters = ConceptFilters.load(path)
+    keep = [k for k, i in enumerate(with_image) if samples[i] is not None]  # not rejected as misaligned
+    with_image, img = [with_image[k] for k in keep], img[keep]
+    with_text = [i for i, s in enumerate(samples) if s is not None and "text" in s]
+    txt = scorer.embed_texts([samples[i]["text"] for i in with_text])  # type: ignore[index]
+    blocked: set[int] = set()
+    for modality, rows, emb in (("image", with_image, img), ("text", with_text, txt)):
+        if not rows:
+            continue
+        scores = filters.scores(emb)
+        for k, (i, names) in enumerate(zip(rows, filters.check(modality, emb))):
+            if names:
+                cols = [j for j, c in enumerate(filters.concepts) if c.name in names]
+                detail = ", ".join(f"{filters.concepts[j].name} {scores[k, j]:.3f}" for j in cols)
+                verdicts[i]["reasons"].append(["filtered", f"{modality}: {detail}"])
+                blocked.add(i)
+    for i in blocked:
+        samples[i] = None
 
 
 def run_chunk(

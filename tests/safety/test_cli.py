@@ -1,0 +1,97 @@
+"""`mmfusion scd calibrate`, `mmfusion filter calibrate`, `mmfusion provenance sign|verify` in process."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmfusion.cli import main
+from mmfusion.safety import watermark
+from mmfusion.safety.filters import ConceptFilters
+from mmfusion.safety.provenance import KEY_ENV
+from mmfusion.safety.scd import SCDCalibration, top1
+
+
+@pytest.fixture(scope="module")
+def saved(make_tiny_model, tmp_path_factory):
+    from mmfusion.serve.engine import Engine
+    from mmfusion.serve.index import build_synthetic_index
+
+    model = make_tiny_model()
+    root = tmp_path_factory.mktemp("cli")
+    folder = model.save_pretrained(root / "model")
+    build_synthetic_index(Engine(model), 12, root / "index", "test", 0, 16)
+    return model, folder, root
+
+
+def test_scd_calibrate_flags_the_stated_fraction_of_its_queries(saved, tmp_path, capsys):
+    model, folder, root = saved
+    texts = tmp_path / "q.txt"
+    texts.write_text(
+        "\n".join(
+            f"a {s} {c} circle" for s in ("small", "large") for c in ("red", "blue", "green", "white", "cyan")
+        )
+    )
+    out = tmp_path / "scd.json"
+    rc = main([
+        "scd", "calibrate", str(folder), "--index", str(root / "index"), "--texts", str(texts), "--fpr", "0.2",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    cal = SCDCalibration.load(out)
+    from mmfusion.serve.index import EmbeddingIndex
+
+    d = (
+        1
+        - top1(
+            model.encode_text(texts.read_text().splitlines()), EmbeddingIndex.load(root / "index").embeddings
+        )[1]
+    )
+    assert cal.n_calibration == 10 and int((d > cal.threshold).sum()) == 2  # floor(0.2 * 10)
+    assert "flags 0.200 of 10" in capsys.readouterr().out
+    rc = main(["scd", "calibrate", str(folder), "--index", str(root / "index"), "--synthetic", "8", "--score",
+               "mutation", "--mutations", "2", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and SCDCalibration.load(out).score == "mutation"
+    assert main(["scd", "calibrate", str(folder), "--index", str(root / "index"), "--synthetic", "8", "--fpr", "1.5",
+                 "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_filter_calibrate_writes_thresholds_and_reports(saved, tmp_path, capsys):
+    _, folder, _ = saved
+    out = tmp_path / "f.json"
+    rc = main(["filter", "calibrate", str(folder), "--concepts", "red,cross", "--n", "40", "--out", str(out)])
+    assert rc == 0
+    f = ConceptFilters.load(out)
+    assert [c.name for c in f.concepts] == ["red", "cross"] and set(f.concepts[0].thresholds) == {
+        "image",
+        "text",
+    }
+    assert len(f.concepts[0].prompts) == 10  # 2 sizes x 5 shapes name "red"
+    printed = capsys.readouterr().out
+    assert "image red: normal P=" in printed and "text  cross: normal P=" in printed
+    assert main(["filter", "calibrate", str(folder), "--concepts", "reed", "--out", str(out)]) == 2
+    assert "the synthetic world's concepts are" in capsys.readouterr().err
+
+
+def test_provenance_sign_verify_and_tamper(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(KEY_ENV, "secret")
+    rng = np.random.default_rng(0)
+    img = tmp_path / "gen.png"
+    # a dark picture with mild noise, like the synthetic world's (on white noise a 32 px mark is too weak)
+    Image.fromarray((20 + rng.integers(0, 16, (32, 32, 3))).astype(np.uint8)).save(img)
+    assert main(["provenance", "sign", str(img), "--model-id", "m1", "--seed", "3", "--prompt", "a red circle",
+                 "--watermark"]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "gen.png.provenance.json").read_text())
+    assert manifest["model_id"] == "m1" and manifest["seed"] == 3 and manifest["prompt"] == "a red circle"
+    assert watermark.detect(np.asarray(Image.open(img)), b"secret")
+    capsys.readouterr()
+    assert main(["provenance", "verify", str(img)]) == 0
+    assert "OK (model m1, seed 3); watermark z = " in capsys.readouterr().out
+    data = bytearray(img.read_bytes())
+    data[-20] ^= 1
+    img.write_bytes(bytes(data))
+    assert main(["provenance", "verify", str(img)]) == 1
+    assert "FAILED: content mismatch" in capsys.readouterr().out
+    monkeypatch.delenv(KEY_ENV)
+    assert main(["provenance", "verify", str(img)]) == 2
