@@ -23,7 +23,7 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
 	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
-	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew bench-scd
+	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew bench-bias-pairs bench-scd
 
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
@@ -90,6 +90,9 @@ bench-federated: $(STAMP)
 
 bench-bias-skew: $(STAMP)
 	nice -n 10 $(PY) benchmarks/bias_skew.py --rare image $(BENCH_ARGS)
+
+bench-bias-pairs: $(STAMP)
+	nice -n 10 $(PY) benchmarks/bias_pairs.py --label size --seeds 0 1 2 $(BENCH_ARGS)
 
 # SCD adversarial-input detection (PGD, character and synonym attacks; a two-tower model and a fusion classifier),
 # concept filters and the watermark (docs/safety.md): trains three two-tower models of 500 steps; add

@@ -1,23 +1,26 @@
 #!/usr/bin/env python
 """A planted attribute-pair skew, measured by `mmfusion bias`, and re-weighted training (issue 17, Z3).
 
-The task: the shape of a single-object synthetic-world scene from its image (5 classes). Each shape has a
-"paired" colour (circle-red, square-green, triangle-blue, diamond-yellow, cross-purple). The training set is
-skewed: --aligned scenes whose object has its shape's paired colour and --conflicting ones (default 950 / 50,
-5 %) with any other colour, so colour predicts shape in 95 % of training scenes. The test set holds 200 of each
-group. Both are written as JSONL manifests with PNG images and the columns label (the shape), pair
-("aligned" / "conflicting") and colour: the user-data path (`data.source: jsonl`).
+The task: an attribute (--label) of a single-object synthetic-world scene from its image. Each value of the
+label has "paired" colours: size (the default, 2 classes): small-{red, green, blue, yellow}, large-{purple,
+orange, white, cyan}; shape (5 classes): circle-red, square-green, triangle-blue, diamond-yellow, cross-purple.
+The training set is skewed: --aligned scenes whose object has a colour paired with its label and
+--conflicting ones (default 950 / 50, 5 %) with another colour, so colour predicts the label in 95 % of
+training scenes. The test set holds --n-test of each group. Both are written as JSONL manifests with PNG images
+and the columns label, pair ("aligned" / "conflicting") and colour: the user-data path (`data.source: jsonl`).
 
-Arms, each the same fusion model (--encoder: the tiny image encoder with a conv stem, late fusion, dim 32) for --steps steps of batch 32:
+Arms, each the same fusion model (--encoder: the tiny image encoder with a conv stem, late fusion, dim 32)
+for --steps steps of batch 32:
   shuffle    the skewed set as collected (an epoch permutation)
   ddwa       the same set through `data.sampler: ddwa` (dynamic data weighting: samples with large logit
-             gradients, the ones the colour shortcut gets wrong, are drawn more often)
+             gradients, the ones the colour shortcut gets wrong, are drawn more often;
+             boost 3 on the top 10 % every 20 steps after steps/5 uniform ones)
   balanced   the two groups as two mixture sources (`data.mixture`, weighting uniform): each batch half
              aligned, half conflicting (the group labels are used; DDWA does not need them)
 Every model is scored by `mmfusion bias <run> --axes pair,colour` on the test manifest: accuracy per group,
 ratio conflicting / aligned and the four-fifths flag. Seeds change the scenes, the model init and the order.
 
-    .venv/bin/python benchmarks/bias_pairs.py --seeds 0 1 2 --out runs/bench/bias_pairs
+    .venv/bin/python benchmarks/bias_pairs.py --label size --seeds 0 1 2 --out runs/bench/bias_pairs
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--label", choices=sorted(PAIRED), default="shape", help="the attribute to predict")
+    ap.add_argument("--label", choices=sorted(PAIRED), default="size", help="the attribute to predict")
     ap.add_argument("--aligned", type=int, default=950)
     ap.add_argument("--conflicting", type=int, default=50)
     ap.add_argument("--n-test", type=int, default=200, help="test scenes per group")
