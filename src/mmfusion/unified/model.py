@@ -4,7 +4,8 @@ Inputs are token ids (batch, T) with a modality id per token (batch, T): TEXT=0,
 boundary and task-prefix tokens count as TEXT). The output is next-token logits (batch, T, vocab).
 
 Each block is pre-norm: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)); a final RMSNorm precedes the (tied)
-output projection.
+output projection. The MLP is GELU or SwiGLU (`mlp`); with `mlp="swiglu"`, `qk_norm=False` and none of the
+options below the decoder is a LLaMA (mmfusion.unified.hf_llama maps its weights onto LlamaForCausalLM).
 
 - Causal self-attention through `torch.nn.functional.scaled_dot_product_attention` (`is_causal` when no mask
   is needed, so the fused / flash kernels run on GPU; an explicit boolean mask, True = may attend, for KV-cache
@@ -91,6 +92,7 @@ class UnifiedConfig:
     rope_base: float = 10000.0
     dropout: float = 0.0
     tie_embeddings: bool = True
+    mlp: str = "gelu"  # "gelu": fc2(gelu(fc1 x)), biased; "swiglu": fc2(silu(gate x) * up x), no biases
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> ConfigError:
@@ -119,6 +121,8 @@ class UnifiedConfig:
             raise bad("hierarchical_layers", f"an integer in [0, depth={self.depth}]")
         if self.rope_base <= 1.0:
             raise bad("rope_base", "> 1")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise bad("mlp", "'gelu' or 'swiglu'")
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +187,15 @@ class ModalityLinear(nn.Module):
                 out[sel] = linear(x[sel])
         return out
 
+    def split(self, x: torch.Tensor, modality: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """`forward(x, modality).chunk(parts, -1)`; with one shared Linear, as `parts` products with row blocks
+        of its weight, so each part is contiguous (element-wise ops on chunk views run ~2x slower on CPU)."""
+        if len(self.linears) > 1:
+            return self(x, modality).chunk(parts, dim=-1)
+        linear = self.linears[0]
+        biases = linear.bias.chunk(parts) if linear.bias is not None else (None,) * parts
+        return tuple(F.linear(x, w, b) for w, b in zip(linear.weight.chunk(parts), biases, strict=True))
+
 
 def hard_sigmoid_gate(a: torch.Tensor) -> torch.Tensor:
     """clamp(1.2 * sigmoid(a) - 0.1, 0, 1): a gate that reaches exactly 0 and 1 (deterministic hard concrete)."""
@@ -224,7 +237,10 @@ class DecoderAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv(x, modality).view(b, t, 3, cfg.heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        # (batch, heads, T, head_dim) each
+        q, k, v = (
+            p.view(b, t, cfg.heads, cfg.head_dim).transpose(1, 2) for p in self.qkv.split(x, modality, 3)
+        )
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         if past is not None:
@@ -281,15 +297,21 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    """Two-layer GELU feed-forward block, shared or per modality."""
+    """Feed-forward block, shared or per modality: GELU (fc2(gelu(fc1 x)), biased) or SwiGLU (Shazeer 2020,
+    as in LLaMA: fc2(silu(gate x) * up x), no biases; fc1 holds [gate; up] stacked, (2 * hidden, dim))."""
 
     def __init__(self, cfg: UnifiedConfig):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.fc1 = ModalityLinear(cfg.dim, hidden, cfg.modality_aware, bias=True)
-        self.fc2 = ModalityLinear(hidden, cfg.dim, cfg.modality_aware, bias=True)
+        self.swiglu = cfg.mlp == "swiglu"
+        bias = not self.swiglu
+        self.fc1 = ModalityLinear(cfg.dim, (2 if self.swiglu else 1) * hidden, cfg.modality_aware, bias=bias)
+        self.fc2 = ModalityLinear(hidden, cfg.dim, cfg.modality_aware, bias=bias)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc1.split(x, modality, 2)
+            return self.fc2(F.silu(gate) * up, modality)
         return self.fc2(F.gelu(self.fc1(x, modality)), modality)
 
 
