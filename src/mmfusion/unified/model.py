@@ -62,6 +62,7 @@ from .attention import (
     rope_cos_sin,
     topk_attention,
 )
+from .kv_cache import append_kv
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
 MODALITY_NAMES = ("text", "image", "audio")
@@ -148,8 +149,9 @@ class UnifiedConfig:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1,
-    and the modality ids of those positions, (batch, length)."""
+    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1
+    (views of buffers with room for later positions: kv_cache.append_kv), and the modality ids of those
+    positions, (batch, length)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -243,9 +245,8 @@ class DecoderAttention(nn.Module):
         )
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+        if past is not None:  # a view of a buffer with room for later tokens (kv_cache.py), not a fresh copy
+            k, v = append_kv(past[0], k, cfg.max_len), append_kv(past[1], v, cfg.max_len)
         k_len = k.shape[2]
         if k_modality is None:
             if k_len != t:
