@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -142,6 +143,7 @@ def http_round(child_cmd: list[str], threads: int, concurrency: int, duration: f
     with Child(child_cmd, threads) as s:
         asyncio.run(closed_loop(s.url, concurrency, 1.0))  # warm-up: first calls, connection pool
         tally, wall = asyncio.run(closed_loop(s.url, concurrency, duration))
+        batch = mean_batch(s.url)
     ok = sum(n for c, n in tally.codes.items() if 200 <= c < 300)
     p50, p99 = np.percentile(tally.lat, [50, 99]) * 1000 if tally.lat else (float("nan"),) * 2
     return {
@@ -151,7 +153,19 @@ def http_round(child_cmd: list[str], threads: int, concurrency: int, duration: f
         "ok": ok,
         "sent": tally.sent,
         "lost": tally.lost,
+        "mean_batch": batch,
     }
+
+
+def mean_batch(url: str) -> float:
+    """Mean text batch size from `mmfusion serve`'s /metrics (warm-up included); NaN for the plain server."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return float("nan")
+    pattern = r'^mmfusion_batch_size_(sum|count)\{encoder="text"\} (\S+)$'
+    got = {k: float(v) for k, v in re.findall(pattern, text, re.M)}
+    return got["sum"] / got["count"] if got.get("count") else float("nan")
 
 
 def onnx_rows(model_dir: Path, threads: int, max_batch: int, n: int) -> list[dict]:
@@ -204,6 +218,8 @@ def main() -> int:
     if args.plain_app:
         plain_app(args.plain_app, args.port, args.threads)
         return 0
+    # SIGTERM (e.g. a timeout) unwinds through the `with Child` blocks, which kill the server groups
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not 0 < args.duration <= 60:
         ap.error("--duration must be in (0, 60]")
     tmp = tempfile.TemporaryDirectory()
@@ -229,7 +245,8 @@ def main() -> int:
             runs[name].append(res)
             print(
                 f"round {r + 1} {name}: {res['per_s']:.0f} embeddings/s, p50 {res['p50_ms']:.1f} ms, "
-                f"p99 {res['p99_ms']:.1f} ms ({res['ok']}/{res['sent']} 2xx, {res['lost']} lost)",
+                f"p99 {res['p99_ms']:.1f} ms ({res['ok']}/{res['sent']} 2xx, {res['lost']} lost, mean batch "
+                f"{res['mean_batch']:.1f})",
                 flush=True,
             )
     onnx = onnx_rows(model, args.threads, args.max_batch, args.onnx_requests)
