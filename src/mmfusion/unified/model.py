@@ -63,6 +63,7 @@ from .attention import (
     topk_attention,
 )
 from .kv_cache import append_kv
+from .layers import ModalityLinear
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
 MODALITY_NAMES = ("text", "image", "audio")
@@ -168,35 +169,6 @@ class UnifiedOutput(NamedTuple):
     logits: torch.Tensor
     cache: KVCache | None
     max_attn_logit: float
-
-
-class ModalityLinear(nn.Module):
-    """A Linear layer, or one per modality (modality-aware weights): row t goes through modality[t]'s weights."""
-
-    def __init__(self, d_in: int, d_out: int, per_modality: bool, bias: bool = False):
-        super().__init__()
-        n = len(MODALITY_NAMES) if per_modality else 1
-        self.linears = nn.ModuleList(nn.Linear(d_in, d_out, bias=bias) for _ in range(n))
-
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        # x: (batch, T, d_in); modality: (batch, T)
-        if len(self.linears) == 1:
-            return self.linears[0](x)
-        out = x.new_zeros(*x.shape[:-1], self.linears[0].out_features)
-        for m, linear in enumerate(self.linears):
-            sel = modality == m
-            if sel.any():
-                out[sel] = linear(x[sel])
-        return out
-
-    def split(self, x: torch.Tensor, modality: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
-        """`forward(x, modality).chunk(parts, -1)`; with one shared Linear, as `parts` products with row blocks
-        of its weight, so each part is contiguous (element-wise ops on chunk views run ~2x slower on CPU)."""
-        if len(self.linears) > 1:
-            return self(x, modality).chunk(parts, dim=-1)
-        linear = self.linears[0]
-        biases = linear.bias.chunk(parts) if linear.bias is not None else (None,) * parts
-        return tuple(F.linear(x, w, b) for w, b in zip(linear.weight.chunk(parts), biases, strict=True))
 
 
 def hard_sigmoid_gate(a: torch.Tensor) -> torch.Tensor:
