@@ -23,7 +23,9 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
 	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
-	bench-unified-decode bench-decoder-hf bench-serve-vs-plain bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew
+	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew
+
+BENCH_TARGETS += bench-decoder-hf bench-serve-vs-plain
 
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
