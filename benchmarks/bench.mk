@@ -25,6 +25,8 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
 	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew bench-bias-pairs bench-scd
 
+BENCH_TARGETS += bench-decoder-hf bench-serve-vs-plain
+
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
 bench-list:
@@ -148,6 +150,16 @@ bench-unified-audio: $(STAMP)
 bench-unified-decode: $(STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/unified_decode.py --json $(BENCH_OUT)/unified_decode.json --plot $(BENCH_OUT)/unified_decode.png $(BENCH_ARGS)
+
+# UnifiedDecoder (LLaMA-shaped) vs transformers' LlamaForCausalLM, same weights: train / prefill / decode tokens/s.
+bench-decoder-hf: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/decoder_vs_hf.py --json $(BENCH_OUT)/decoder_vs_hf.json $(BENCH_ARGS)
+
+# mmfusion serve (dynamic batching) vs a plain FastAPI endpoint vs ONNX Runtime in-process, 64 clients.
+bench-serve-vs-plain: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/serve_vs_plain.py --json $(BENCH_OUT)/serve_vs_plain.json $(BENCH_ARGS)
 
 bench-unified-variants: $(STAMP)
 	$(PY) benchmarks/unified_variants.py $(BENCH_ARGS)

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from PIL import Image
 from mmfusion.errors import DataError
 from mmfusion.modalities.image import (
     ImageEncoder,
+    decode_image,
     preprocess_image,
     preprocess_images,
     to_rgb_array,
@@ -57,3 +60,15 @@ def test_conv_stem_keeps_the_token_grid():
     assert [m.stride for m in conv_stem(32, 8) if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3 + [(1, 1)]
     with pytest.raises(ValueError, match="power-of-two patch_size, got 6"):
         conv_stem(32, 6)
+
+
+def test_decode_image_applies_exif_orientation_and_keeps_plain_rgb_pixels():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # (H=2, W=3, 3)
+    plain, rotated = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(plain, format="PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the stored image must be rotated 90 degrees clockwise to display
+    Image.fromarray(pixels).save(rotated, format="PNG", exif=exif.tobytes())
+    assert np.array_equal(decode_image(plain.getvalue()), pixels)
+    out = decode_image(rotated.getvalue())
+    assert out.shape == (3, 2, 3) and np.array_equal(out, np.rot90(pixels, k=-1))

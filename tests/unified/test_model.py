@@ -23,6 +23,7 @@ VARIANTS = {
     "sparse_topk": {"sparse_topk": 4},
     "hierarchical": {"hierarchical_layers": 1},
     "modality_gate": {"modality_gate": True},
+    "swiglu": {"mlp": "swiglu", "qk_norm": False},
     "all": {
         "image_window": 3,
         "modality_aware": True,
@@ -255,7 +256,7 @@ def test_tied_head_uses_the_embedding():
     assert not any("head" in k for k in m.state_dict())
 
 
-@pytest.mark.parametrize("variant", ["plain", "all"])
+@pytest.mark.parametrize("variant", ["plain", "all", "swiglu"])
 def test_save_and_load_round_trip(tmp_path, variant):
     m = tiny(**VARIANTS[variant])
     ids, mod = mixed()

@@ -34,7 +34,8 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
             arr = np.asarray(image, dtype=np.float64)
             peak = arr.max() if arr.size and arr.max() > 0 else 1.0
             image = Image.fromarray((arr / peak * 255.0).astype(np.uint8))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        # np.asarray copies the pixels; convert() would copy them once more even when already RGB
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
@@ -211,7 +212,9 @@ def decode_image(src: Any) -> np.ndarray:
     try:
         with Image.open(as_source(src)) as img:
             img.load()
-            return to_rgb_array(ImageOps.exif_transpose(img))
+            # in place: without an orientation tag nothing happens (the default returns a full copy)
+            ImageOps.exif_transpose(img, in_place=True)
+            return to_rgb_array(img)
     except Exception as e:
         raise MediaError("corrupt_image", f"cannot decode image: {e}") from e
 

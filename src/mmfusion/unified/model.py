@@ -4,7 +4,8 @@ Inputs are token ids (batch, T) with a modality id per token (batch, T): TEXT=0,
 boundary and task-prefix tokens count as TEXT). The output is next-token logits (batch, T, vocab).
 
 Each block is pre-norm: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)); a final RMSNorm precedes the (tied)
-output projection.
+output projection. The MLP is GELU or SwiGLU (`mlp`); with `mlp="swiglu"`, `qk_norm=False` and none of the
+options below the decoder is a LLaMA (mmfusion.unified.hf_llama maps its weights onto LlamaForCausalLM).
 
 - Causal self-attention through `torch.nn.functional.scaled_dot_product_attention` (`is_causal` when no mask
   is needed, so the fused / flash kernels run on GPU; an explicit boolean mask, True = may attend, for KV-cache
@@ -61,6 +62,8 @@ from .attention import (
     rope_cos_sin,
     topk_attention,
 )
+from .kv_cache import append_kv
+from .layers import ModalityLinear
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
 MODALITY_NAMES = ("text", "image", "audio")
@@ -91,6 +94,7 @@ class UnifiedConfig:
     rope_base: float = 10000.0
     dropout: float = 0.0
     tie_embeddings: bool = True
+    mlp: str = "gelu"  # "gelu": fc2(gelu(fc1 x)), biased; "swiglu": fc2(silu(gate x) * up x), no biases
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str) -> ConfigError:
@@ -119,6 +123,8 @@ class UnifiedConfig:
             raise bad("hierarchical_layers", f"an integer in [0, depth={self.depth}]")
         if self.rope_base <= 1.0:
             raise bad("rope_base", "> 1")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise bad("mlp", "'gelu' or 'swiglu'")
 
     @property
     def head_dim(self) -> int:
@@ -144,8 +150,9 @@ class UnifiedConfig:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1,
-    and the modality ids of those positions, (batch, length)."""
+    """Keys and values of every layer so far: lists of (batch, heads, length, head_dim), positions 0..length-1
+    (views of buffers with room for later positions: kv_cache.append_kv), and the modality ids of those
+    positions, (batch, length)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -162,26 +169,6 @@ class UnifiedOutput(NamedTuple):
     logits: torch.Tensor
     cache: KVCache | None
     max_attn_logit: float
-
-
-class ModalityLinear(nn.Module):
-    """A Linear layer, or one per modality (modality-aware weights): row t goes through modality[t]'s weights."""
-
-    def __init__(self, d_in: int, d_out: int, per_modality: bool, bias: bool = False):
-        super().__init__()
-        n = len(MODALITY_NAMES) if per_modality else 1
-        self.linears = nn.ModuleList(nn.Linear(d_in, d_out, bias=bias) for _ in range(n))
-
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        # x: (batch, T, d_in); modality: (batch, T)
-        if len(self.linears) == 1:
-            return self.linears[0](x)
-        out = x.new_zeros(*x.shape[:-1], self.linears[0].out_features)
-        for m, linear in enumerate(self.linears):
-            sel = modality == m
-            if sel.any():
-                out[sel] = linear(x[sel])
-        return out
 
 
 def hard_sigmoid_gate(a: torch.Tensor) -> torch.Tensor:
@@ -224,12 +211,14 @@ class DecoderAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv(x, modality).view(b, t, 3, cfg.heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        # (batch, heads, T, head_dim) each
+        q, k, v = (
+            p.view(b, t, cfg.heads, cfg.head_dim).transpose(1, 2) for p in self.qkv.split(x, modality, 3)
+        )
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+        if past is not None:  # a view of a buffer with room for later tokens (kv_cache.py), not a fresh copy
+            k, v = append_kv(past[0], k, cfg.max_len), append_kv(past[1], v, cfg.max_len)
         k_len = k.shape[2]
         if k_modality is None:
             if k_len != t:
@@ -281,15 +270,21 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    """Two-layer GELU feed-forward block, shared or per modality."""
+    """Feed-forward block, shared or per modality: GELU (fc2(gelu(fc1 x)), biased) or SwiGLU (Shazeer 2020,
+    as in LLaMA: fc2(silu(gate x) * up x), no biases; fc1 holds [gate; up] stacked, (2 * hidden, dim))."""
 
     def __init__(self, cfg: UnifiedConfig):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.fc1 = ModalityLinear(cfg.dim, hidden, cfg.modality_aware, bias=True)
-        self.fc2 = ModalityLinear(hidden, cfg.dim, cfg.modality_aware, bias=True)
+        self.swiglu = cfg.mlp == "swiglu"
+        bias = not self.swiglu
+        self.fc1 = ModalityLinear(cfg.dim, (2 if self.swiglu else 1) * hidden, cfg.modality_aware, bias=bias)
+        self.fc2 = ModalityLinear(hidden, cfg.dim, cfg.modality_aware, bias=bias)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc1.split(x, modality, 2)
+            return self.fc2(F.silu(gate) * up, modality)
         return self.fc2(F.gelu(self.fc1(x, modality)), modality)
 
 
