@@ -326,6 +326,10 @@ def train(
 
     if cfg.kind == "unified":
         return train_unified(cfg, resume, overwrite, log)
+    if cfg.kind == "diffusion":
+        from .diffusion.run import train_diffusion
+
+        return train_diffusion(cfg, resume, overwrite, log)
     if cfg.kind == "contrastive" and cfg.train.parallel.tensor.size > 1:
         raise ConfigError(
             "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
