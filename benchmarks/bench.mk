@@ -23,7 +23,8 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-data-throughput bench-ddwa bench-distill bench-fusion-zoo bench-grad-checkpointing bench-mixing \
 	bench-moe-balance bench-scaling bench-serve-load bench-serve-split bench-generate-latency \
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
-	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew
+	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew \
+	bench-diffusion
 
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
@@ -90,6 +91,11 @@ bench-federated: $(STAMP)
 
 bench-bias-skew: $(STAMP)
 	nice -n 10 $(PY) benchmarks/bias_skew.py --rare image $(BENCH_ARGS)
+
+# joint image + text diffusion (configs/diffusion.yaml): t2i / i2t / joint accuracy under the judges, 3 seeds,
+# with and without the consistency constraint, sampling images/s, the sample grid (docs/diffusion.md)
+bench-diffusion: $(STAMP)
+	nice -n 10 $(PY) benchmarks/diffusion.py --variants base,consistency --speed --grid docs/img/diffusion_grid.png $(BENCH_ARGS)
 
 bench-clft: $(STAMP)
 	$(PY) benchmarks/clft.py --seeds 0 1 $(BENCH_ARGS)

@@ -35,6 +35,7 @@ from .data.config import (  # noqa: F401 - re-exported: callers import the secti
     TargetConfig,
     TokenizerConfig,
 )
+from .diffusion.config import DiffusionModelConfig
 from .errors import ConfigError
 from .eval.config import EvalConfig
 from .models.contrastive_config import ImageConfig, ModelConfig, ProbeConfig, TextConfig  # noqa: F401
@@ -55,7 +56,6 @@ from .train.config import (  # noqa: F401
     TrainConfig,
 )
 from .train.federated_config import FederatedConfig
-from .diffusion.config import DiffusionModelConfig
 from .unified.config import UnifiedModelConfig
 
 ModelSection = Annotated[

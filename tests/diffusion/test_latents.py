@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from mmfusion.data.synthetic import TEMPLATES
-from mmfusion.diffusion.latents import TextCodec, caption_words, patchify, unpatchify, world_vocabulary
+from mmfusion.diffusion.latents import (
+    TextCodec,
+    canonical_caption,
+    caption_words,
+    patchify,
+    unpatchify,
+    world_vocabulary,
+)
 from mmfusion.errors import DataError
 
 
@@ -22,8 +29,12 @@ def test_patchify_layout_and_round_trip():
 
 
 def test_text_codec_round_trip_on_every_template():
-    codec = TextCodec(text_len=24, dim=16, seed=0)
-    caps = [t.format("small red circle", "large blue square", "small cyan cross") for ts in TEMPLATES.values() for t in ts]
+    codec = TextCodec(text_len=24, dim=16, seed=0, canonical=False)
+    caps = [
+        t.format("small red circle", "large blue square", "small cyan cross")
+        for ts in TEMPLATES.values()
+        for t in ts
+    ]
     lat = codec.encode(caps)
     assert lat.shape == (len(caps), 24, 16)
     assert codec.decode(lat) == [" ".join(caption_words(c)) for c in caps]
@@ -32,6 +43,17 @@ def test_text_codec_round_trip_on_every_template():
     # small perturbations still round to the same words
     noisy = lat + 0.1 * torch.randn(lat.shape, generator=torch.Generator().manual_seed(0))
     assert codec.decode(noisy) == codec.decode(lat)
+
+
+def test_canonical_codec_states_content_not_paraphrase():
+    codec = TextCodec(text_len=24, dim=16)
+    objs = ("small red circle", "large blue square", "small cyan cross")
+    for ts in TEMPLATES.values():
+        caps = [t.format(*objs) for t in ts]
+        want = " ".join(caption_words(ts[0].format(*objs)))
+        assert codec.decode(codec.encode(caps)) == [want] * len(caps)
+    assert canonical_caption("there is a large white diamond") == "a large white diamond"
+    assert canonical_caption("Hello, world") == "hello world"  # unparsed text keeps its own words
 
 
 def test_text_codec_errors_and_vocabulary():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusion_tiny import tiny_config
 
+from diffusion_tiny import tiny_config
 from mmfusion.batch import Batch
 from mmfusion.diffusion.model import JointDiffusion, draw_timesteps, reverse_gradient
 
@@ -42,8 +42,13 @@ def test_output_heads_start_at_zero():
     m = JointDiffusion(tiny_config())
     cfg = m.cfg
     out = m.net(torch.randn(2, 4, 48), torch.randn(2, 8, 8), torch.tensor([3, 4]), torch.tensor([1, 2]))
-    assert out.eps_image.abs().max() == 0 and out.eps_text.abs().max() == 0
-    # the DDPM loss of a zero prediction is the noise's mean square: about 1 per modality
+    assert out.eps_image.abs().max() == 0 and out.x0_text.abs().max() == 0
+    # the eps of the text follows from its x0 estimate: (x - sqrt(ab) x0) / sqrt(1 - ab) = x / sqrt(1 - ab)
+    a = m.schedule.alpha_bar[torch.tensor([1, 2])].float().reshape(2, 1, 1)
+    x = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = m.net(torch.zeros(2, 4, 48), x, torch.tensor([3, 4]), torch.tensor([1, 2])).eps_text
+    torch.testing.assert_close(got, x / (1 - a).sqrt())
+    # the loss of zero predictions: the noise's mean square (image) + the latent's (text), about 1 each
     torch.manual_seed(1)
     loss = m(_batch(cfg, b=64)).loss.item()
     assert 1.8 < loss < 2.2
@@ -52,7 +57,7 @@ def test_output_heads_start_at_zero():
 def test_draw_timesteps_modes():
     cfg = tiny_config(cond_prob=1.0, uncond_prob=0.0)
     ti, tt = draw_timesteps(cfg, 200, torch.Generator().manual_seed(0))
-    assert (((ti == -1) ^ (tt == -1))).all()  # exactly one clean condition per sample
+    assert ((ti == -1) ^ (tt == -1)).all()  # exactly one clean condition per sample
     assert 60 < int((ti == -1).sum()) < 140
     cfg = tiny_config(cond_prob=0.0, uncond_prob=1.0)
     ti, tt = draw_timesteps(cfg, 200, torch.Generator().manual_seed(0))

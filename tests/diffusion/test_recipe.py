@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_tiny import randomised, tiny_config
 
+from diffusion_tiny import randomised, tiny_config
 from mmfusion.config import load_config
 from mmfusion.data.synthetic import SyntheticWorld, WorldConfig
 from mmfusion.diffusion.model import JointDiffusion
@@ -34,8 +34,17 @@ def test_resume_equals_an_uninterrupted_run(world8, tmp_path):
     cfg = tiny_config()
     quiet = lambda _m: None  # noqa: E731
     whole, _ = fit_diffusion(cfg, _train(4), world8, 32, tmp_path / "a", log=quiet)
-    fit_diffusion(cfg, _train(4, checkpoint_every=2).model_copy(update={"steps": 2}), world8, 32, tmp_path / "b", log=quiet)
-    resumed, _ = fit_diffusion(cfg, _train(4, checkpoint_every=2), world8, 32, tmp_path / "b", resume=True, log=quiet)
+    fit_diffusion(
+        cfg,
+        _train(4, checkpoint_every=2).model_copy(update={"steps": 2}),
+        world8,
+        32,
+        tmp_path / "b",
+        log=quiet,
+    )
+    resumed, _ = fit_diffusion(
+        cfg, _train(4, checkpoint_every=2), world8, 32, tmp_path / "b", resume=True, log=quiet
+    )
     a, b = whole.state_dict(), resumed.state_dict()
     assert int(a["ema_updates"]) == 4 and a.keys() == b.keys()
     for k in a:
@@ -71,31 +80,55 @@ def test_generate_cli_on_a_diffusion_folder(tmp_path, capsys):
     model = randomised(JointDiffusion(tiny_config(text_len=8)))
     save_diffusion(model, tmp_path / "run" / "model")
     run = str(tmp_path / "run")
-    assert main(["generate", "--model", run, "--task", "joint", "--n", "3", "--out-dir", str(tmp_path / "j"), "--ddim-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                run,
+                "--task",
+                "joint",
+                "--n",
+                "3",
+                "--out-dir",
+                str(tmp_path / "j"),
+                "--ddim-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "j").glob("*.png"))) == 3
     out = tmp_path / "i"
-    assert main(["generate", "--model", run, "--task", "image", "--prompt", "a red circle", "--out-dir", str(out)]) == 0
+    assert (
+        main(
+            ["generate", "--model", run, "--task", "image", "--prompt", "a red circle", "--out-dir", str(out)]
+        )
+        == 0
+    )
     png = next(out.glob("*.png"))
     capsys.readouterr()
     assert main(["generate", "--model", run, "--task", "caption", "--image", str(png)]) == 0
     assert str(png) in capsys.readouterr().out
     capsys.readouterr()
-    assert main(["generate", "--model", run, "--task", "image", "--prompt", "a red dog", "--out-dir", str(out)]) == 1
+    assert (
+        main(["generate", "--model", run, "--task", "image", "--prompt", "a red dog", "--out-dir", str(out)])
+        == 1
+    )
     assert "words ['dog'] are not in the world's caption vocabulary" in capsys.readouterr().err
 
 
-def test_tiny_run_learns_captions(tmp_path):
-    """150 steps on 16 px one-object scenes: the image -> text task reads the colour far above chance (1/8)."""
-    from mmfusion.diffusion.evaluate import caption_matches  # noqa: F401 - the module imports cleanly
-    from mmfusion.diffusion.recipe import text_codec, world_data
-    from mmfusion.unified.train import parse_caption
+def test_tiny_run_learns(tmp_path):
+    """100 steps on 8 px one-object scenes: both denoising losses fall well below their zero-prediction
+    values (image eps MSE 1, text latent MSE 1), logged by the Trainer in metrics.jsonl."""
+    import json
 
-    world = SyntheticWorld(WorldConfig(seed=0, image_size=16, object_count_probs=(1.0, 0.0, 0.0)))
-    cfg = tiny_config(image_size=16, patch=4, width=64, depth=2, heads=4, timesteps=100, cond_prob=0.6)
-    model, last = fit_diffusion(cfg, _train(150, batch_size=32, lr=3e-3, warmup_steps=10, log_every=50),
-                                world, 512, tmp_path, log=lambda _m: None)
-    assert last["loss"] < 0.8  # from ~2 at the zero-initialised start
-    images, scenes = world_data(world, 64, "test")
-    caps = text_codec(cfg).decode(sample(model, "caption", image=images, steps=10, seed=0).text)
-    colour = [parse_caption(c) is not None and parse_caption(c)[0][1] == s.objects[0].colour for c, s in zip(caps, scenes)]
-    assert sum(colour) / len(colour) > 0.5
+    world = SyntheticWorld(WorldConfig(seed=0, image_size=8, object_count_probs=(1.0, 0.0, 0.0)))
+    cfg = tiny_config(text_len=4, width=32, depth=2, heads=4, timesteps=100)
+    train = _train(100, batch_size=32, lr=3e-3, warmup_steps=10, log_every=10)
+    fit_diffusion(cfg, train, world, 256, tmp_path, log=lambda _m: None)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert last["step"] == 100 and (tmp_path / "model" / "model.safetensors").is_file()
+    assert first["mse_text"] > 0.6 and last["mse_text"] < 0.45
+    assert last["mse_image"] < 0.8

@@ -37,7 +37,9 @@ def test_sampling_shapes_and_determinism(tiny_model):
     a = sample(tiny_model, "image", text=text, steps=4, guidance=3.0, seed=1)
     b = sample(tiny_model, "image", text=text, steps=4, guidance=3.0, seed=1)
     c = sample(tiny_model, "image", text=text, steps=4, guidance=3.0, seed=2)
-    assert a.image.shape == (2, 3, 8, 8) and torch.equal(a.image, b.image) and not torch.equal(a.image, c.image)
+    assert (
+        a.image.shape == (2, 3, 8, 8) and torch.equal(a.image, b.image) and not torch.equal(a.image, c.image)
+    )
     assert a.image.min() >= -1 and a.image.max() <= 1 and torch.equal(a.text, text)
     cap = sample(tiny_model, "caption", image=a.image, steps=3, seed=0)
     assert cap.text.shape == (2, cfg.text_len, cfg.text_dim) and torch.equal(cap.image, a.image)

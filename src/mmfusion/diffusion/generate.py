@@ -1,5 +1,6 @@
 """`mmfusion generate --model <diffusion run or folder> --task image|caption|joint` (the joint diffusion
-model; `mmfusion.unified.generate_cli` hands such folders here).
+model). The command's parser is `mmfusion.unified.generate_cli`'s; its handler is `cmd_generate` here, which
+serves diffusion folders and hands every other model to the unified handler.
 
 --task image --prompt TEXT --out-dir DIR [--n N] [--cfg-scale S]: N PNGs per prompt (text -> image);
 --task caption --image X.png ...: a caption per image (image -> text);
@@ -34,6 +35,16 @@ def _save(images, names: list[str], out: Path) -> list[Path]:
     return paths
 
 
+def cmd_generate(args: Any) -> int:
+    """`mmfusion generate`: a diffusion model folder / run here, anything else to the unified handler."""
+    from ..unified.generate_cli import cmd_generate as unified_generate
+    from .recipe import is_diffusion_folder
+
+    if is_diffusion_folder(args.model) is None:
+        return unified_generate(args)
+    return generate_diffusion(args)
+
+
 def generate_diffusion(args: Any) -> int:
     """Run `mmfusion generate` on a diffusion model (args: the generate command's namespace)."""
     from .recipe import load_diffusion, text_codec
@@ -50,7 +61,9 @@ def generate_diffusion(args: Any) -> int:
         if not args.prompt or not args.out_dir:
             raise ConfigError("--task image needs --prompt TEXT and --out-dir DIR")
         prompts = [p for p in args.prompt for _ in range(n)]
-        s = sample(model, "image", text=codec.encode(prompts), steps=steps, guidance=args.cfg_scale, seed=args.seed)
+        s = sample(
+            model, "image", text=codec.encode(prompts), steps=steps, guidance=args.cfg_scale, seed=args.seed
+        )
         names = [f"{k // n:03d}_{k % n:02d}_{_slug(p)}.png" for k, p in enumerate(prompts)]
         for p, path in zip(prompts, _save(s.image, names, Path(args.out_dir))):
             results.append({"prompt": p, "path": str(path)})
@@ -82,4 +95,4 @@ def generate_diffusion(args: Any) -> int:
     return 0
 
 
-__all__ = ["generate_diffusion"]
+__all__ = ["cmd_generate", "generate_diffusion"]

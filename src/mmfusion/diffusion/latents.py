@@ -37,13 +37,28 @@ def world_vocabulary() -> list[str]:
     return [PAD, *sorted(words)]
 
 
-class TextCodec:
-    """Captions <-> (text_len, dim) latents through a fixed word-embedding table (seeded; see module docs)."""
+def canonical_caption(caption: str) -> str:
+    """The caption restated in the first template of its object count ("there is a small red circle" ->
+    "a small red circle"), when the scene parser reads it; otherwise its own words."""
+    from ..unified.train import parse_caption
 
-    def __init__(self, text_len: int = 24, dim: int = 16, seed: int = 0):
+    objs = parse_caption(caption)
+    if objs is None:
+        return " ".join(caption_words(caption))
+    return " ".join(caption_words(TEMPLATES[len(objs)][0].format(*(" ".join(o) for o in objs))))
+
+
+class TextCodec:
+    """Captions <-> (text_len, dim) latents through a fixed word-embedding table (seeded; see module docs).
+
+    canonical: encode every caption the scene parser reads in its canonical template (`canonical_caption`),
+    so that the latent states what the caption says, not which of the world's paraphrases it picked (as a
+    sentence encoder would); generated captions then come out in that template."""
+
+    def __init__(self, text_len: int = 24, dim: int = 16, seed: int = 0, canonical: bool = True):
         if text_len < 1 or dim < 1:
             raise DataError(f"text_len and dim must be >= 1, got {text_len}, {dim}")
-        self.text_len, self.dim, self.seed = text_len, dim, seed
+        self.text_len, self.dim, self.seed, self.canonical = text_len, dim, seed, canonical
         self.vocab = world_vocabulary()
         self.index = {w: i for i, w in enumerate(self.vocab)}
         gen = torch.Generator().manual_seed(seed)
@@ -52,7 +67,7 @@ class TextCodec:
 
     def ids(self, caption: str) -> list[int]:
         """Word ids padded to text_len; DataError for an unknown word or a caption over text_len words."""
-        words = caption_words(caption)
+        words = caption_words(canonical_caption(caption) if self.canonical else caption)
         unknown = [w for w in words if w not in self.index]
         if unknown:
             raise DataError(f"caption {caption!r}: words {unknown} are not in the world's caption vocabulary")
@@ -67,10 +82,18 @@ class TextCodec:
         ids = torch.tensor([self.ids(c) for c in captions], dtype=torch.long).reshape(-1, self.text_len)
         return self.table[ids]
 
+    def nearest(self, latents: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> word ids (...) of the nearest table rows (Euclidean)."""
+        flat = latents.float().reshape(-1, self.dim)
+        return torch.cdist(flat, self.table.to(flat.device)).argmin(dim=1).reshape(latents.shape[:-1])
+
+    def round(self, latents: torch.Tensor) -> torch.Tensor:
+        """Every word vector replaced by its nearest table row (the clamping trick of Diffusion-LM)."""
+        return self.table.to(latents.device, latents.dtype)[self.nearest(latents)]
+
     def decode(self, latents: torch.Tensor) -> list[str]:
         """(N, text_len, dim) -> N captions: the nearest word per position, up to the first <pad>."""
-        d = torch.cdist(latents.float().cpu().reshape(-1, self.dim), self.table)  # (N * L, V)
-        ids = d.argmin(dim=1).reshape(latents.shape[0], self.text_len).tolist()
+        ids = self.nearest(latents.cpu()).reshape(latents.shape[0], self.text_len).tolist()
         out = []
         for row in ids:
             words = row[: row.index(0)] if 0 in row else row
@@ -100,4 +123,12 @@ def images_to_unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
 
 
-__all__ = ["PAD", "TextCodec", "caption_words", "images_to_unit", "patchify", "unpatchify", "world_vocabulary"]
+__all__ = [
+    "PAD",
+    "TextCodec",
+    "caption_words",
+    "images_to_unit",
+    "patchify",
+    "unpatchify",
+    "world_vocabulary",
+]

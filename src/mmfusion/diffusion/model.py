@@ -35,11 +35,14 @@ from .schedule import NoiseSchedule, timestep_embedding
 
 
 class DenoiserOutput(NamedTuple):
-    """eps_image (B, N_img, 3 p^2), eps_text (B, text_len, text_dim), hidden (B, N_img + text_len, width)."""
+    """eps_image (B, N_img, 3 p^2), eps_text (B, text_len, text_dim), hidden (B, N_img + text_len, width),
+    x0_text: the text head's clean-latent estimate when text_target is "x0" (eps_text is derived from it;
+    0 for clean rows), else None."""
 
     eps_image: torch.Tensor
     eps_text: torch.Tensor
     hidden: torch.Tensor
+    x0_text: torch.Tensor | None = None
 
 
 class TimeEmbed(nn.Module):
@@ -56,11 +59,15 @@ class TimeEmbed(nn.Module):
 
 class JointDenoiser(nn.Module):
     """Image patches and text word vectors as one token sequence (learned positions per modality), each
-    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear eps head each."""
+    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. The image
+    head predicts eps; the text head predicts eps, or with text_target "x0" the clean text latent, from which
+    eps is derived (Diffusion-LM's parameterisation: an eps loss hardly weighs the text's content at the high
+    noise levels where only the image can tell it, so image -> text would learn slowly)."""
 
     def __init__(self, cfg: DiffusionModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
         w, p = cfg.width, 3 * cfg.patch**2
         self.image_in, self.text_in = nn.Linear(p, w), nn.Linear(cfg.text_dim, w)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
@@ -82,7 +89,13 @@ class JointDenoiser(nn.Module):
         hi = self.image_in(x_image) + self.image_pos + self.time_image(t_image)[:, None]
         ht = self.text_in(x_text) + self.text_pos + self.time_text(t_text)[:, None]
         h = self.norm(self.transformer(torch.cat([hi, ht], dim=1)))
-        return DenoiserOutput(self.image_out(h[:, :n]), self.text_out(h[:, n:]), h)
+        text = self.text_out(h[:, n:])
+        if self.cfg.text_target == "eps":
+            return DenoiserOutput(self.image_out(h[:, :n]), text, h)
+        a = self.schedule.ab(t_text, x_text)
+        noisy = (t_text >= 0).to(x_text.dtype).reshape(-1, 1, 1)
+        eps = noisy * (x_text - a.sqrt() * text) / (1 - a).clamp(min=1e-12).sqrt()
+        return DenoiserOutput(self.image_out(h[:, :n]), eps, h, text)
 
 
 class PairDiscriminator(nn.Module):
@@ -192,7 +205,10 @@ class JointDiffusion(nn.Module):
         # a clean (conditioning) modality has nothing to denoise: it carries no loss
         wi, wt = (t_image >= 0).float(), (t_text >= 0).float()
         mse_i = ((out.eps_image - ni) ** 2).mean(dim=(1, 2))
-        mse_t = ((out.eps_text - nt) ** 2).mean(dim=(1, 2))
+        if out.x0_text is not None:
+            mse_t = ((out.x0_text - xt0) ** 2).mean(dim=(1, 2))
+        else:
+            mse_t = ((out.eps_text - nt) ** 2).mean(dim=(1, 2))
         loss_i = (mse_i * wi).sum() / wi.sum().clamp(min=1)
         loss_t = (mse_t * wt).sum() / wt.sum().clamp(min=1)
         loss = loss_i + cfg.text_weight * loss_t
@@ -230,7 +246,10 @@ class JointDiffusion(nn.Module):
             loss = loss + F.binary_cross_entropy_with_logits(wrong, torch.zeros_like(wrong))
         if int(keep.sum()) > 0:
             est_i = unpatchify(s.predict_x0(xi[keep], t_image[keep], out.eps_image[keep]), cfg.patch)
-            est_t = s.predict_x0(xt[keep], t_text[keep], out.eps_text[keep])
+            if out.x0_text is not None:
+                est_t = out.x0_text[keep]
+            else:
+                est_t = s.predict_x0(xt[keep], t_text[keep], out.eps_text[keep])
             est_i = reverse_gradient(est_i.clamp(-1, 1), cfg.adv_weight)
             est_t = reverse_gradient(est_t, cfg.adv_weight)
             fake = d(est_i, est_t)

@@ -142,7 +142,9 @@ def fit_diffusion(
     torch.manual_seed(seed)
     model = JointDiffusion(cfg)
     n = sum(p.numel() for p in model.net.parameters())
-    log(f"model: joint diffusion denoiser, {n / 1e6:.2f}M parameters; {n_train} scenes; run directory {run_dir}")
+    log(
+        f"model: joint diffusion denoiser, {n / 1e6:.2f}M parameters; {n_train} scenes; run directory {run_dir}"
+    )
     data = DiffusionData(images, scenes, text_codec(cfg), train.batch_size, seed)
     trainer = Trainer(model, data, train, run_dir, log=log, on_eval=on_eval, callbacks=[EMACallback()])
     last = trainer.fit(resume=resume)

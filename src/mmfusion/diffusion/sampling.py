@@ -75,11 +75,14 @@ def sample(
     seed: int = 0,
     use_ema: bool = True,
     clip: float | None = 1.0,
+    round_text: bool = True,
 ) -> Samples:
     """DDIM with `steps` steps (eta 0: deterministic given the seed) from the EMA denoiser (`use_ema`).
 
     "image": needs text (N, L, d); "caption": needs image (N, 3, S, S) in [-1, 1]; "joint": needs n.
-    Generated image estimates are clamped to [-clip, clip] at every step (None: no clamp)."""
+    Generated image estimates are clamped to [-clip, clip] at every step (None: no clamp); generated text
+    estimates are rounded to the nearest word vectors at every step when `round_text` (Diffusion-LM's
+    clamping trick: without it the blurry early estimates round to unrelated words)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     cfg = model.cfg
@@ -99,6 +102,11 @@ def sample(
     b = n if task == "joint" else (text.shape[0] if task == "image" else image.shape[0])
     xi_shape, xt_shape = (b, cfg.image_tokens, 3 * p * p), (b, cfg.text_len, cfg.text_dim)
     sched = model.schedule
+    project = None
+    if round_text:
+        from .recipe import text_codec
+
+        project = text_codec(cfg).round
     ts = sched.ddim_timesteps(steps)
     if task == "image":
         cond, x, null = text.to(dev).float(), randn(*xi_shape), randn(*xt_shape)
@@ -113,11 +121,14 @@ def sample(
             out = net(xi, xt, tt, tt)
             zi, zt = (randn(*xi_shape), randn(*xt_shape)) if eta > 0 else (None, None)
             xi = sched.ddim_step(xi, out.eps_image, t, t_prev, eta, zi, clip)
-            xt = sched.ddim_step(xt, out.eps_text, t, t_prev, eta, zt, None)
+            xt = sched.ddim_step(xt, out.eps_text, t, t_prev, eta, zt, None, project)
         else:
             eps = guided_eps(net, task, x, cond, t, guidance, null)
             z = randn(*x.shape) if eta > 0 else None
-            x = sched.ddim_step(x, eps, t, t_prev, eta, z, clip if task == "image" else None)
+            if task == "image":
+                x = sched.ddim_step(x, eps, t, t_prev, eta, z, clip)
+            else:
+                x = sched.ddim_step(x, eps, t, t_prev, eta, z, None, project)
     if task == "image":
         return Samples(unpatchify(x, p).clamp(-1, 1), cond)
     if task == "caption":

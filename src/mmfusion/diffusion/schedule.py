@@ -8,6 +8,7 @@ t = T - 1 almost pure noise. x_t = sqrt(alpha_bar[t]) x_0 + sqrt(1 - alpha_bar[t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -76,10 +77,12 @@ class NoiseSchedule:
         eta: float = 0.0,
         noise: torch.Tensor | None = None,
         clip: float | None = None,
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One DDIM update x_t -> x_{t_prev} (t_prev = -1: to the clean sample) given the noise estimate `eps`.
 
-        x0 = predict_x0 (clamped to [-clip, clip] when given, then eps re-derived from it);
+        x0 = predict_x0, clamped to [-clip, clip] and / or mapped by `project` when given (then eps is re-derived
+        from it: Diffusion-LM's clamping trick rounds the text estimate to word vectors this way);
         sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev);
         x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma noise. eta = 0: deterministic."""
         b = x.shape[0]
@@ -89,6 +92,9 @@ class NoiseSchedule:
         x0 = self.predict_x0(x, tt, eps)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if project is not None:
+            x0 = project(x0)
+        if clip is not None or project is not None:
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_p) / (1 - a_t)).sqrt() * (1 - a_t / a_p).sqrt()
         out = a_p.sqrt() * x0 + (1 - a_p - sigma**2).clamp(min=0).sqrt() * eps

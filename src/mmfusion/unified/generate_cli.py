@@ -247,13 +247,7 @@ def cmd_generate(args) -> int:
     from .tokenize_cli import list_audio_inputs, list_image_inputs, load_audios, load_images
     from .train import UnifiedBundle, encode_images
 
-    from ..diffusion.recipe import is_diffusion_folder
-
-    if is_diffusion_folder(args.model) is not None:  # the joint image + text diffusion model
-        from ..diffusion.generate import generate_diffusion
-
-        return generate_diffusion(args)
-    if args.task == "joint":
+    if args.task == "joint":  # (mmfusion.diffusion.generate handles diffusion folders before this)
         raise ConfigError("--task joint needs a joint diffusion model (model.kind: diffusion)")
     if is_vlm_folder(args.model) is not None:  # an image tower -> projector -> HF causal LM folder
         from .vlm_generate import generate_vlm
