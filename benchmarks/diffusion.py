@@ -35,7 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("t2i_acc@1", "t2i_acc@G", "fid@1", "fid@G", "is@G", "i2t_acc@1", "joint_consistency", "real_acc")
 
 
-def judge_for(world: SyntheticWorld, seed: int, steps: int, out: Path) -> SyntheticJudge:
+def judge_for(world: SyntheticWorld, seed: int, steps: int, out: Path, given: str | None) -> SyntheticJudge:
+    """The judge folder --judge (waiting up to an hour for another process to write it), or one trained here."""
+    if given:
+        folder = Path(given)
+        for _ in range(3600):
+            if (folder / "judge.json").is_file() and (folder / "judge.safetensors").is_file():
+                time.sleep(2)  # let the writer finish
+                return SyntheticJudge.from_pretrained(folder)
+            time.sleep(1)
+        raise SystemExit(f"--judge {given}: no judge appeared there")
     folder = out / f"judge_seed{seed}_{steps}"
     if (folder / "judge.json").is_file():
         return SyntheticJudge.from_pretrained(folder)
@@ -85,6 +94,11 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--ddim-steps", type=int, default=25)
     ap.add_argument("--judge-steps", type=int, default=600)
+    ap.add_argument(
+        "--judge",
+        help="a judge folder to use for every run (`python -m mmfusion.eval.judge_cli --out DIR`; the "
+        "renderer is the same for every world seed, so one judge serves all), waited for when absent",
+    )
     ap.add_argument("--align-weight", type=float, default=0.1)
     ap.add_argument("--adv-weight", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
@@ -122,7 +136,6 @@ def main() -> None:
             s = cfg.data.synthetic
             world = SyntheticWorld(WorldConfig(seed=s.seed, image_size=cfg.model.image_size,
                                                object_count_probs=s.object_count_probs))  # fmt: skip
-            judge = judge_for(world, seed, args.judge_steps, out)
             run = out / cfg.name
             t = time.perf_counter()
             if (run / "model" / "config.json").is_file():
@@ -132,6 +145,7 @@ def main() -> None:
                     cfg.model, cfg.train, world, s.size("train"), run, seed=seed, log=lambda m: None
                 )
             train_s = time.perf_counter() - t
+            judge = judge_for(world, seed, args.judge_steps, out, args.judge)
             t = time.perf_counter()
             res = evaluate_diffusion(
                 model, world, judge, n=args.n_eval, steps=args.ddim_steps, guidance=(1.0, g), seed=seed

@@ -132,3 +132,21 @@ def test_tiny_run_learns(tmp_path):
     assert last["step"] == 100 and (tmp_path / "model" / "model.safetensors").is_file()
     assert first["mse_text"] > 0.6 and last["mse_text"] < 0.45
     assert last["mse_image"] < 0.8
+
+
+def test_mmfusion_train_runs_the_recipe(tmp_path):
+    """`mmfusion train --config configs/diffusion.yaml` (the run path): config.yaml, checkpoints, model/."""
+    from mmfusion.run import train
+
+    sets = [f"out_dir={tmp_path}", "train.steps=2", "train.batch_size=4", "train.progress=false"]
+    sets += ["data.synthetic.n_train=8", "model.image_size=8", "model.width=16", "model.depth=1"]
+    cfg = load_config(ROOT / "configs" / "diffusion.yaml", sets)
+    out = train(cfg, log=lambda _m: None)
+    run = Path(out["run_dir"])
+    assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir())
+    assert load_diffusion(run).cfg.image_size == 8
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        train(cfg, log=lambda _m: None)
+    bad = load_config(ROOT / "configs" / "diffusion.yaml", [*sets, "data.source=jsonl", "data.train=x.jsonl"])
+    with pytest.raises(ConfigError, match="a diffusion model trains on the synthetic world"):
+        train(bad, log=lambda _m: None)
