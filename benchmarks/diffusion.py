@@ -83,6 +83,30 @@ def grid(model, world: SyntheticWorld, path: Path, guidance: float, ddim: int) -
     )
 
 
+def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
+    """One-step denoising of real test images: the judge's accuracy on the x0 estimate from x_t, per t (does the
+    denoiser read the image and the prompt at each noise level?)."""
+    from mmfusion.diffusion.latents import patchify, unpatchify
+    from mmfusion.eval.generation import attribute_accuracy
+
+    model, judge = load_diffusion(run), SyntheticJudge.from_pretrained(judge_dir)
+    cfg, net, sched = model.cfg, model.ema_net, model.schedule
+    world = SyntheticWorld(WorldConfig(seed=0, image_size=cfg.image_size, object_count_probs=(1, 0, 0)))
+    images, scenes = world_data(world, n, "test")
+    text = text_codec(cfg).encode([caption_for(s, 0) for s in scenes])
+    gen = torch.Generator().manual_seed(0)
+    print("| t | eps MSE | judge acc of the one-step x0 estimate |\n|---|---|---|")
+    for t in (100, 300, 500, 700, 900):
+        x0 = patchify(images, cfg.patch)
+        eps, tt = torch.randn(x0.shape, generator=gen), torch.full((n,), t)
+        xt = sched.q_sample(x0, tt, eps)
+        with torch.no_grad():
+            e = net(xt, text, tt, torch.full((n,), -1)).eps_image
+        est = unpatchify(sched.predict_x0(xt, tt, e).clamp(-1, 1), cfg.patch)
+        acc = attribute_accuracy(images_to_unit(est).numpy(), scenes, judge)
+        print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "diffusion.yaml"))
@@ -111,7 +135,14 @@ def main() -> None:
         nargs="+",
         help="only print the table of these results.json files (runs split over processes)",
     )
+    ap.add_argument(
+        "--denoise-check",
+        metavar="RUN",
+        help="only print the one-step denoising table of RUN (needs --judge)",
+    )
     args = ap.parse_args()
+    if args.denoise_check:
+        return denoise_check(args.denoise_check, args.judge)
     if args.collect:
         rows = [r for f in args.collect for r in json.loads(Path(f).read_text())]
         variants = list(dict.fromkeys(r["variant"] for r in rows))
