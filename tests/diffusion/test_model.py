@@ -114,3 +114,19 @@ def test_consistency_losses_join_the_loss_and_train_their_parts():
     out.loss.backward()
     assert m.discriminator.mlp[0].weight.grad.abs().sum() > 0
     assert m.align_image.weight.grad.abs().sum() > 0
+
+
+def test_x0_image_head_derives_eps_and_trains_on_x0():
+    torch.manual_seed(0)
+    m = JointDiffusion(tiny_config(image_target="x0", cond_prob=0.0, uncond_prob=0.0))
+    x = torch.randn(2, 4, 48, generator=torch.Generator().manual_seed(0))
+    out = m.net(x, torch.randn(2, 8, 8), torch.tensor([3, -1]), torch.tensor([1, 2]))
+    a = m.schedule.alpha_bar[3].float()
+    assert out.x0_image.abs().max() == 0  # zero-initialised head: x0 = 0, so eps = x / sqrt(1 - ab)
+    torch.testing.assert_close(out.eps_image[0], x[0] / (1 - a).sqrt())
+    assert out.eps_image[1].abs().max() == 0  # a clean row has no noise
+    torch.manual_seed(1)
+    b = _batch(m.cfg, b=64)
+    torch.manual_seed(2)
+    got = m(b).metrics["mse_image"].item()
+    assert got == pytest.approx(b["image"].pow(2).mean().item(), rel=0.05)  # x0 loss of a zero estimate

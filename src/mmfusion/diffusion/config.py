@@ -12,6 +12,7 @@
       timesteps: 1000       # DDPM training steps T and the schedule
       schedule: cosine
       text_target: x0       # the text head predicts the clean latent (or eps)
+      image_target: eps     # the image head predicts eps (or x0)
       cond_prob: 0.5        # share of samples whose image or text is a clean condition (t2i / i2t training)
       uncond_prob: 0.1      # share whose image or text sits at max noise (the classifier-free branch)
       ema_decay: 0.999
@@ -51,6 +52,7 @@ class DiffusionModelConfig(Section):
     text_weight: float = Field(1.0, ge=0)
     # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
     text_target: Literal["x0", "eps"] = "x0"
+    image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head
     ema_decay: float = Field(0.999, ge=0, lt=1)
     align_weight: float = Field(0.0, ge=0)
     align_dim: int = Field(64, ge=2)

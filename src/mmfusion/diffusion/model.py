@@ -36,13 +36,14 @@ from .schedule import NoiseSchedule, timestep_embedding
 
 class DenoiserOutput(NamedTuple):
     """eps_image (B, N_img, 3 p^2), eps_text (B, text_len, text_dim), hidden (B, N_img + text_len, width),
-    x0_text: the text head's clean-latent estimate when text_target is "x0" (eps_text is derived from it;
+    x0_text / x0_image: a head's clean-latent estimate when its target is "x0" (its eps is derived from it;
     0 for clean rows), else None."""
 
     eps_image: torch.Tensor
     eps_text: torch.Tensor
     hidden: torch.Tensor
     x0_text: torch.Tensor | None = None
+    x0_image: torch.Tensor | None = None
 
 
 class TimeEmbed(nn.Module):
@@ -89,13 +90,19 @@ class JointDenoiser(nn.Module):
         hi = self.image_in(x_image) + self.image_pos + self.time_image(t_image)[:, None]
         ht = self.text_in(x_text) + self.text_pos + self.time_text(t_text)[:, None]
         h = self.norm(self.transformer(torch.cat([hi, ht], dim=1)))
-        text = self.text_out(h[:, n:])
-        if self.cfg.text_target == "eps":
-            return DenoiserOutput(self.image_out(h[:, :n]), text, h)
-        a = self.schedule.ab(t_text, x_text)
-        noisy = (t_text >= 0).to(x_text.dtype).reshape(-1, 1, 1)
-        eps = noisy * (x_text - a.sqrt() * text) / (1 - a).clamp(min=1e-12).sqrt()
-        return DenoiserOutput(self.image_out(h[:, :n]), eps, h, text)
+        image, text = self.image_out(h[:, :n]), self.text_out(h[:, n:])
+        x0_image = x0_text = None
+        if self.cfg.image_target == "x0":
+            x0_image, image = image, self._eps_from_x0(x_image, t_image, image)
+        if self.cfg.text_target == "x0":
+            x0_text, text = text, self._eps_from_x0(x_text, t_text, text)
+        return DenoiserOutput(image, text, h, x0_text, x0_image)
+
+    def _eps_from_x0(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """(x - sqrt(ab) x0) / sqrt(1 - ab); 0 for clean rows (t = -1), which have no noise."""
+        a = self.schedule.ab(t, x)
+        noisy = (t >= 0).to(x.dtype).reshape(-1, 1, 1)
+        return noisy * (x - a.sqrt() * x0) / (1 - a).clamp(min=1e-12).sqrt()
 
 
 class PairDiscriminator(nn.Module):
@@ -204,7 +211,10 @@ class JointDiffusion(nn.Module):
         out = self.net(xi, xt, t_image, t_text)
         # a clean (conditioning) modality has nothing to denoise: it carries no loss
         wi, wt = (t_image >= 0).float(), (t_text >= 0).float()
-        mse_i = ((out.eps_image - ni) ** 2).mean(dim=(1, 2))
+        if out.x0_image is not None:
+            mse_i = ((out.x0_image - xi0) ** 2).mean(dim=(1, 2))
+        else:
+            mse_i = ((out.eps_image - ni) ** 2).mean(dim=(1, 2))
         if out.x0_text is not None:
             mse_t = ((out.x0_text - xt0) ** 2).mean(dim=(1, 2))
         else:
