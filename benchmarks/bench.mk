@@ -25,7 +25,7 @@ BENCH_TARGETS := bench-throughput bench-clip-parity bench-step-variants bench-pr
 	bench-sparse-attention bench-unified-stability bench-unified-quality bench-unified-audio \
 	bench-unified-decode bench-unified-variants bench-vq bench-judge bench-pretrained bench-federated bench-bias-skew bench-bias-pairs bench-scd
 
-BENCH_TARGETS += bench-decoder-hf bench-serve-vs-plain
+BENCH_TARGETS += bench-decoder-hf bench-serve-vs-plain bench-diffusion
 
 .PHONY: bench-env bench-list $(BENCH_TARGETS)
 
@@ -101,6 +101,15 @@ bench-bias-pairs: $(STAMP)
 # BENCH_ARGS="--reuse" to re-score them without training, "--parts fusion" for one part.
 bench-scd: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/scd.py --seeds 0 1 2 --out $(BENCH_OUT)/scd $(BENCH_ARGS)
+
+# joint image + text diffusion (configs/diffusion.yaml): t2i / i2t / joint accuracy under the judges, 3 seeds,
+# with and without the consistency constraint, sampling images/s, the sample grid (docs/diffusion.md)
+# (one judge for every seed: the renderer is the same; docs/diffusion.md ran the seeds as parallel processes)
+bench-diffusion: $(STAMP)
+	test -f $(BENCH_OUT)/diffusion_judge/judge.json || $(PY) -m mmfusion.eval.judge_cli --steps 500 --seed 0 \
+		--threads 1 --eval-n 300 --out $(BENCH_OUT)/diffusion_judge
+	nice -n 10 $(PY) benchmarks/diffusion.py --variants base,consistency --judge $(BENCH_OUT)/diffusion_judge \
+		--speed --grid docs/img/diffusion_grid.png $(BENCH_ARGS)
 
 bench-clft: $(STAMP)
 	$(PY) benchmarks/clft.py --seeds 0 1 $(BENCH_ARGS)

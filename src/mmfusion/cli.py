@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .unified.commands import add_commands as add_unified_commands  # `tokenize`, `generate`
 
     add_unified_commands(sub)
+    from .diffusion.generate import cmd_generate  # `generate` also serves joint diffusion models
+
+    sub.choices["generate"].set_defaults(func=cmd_generate)
     from .cli_unified import add_train_unified_command  # `train-unified`, an alias of a unified run
 
     add_train_unified_command(sub)

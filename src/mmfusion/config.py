@@ -7,7 +7,8 @@ naming the key, the bad value and what is allowed.
 
 `model.kind` picks the model: `contrastive` (the two-tower model, the default), `fusion` (encoders + a fusion
 strategy + a classify / match head, MultiModalConfig), `unified` (the decoder over VQ tokens) or `vlm` (a frozen
-image tower -> projector -> a local Hugging Face causal LM, models/vlm_config.py). Whatever the
+image tower -> projector -> a local Hugging Face causal LM, models/vlm_config.py) or `diffusion` (the joint
+image + text diffusion model, diffusion/config.py). Whatever the
 kind, `data` says where samples come from: the synthetic world (image-caption pairs, or a task's samples),
 a JSONL manifest or WebDataset shards.
 
@@ -34,6 +35,7 @@ from .data.config import (  # noqa: F401 - re-exported: callers import the secti
     TargetConfig,
     TokenizerConfig,
 )
+from .diffusion.config import DiffusionModelConfig
 from .errors import ConfigError
 from .eval.config import EvalConfig
 from .models.contrastive_config import ImageConfig, ModelConfig, ProbeConfig, TextConfig  # noqa: F401
@@ -57,7 +59,8 @@ from .train.federated_config import FederatedConfig
 from .unified.config import UnifiedModelConfig
 
 ModelSection = Annotated[
-    ModelConfig | MultiModalConfig | UnifiedModelConfig | VLMConfig, Field(discriminator="kind")
+    ModelConfig | MultiModalConfig | UnifiedModelConfig | VLMConfig | DiffusionModelConfig,
+    Field(discriminator="kind"),
 ]
 _LEGACY_TASK_KEYS = {"n_train", "n_val", "n_test", "image_size"}
 
@@ -172,7 +175,7 @@ class RunConfig(Section):
 
     @property
     def kind(self) -> str:
-        """The model kind: "contrastive" | "fusion" | "unified" | "vlm"."""
+        """The model kind: "contrastive" | "fusion" | "unified" | "vlm" | "diffusion"."""
         return self.model.kind
 
     @model_validator(mode="after")
@@ -288,6 +291,7 @@ MODEL_KINDS = {
     "fusion": MultiModalConfig,
     "unified": UnifiedModelConfig,
     "vlm": VLMConfig,
+    "diffusion": DiffusionModelConfig,
 }
 
 

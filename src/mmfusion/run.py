@@ -326,6 +326,8 @@ def train(
 
     if cfg.kind == "unified":
         return train_unified(cfg, resume, overwrite, log)
+    if cfg.kind == "diffusion":
+        return train_diffusion(cfg, resume, overwrite, log)
     if cfg.kind == "contrastive" and cfg.train.parallel.tensor.size > 1:
         raise ConfigError(
             "train.parallel.tensor.size > 1: the two-tower contrastive loss gathers features over every rank, "
@@ -444,4 +446,39 @@ def train_unified(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     return {"run_dir": str(out), "train": last, "eval": None}
 
 
-__all__ = ["build_model", "load_split", "model_collate", "run_dir", "train", "train_unified"]
+def train_diffusion(
+    cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print
+) -> dict[str, Any]:
+    """A joint diffusion model's run (mmfusion.diffusion.recipe): the synthetic world of data.synthetic rendered
+    at the model's image size, the common Trainer with EMA, the model folder <run>/model."""
+    from .data.synthetic import SyntheticWorld, WorldConfig
+    from .diffusion.recipe import fit_diffusion
+
+    if cfg.data.source != "synthetic" or cfg.data.synthetic.task is not None:
+        raise ConfigError(
+            f"data.source = {cfg.data.source!r}: a diffusion model trains on the synthetic world's scenes "
+            "(data.source: synthetic without data.synthetic.task)"
+        )
+    out, is_main = prepare_run_dir(cfg, resume, overwrite)
+    seed_everything(cfg.seed)
+    s = cfg.data.synthetic
+    world = SyntheticWorld(
+        WorldConfig(seed=s.seed, image_size=cfg.model.image_size, object_count_probs=s.object_count_probs)
+    )
+    if not resume and is_main:
+        dump_config(cfg, out / "config.yaml")
+    _, last = fit_diffusion(
+        cfg.model, cfg.train, world, s.size("train"), out, seed=cfg.seed, resume=resume, log=log
+    )
+    return {"run_dir": str(out), "train": last, "eval": None}
+
+
+__all__ = [
+    "build_model",
+    "load_split",
+    "model_collate",
+    "run_dir",
+    "train",
+    "train_diffusion",
+    "train_unified",
+]

@@ -198,11 +198,12 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         '--task image --prompt "a red circle" --out-dir DIR [--n N] [--cfg-scale S]: write N PNGs per prompt. '
         '--task vqa --image X.png --question "...": print the answer. '
         "--task audio-caption --audio X.wav [Y.flac ...]: print a caption per clip (needs a model trained with "
-        "an audio tokenizer). Decoding is constrained: captions and answers contain only text tokens, an image "
+        "an audio tokenizer). A joint diffusion model (model.kind: diffusion) does --task image, caption and "
+        "joint (--out-dir DIR --n N: N image-caption pairs), with --ddim-steps. Decoding is constrained: captions and answers contain only text tokens, an image "
         "exactly one image's codes.",
     )
     p.add_argument("--model", required=True, help="a unified model folder or run directory")
-    p.add_argument("--task", required=True, choices=["caption", "image", "vqa", "audio-caption"])
+    p.add_argument("--task", required=True, choices=["caption", "image", "vqa", "audio-caption", "joint"])
     p.add_argument("--image", nargs="+", help="input image(s) for caption / vqa (PNG/JPEG)")
     p.add_argument(
         "--audio",
@@ -226,6 +227,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="longest caption / answer (default 40)")
+    p.add_argument("--ddim-steps", type=int, default=25, help="DDIM steps of a diffusion model (default 25)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument(
         "--provenance",
@@ -278,6 +280,8 @@ def cmd_generate(args) -> int:
     from .tokenize_cli import list_audio_inputs, list_image_inputs, load_audios, load_images
     from .train import UnifiedBundle, encode_images
 
+    if args.task == "joint":  # (mmfusion.diffusion.generate handles diffusion folders before this)
+        raise ConfigError("--task joint needs a joint diffusion model (model.kind: diffusion)")
     if is_vlm_folder(args.model) is not None:  # an image tower -> projector -> HF causal LM folder
         from .vlm_generate import generate_vlm
 

@@ -1,0 +1,77 @@
+"""The `model:` section of a joint diffusion run (`model.kind: diffusion`, docs/diffusion.md).
+
+    model:
+      kind: diffusion
+      image_size: 32        # the image latent: pixels in [-1, 1], cut into patch x patch tokens
+      patch: 4
+      text_len: 24          # the text latent: text_len word vectors of text_dim (mmfusion.diffusion.latents)
+      text_dim: 16
+      width: 128            # the denoiser transformer
+      depth: 4
+      heads: 4
+      timesteps: 1000       # DDPM training steps T and the schedule
+      schedule: cosine
+      text_target: x0       # the text head predicts the clean latent (or eps)
+      image_target: eps     # the image head predicts eps (or x0)
+      cond_prob: 0.5        # share of samples whose image or text is a clean condition (t2i / i2t training)
+      uncond_prob: 0.1      # share whose image or text sits at max noise (the classifier-free branch)
+      ema_decay: 0.999
+      align_weight: 0.0     # consistency constraint (T10): contrastive shared-latent alignment
+      adv_weight: 0.0       # consistency constraint (T10): the pair discriminator's reversed gradient
+
+Importing this module is cheap (pydantic only): `mmfusion.config` composes it into the run config.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Section
+
+
+class DiffusionModelConfig(Section):
+    """A UniDiffuser-style joint diffusion model over an image latent and a text latent (one denoiser, one
+    timestep per modality), with EMA weights and the optional paired-generation consistency losses."""
+
+    kind: Literal["diffusion"] = "diffusion"
+    image_size: int = Field(32, ge=8, le=256)
+    patch: int = Field(4, ge=1)
+    text_len: int = Field(24, ge=1, le=256)
+    text_dim: int = Field(16, ge=2, le=1024)
+    text_seed: int = 0  # the fixed word-embedding table's seed
+    width: int = Field(128, ge=8)
+    depth: int = Field(4, ge=1, le=64)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    timesteps: int = Field(1000, ge=2, le=100_000)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    cond_prob: float = Field(0.5, ge=0, le=1)
+    uncond_prob: float = Field(0.1, ge=0, le=1)
+    text_weight: float = Field(1.0, ge=0)
+    # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
+    text_target: Literal["x0", "eps"] = "x0"
+    image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    align_weight: float = Field(0.0, ge=0)
+    align_dim: int = Field(64, ge=2)
+    align_temperature: float = Field(0.1, gt=0)
+    adv_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionModelConfig:
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size = {self.image_size} is not divisible by patch = {self.patch}")
+        if self.width % self.heads:
+            raise ValueError(f"width = {self.width} is not divisible by heads = {self.heads}")
+        if self.cond_prob + self.uncond_prob > 1:
+            raise ValueError(f"cond_prob + uncond_prob = {self.cond_prob + self.uncond_prob}: must be <= 1")
+        return self
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+__all__ = ["DiffusionModelConfig"]
