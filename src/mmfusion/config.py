@@ -363,8 +363,9 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or the defaults), apply `--set` overrides, validate; raise ConfigError."""
+def read_tree(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty without a path) with `--set key.sub=value` overrides applied;
+    ConfigError for a missing file, invalid YAML or a non-mapping top level."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -381,7 +382,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded or {}
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
-    return config_from_dict(tree, source=str(path) if path else "defaults")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults), apply `--set` overrides, validate; raise ConfigError."""
+    return config_from_dict(read_tree(path, overrides), source=str(path) if path else "defaults")
+
+
+def validation_error(e: ValidationError, model: type[BaseModel], source: str) -> ConfigError:
+    """A pydantic ValidationError of `model` as one ConfigError line: the first problem (key, value, what is
+    allowed) and how many more there are."""
+    errors = e.errors()
+    first = _describe(errors[0], model)
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {first}{more}")
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
@@ -389,14 +404,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        errors = e.errors()
-        first = _describe(errors[0], RunConfig)
-        more = (
-            f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-            if len(errors) > 1
-            else ""
-        )
-        raise ConfigError(f"{source}: {first}{more}") from None
+        raise validation_error(e, RunConfig, source) from None
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:

@@ -26,8 +26,7 @@ import yaml
 from pydantic import Field, ValidationError
 from safetensors.torch import save_file
 
-from ..config import parse_overrides
-from ..errors import ConfigError
+from ..config import read_tree, validation_error
 from ..models.persistence import save_folder
 from ..schema import Section
 from ..unified.model import UnifiedConfig, UnifiedDecoder, unified_loss
@@ -82,46 +81,13 @@ class AlignConfig(Section):
     ppo: PPOConfig = PPOConfig()
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
-    node[parts[-1]] = value
-
-
-def _problem(err: dict[str, Any]) -> str:
-    """One validation error as a line naming the key, the value and what is allowed."""
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        section: Any = AlignConfig
-        for part in err["loc"][:-1]:
-            section = section.model_fields[part].annotation
-        return f"unknown key '{key}'; allowed keys here: {', '.join(sorted(section.model_fields))}"
-    return f"{key} = {err.get('input')!r}: {err['msg']}"
-
-
 def load_align_config(path: str | Path | None, overrides: list[str] | None = None) -> AlignConfig:
     """Read the YAML (or defaults), apply `--set key.sub=value` overrides, validate (ConfigError names the key)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for key, value in parse_overrides(overrides):
-        _set(tree, key, value)
+    tree = read_tree(path, overrides)
     try:
         return AlignConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"{path or 'defaults'}: {_problem(e.errors()[0])}") from None
+        raise validation_error(e, AlignConfig, str(path) if path else "defaults") from None
 
 
 # ---- stages ---------------------------------------------------------------------------------------------
