@@ -275,7 +275,8 @@ def create_app(
     app = FastAPI(
         title="mmfusion inference server",
         version=__version__,
-        description="Caption, VQA and text-to-image generation for an mmfusion unified model."
+        description="Caption, VQA and text-to-image generation for an mmfusion unified model (caption, "
+        "text-to-image and joint image-caption pairs for a joint diffusion model)."
         if unified
         else "Embeddings, text-to-image search and classification for an mmfusion model.",
         lifespan=lifespan,

@@ -19,9 +19,13 @@ def add_commands(sub) -> None:
         "/v1/search, /v1/classify; GET /healthz, /metrics, /openapi.json, / (demo page). Requests to each "
         "encoder are dynamically batched; embeddings are cached by content hash. A unified model folder "
         "(`mmfusion train-unified`) is served with POST /v1/generate instead (caption, vqa, image tasks; "
-        "caption and vqa requests batched).",
+        "caption and vqa requests batched); so is a joint diffusion model folder or run (`model.kind: "
+        "diffusion`; caption, image, joint tasks).",
     )
-    p.add_argument("model", help="a run directory, a save_pretrained model folder or a unified model folder")
+    p.add_argument(
+        "model",
+        help="a run directory, a save_pretrained model folder, a unified model folder or a diffusion model folder",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--index", help="an index folder from `mmfusion index build` (enables /v1/search)")
@@ -194,13 +198,15 @@ def cmd_serve(args) -> int:
         make = create_encoder_app if args.role == "encoder" else create_fusion_app
         _run(make(load_model(args.model), settings), args.host, args.port, args.log_level)
         return 0
+    from ..diffusion.recipe import is_diffusion_folder
     from .generate import unified_folder
 
-    folder = unified_folder(args.model)
+    diffusion = is_diffusion_folder(args.model)
+    folder = unified_folder(args.model) if diffusion is None else diffusion
     if (args.scd or args.concept_filter) and (folder is not None or args.split):
         raise ConfigError("--scd / --filter check /v1/search of a contrastive model served without --split")
     if folder is not None:
-        return _serve_unified(args, settings, folder)
+        return _serve_unified(args, settings, folder, diffusion=diffusion is not None)
     if args.split:
         if args.prune_threshold is not None:
             raise ConfigError(
@@ -257,21 +263,30 @@ def _safety(args, index):
     return SearchSafety(scd, filters)
 
 
-def _serve_unified(args, settings, folder) -> int:
-    """A unified model folder (`mmfusion train-unified`): /v1/generate in this one process."""
+def _serve_unified(args, settings, folder, diffusion: bool = False) -> int:
+    """A unified model folder (`mmfusion train-unified`) or a joint diffusion model folder (`diffusion`):
+    /v1/generate in this one process."""
     from .app import create_app
-    from .generate import GenerateEngine, load_unified
     from .generate_api import GenerateBackend
 
+    kind = "joint diffusion" if diffusion else "unified"
     flags = (("--split", args.split), ("--index", args.index is not None))
     for flag, given in (*flags, ("--prune-threshold", args.prune_threshold is not None)):
         if given:
             raise ConfigError(
-                f"{flag} is for embedding models; {args.model} is a unified model folder (POST /v1/generate)"
+                f"{flag} is for embedding models; {args.model} is a {kind} model folder (POST /v1/generate)"
             )
-    backend = GenerateBackend(GenerateEngine(load_unified(folder)), settings)
+    if diffusion:
+        from .generate_diffusion import DiffusionEngine, load_diffusion_model
+
+        engine = DiffusionEngine(load_diffusion_model(folder))
+    else:
+        from .generate import GenerateEngine, load_unified
+
+        engine = GenerateEngine(load_unified(folder))
+    backend = GenerateBackend(engine, settings)
     app = create_app(backend=backend, settings=settings)
-    print(f"mmfusion serve: http://{args.host}:{args.port}/v1/generate (unified model)", flush=True)
+    print(f"mmfusion serve: http://{args.host}:{args.port}/v1/generate ({kind} model)", flush=True)
     _run(app, args.host, args.port, args.log_level)
     return 0
 

@@ -8,6 +8,9 @@ Requests (JSON) and answers:
   {"task": "vqa", "image": <base64>, "question": "..."}                 -> {"text": ...}
   {"task": "image", "prompt": "...", "n": 1..8, "cfg_scale": 1.0, "seed": 0} -> {"images": [<base64 PNG>]}
   {"task": "audio_caption", "audio": <base64 WAV/FLAC/OGG>}             -> {"text": ...}
+  {"task": "joint", "n": 1..8, "seed": 0}                  -> {"images": [...], "texts": [...]}
+joint exists only for a joint diffusion model folder, served by `generate_diffusion.DiffusionEngine` (tasks
+caption, image, joint) through this same backend.
 audio_caption exists only for a model folder with audio_tokenizer/ (`train-unified --audio-tokenizer`); /healthz
 lists the tasks of the loaded model, and the OpenAPI schema has only those. The model work is
 `generate.GenerateEngine`'s.
@@ -38,6 +41,7 @@ FIELDS = {
     "vqa": ("task", "image", "question"),
     "image": ("task", "prompt", "n", "cfg_scale", "seed"),
     "audio_caption": ("task", "audio"),
+    "joint": ("task", "n", "seed"),
 }
 MAX_CFG_SCALE = 20.0
 MAX_SEED = 2**32 - 1
@@ -52,20 +56,23 @@ def _short(value: Any) -> str:
 class GenerateBackend:
     """GenerateEngine + one DynamicBatcher per task; `generate(body)` parses, queues and answers a request."""
 
-    def __init__(self, engine: GenerateEngine, settings: ServeSettings):
+    def __init__(self, engine: GenerateEngine | Any, settings: ServeSettings):
         self.engine, self.settings = engine, settings
         batch, delay = (settings.max_batch, settings.max_delay_ms) if settings.batching else (1, 0.0)
 
         def batcher(name: str, fn, max_batch: int) -> DynamicBatcher:
             return DynamicBatcher(fn, max_batch, delay, settings.queue_size, settings.timeout_s, name=name)
 
-        self.batchers: dict[str, DynamicBatcher] = {
-            "caption": batcher("caption", engine.caption, batch),
-            "vqa": batcher("vqa", engine.vqa, batch),
-            "image": batcher("image", engine.images, 1),  # one request per call: see the module docstring
+        calls = {
+            "caption": ("caption", batch),
+            "vqa": ("vqa", batch),
+            "image": ("images", 1),  # one request per call: see the module docstring
+            "audio_caption": ("audio_caption", batch),
+            "joint": ("joint", 1),  # as image
         }
-        if "audio_caption" in engine.tasks:
-            self.batchers["audio_caption"] = batcher("audio_caption", engine.audio_caption, batch)
+        self.batchers: dict[str, DynamicBatcher] = {
+            t: batcher(t, getattr(engine, calls[t][0]), calls[t][1]) for t in engine.tasks
+        }
         self.text_tokens: Counter[str] = Counter()
         self.images_total = 0
 
@@ -90,17 +97,19 @@ class GenerateBackend:
             raise invalid(
                 f"unknown field(s) {_short(unknown)} for task {task}; allowed: {list(FIELDS[task])}"
             )
-        if task == "image":
+        if task in ("image", "joint"):
             n = data.get("n", 1)
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
                 raise invalid(f"n = {_short(n)}: expected an integer in [1, {MAX_IMAGES}]")
-            cfg = data.get("cfg_scale", 1.0)
+            cfg = data.get("cfg_scale", 1.0)  # joint: no such field (refused above as unknown)
             # compared, never converted first: float() of a 400-digit JSON integer overflows
             if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG_SCALE:
                 raise invalid(f"cfg_scale = {_short(cfg)}: expected a number in [0, {MAX_CFG_SCALE:g}]")
             seed = data.get("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
                 raise invalid(f"seed = {_short(seed)}: expected an integer in [0, {MAX_SEED}]")
+            if task == "joint":
+                return task, {"n": n, "seed": seed}
             return task, {"prompt": self.engine.prompt(data), "n": n, "cfg_scale": float(cfg), "seed": seed}
         if task == "audio_caption":
             if "audio" not in data:
@@ -126,6 +135,12 @@ class GenerateBackend:
             pngs = await self._submit("image", (f["prompt"], f["n"], f["cfg_scale"], f["seed"]))
             self.images_total += len(pngs)
             return {**out, "images": pngs}
+        if task == "joint":
+            pngs, texts = await self._submit("joint", (f["n"], f["seed"]))
+            self.images_total += len(pngs)
+            for t in texts:
+                self.text_tokens[task] += self.engine.text_tokens(t)
+            return {**out, "images": pngs, "texts": texts}
         if task == "audio_caption":
             item = await asyncio.to_thread(self.engine.audio, f["audio"])  # decoding is CPU work
         else:
@@ -137,12 +152,13 @@ class GenerateBackend:
 
     def metric_lines(self) -> list[str]:
         lines = [
-            "# HELP mmfusion_generated_text_tokens_total BPE tokens of the captions and answers returned.",
+            "# HELP mmfusion_generated_text_tokens_total Tokens of the captions and answers returned (BPE; words "
+            "for a diffusion model).",
             "# TYPE mmfusion_generated_text_tokens_total counter",
         ]
         lines += [
             f'mmfusion_generated_text_tokens_total{{task="{t}"}} {self.text_tokens[t]}'
-            for t in TEXT_TASKS
+            for t in (*TEXT_TASKS, "joint")
             if t in self.engine.tasks
         ]
         lines += [
@@ -210,6 +226,17 @@ def generate_schema(tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
             "properties": {"task": {"type": "string", "enum": ["audio_caption"]}, "audio": audio},
             "additionalProperties": False,
         },
+        {
+            "type": "object",
+            "title": "joint",
+            "required": ["task"],
+            "properties": {
+                "task": {"type": "string", "enum": ["joint"]},
+                "n": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES, "default": 1},
+                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0},
+            },
+            "additionalProperties": False,
+        },
     ]
     return {"oneOf": [b for b in bodies if b["title"] in tasks]}
 
@@ -220,7 +247,7 @@ def add_generate_routes(v1, backend: GenerateBackend, settings: ServeSettings) -
     @v1.post(
         "/generate",
         openapi_extra=json_body(generate_schema(backend.engine.tasks)),
-        summary="Caption an image or an audio clip, answer a question about an image, or generate images",
+        summary="Caption an image or an audio clip, answer a question about an image, or generate images (or image-caption pairs)",
     )
     async def generate(request: Request):
         data = await read_json(request, settings.max_body_bytes)
