@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-
-import numpy as np
 
 from mmfusion.cli import main as mmfusion
 from mmfusion.config import config_from_dict
 from mmfusion.data.synthetic import SHAPES, SIZES, SyntheticWorld, WorldConfig
 from mmfusion.data.writers import write_jsonl
 from mmfusion.run import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bias_skew import print_table  # noqa: E402  (a sibling script, not a package)
 
 PAIRED = {  # label -> its value -> the colours paired with it
     "shape": {
@@ -157,19 +159,19 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     share = args.conflicting / (args.aligned + args.conflicting)
     print(f"\n{args.steps} steps, seeds {args.seeds}, conflicting share of training {share:.1%}")
-    print("| training | accuracy aligned | accuracy conflicting | ratio | under 4/5 | worst colour / best |")
-    print("|---|---|---|---|---|---|")
-    for arm in args.arms:
-        sel = [r for r in rows if r["arm"] == arm]
-
-        def ms(k, sel=sel):
-            v = np.array([r[k] for r in sel])
-            return f"{v.mean():.3f} ± {v.std():.3f}"
-
-        print(
-            f"| {arm} | {ms('acc_aligned')} | {ms('acc_conflicting')} | {ms('ratio')} | "
-            f"{sum(r['flagged'] for r in sel)}/{len(sel)} | {ms('colour_ratio')} |"
-        )
+    print_table(
+        rows,
+        "arm",
+        args.arms,
+        {
+            "training": None,
+            "accuracy aligned": "acc_aligned",
+            "accuracy conflicting": "acc_conflicting",
+            "ratio": "ratio",
+            "under 4/5": "flagged",
+            "worst colour / best": "colour_ratio",
+        },
+    )
 
 
 if __name__ == "__main__":

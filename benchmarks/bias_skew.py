@@ -115,19 +115,37 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(f"\n{args.steps} steps, seeds {args.seeds}")
-    print(f"| training mixture | accuracy image+audio | accuracy {args.rare} only | ratio | under 4/5 |")
-    print("|---|---|---|---|---|")
-    for w in args.weightings:
-        sel = [r for r in rows if r["weighting"] == w]
+    print_table(
+        rows,
+        "weighting",
+        args.weightings,
+        {
+            "training mixture": None,
+            "accuracy image+audio": "acc_both",
+            f"accuracy {args.rare} only": "acc_rare_only",
+            "ratio": "ratio",
+            "under 4/5": "flagged",
+        },
+    )
 
-        def ms(k, sel=sel):
-            v = np.array([r[k] for r in sel])
-            return f"{v.mean():.3f} ± {v.std():.3f}"
 
-        print(
-            f"| {w} | {ms('acc_both')} | {ms('acc_rare_only')} | {ms('ratio')} | "
-            f"{sum(r['flagged'] for r in sel)}/{len(sel)} |"
-        )
+def print_table(rows: list[dict], arm_key: str, arms: list[str], columns: dict[str, str | None]) -> None:
+    """A markdown table, a line per arm: mean ± std over its rows of each column's field; `flagged` columns
+    print how many rows were flagged; the column mapped to None is the arm's name."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for arm in arms:
+        sel = [r for r in rows if r[arm_key] == arm]
+        cells = []
+        for field in columns.values():
+            if field is None:
+                cells.append(arm)
+            elif field == "flagged":
+                cells.append(f"{sum(r['flagged'] for r in sel)}/{len(sel)}")
+            else:
+                v = np.array([r[field] for r in sel])
+                cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
