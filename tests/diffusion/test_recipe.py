@@ -73,6 +73,21 @@ def test_yaml_recipe_validates():
         load_config(ROOT / "configs" / "diffusion.yaml", ["model.patch=5"])
 
 
+def test_unsupported_train_settings_are_refused_by_name(world8, tmp_path):
+    for setting, message in [
+        ({"init_from": "runs/x"}, "train.init_from: not supported for a diffusion model"),
+        (
+            {"parallel": {"tensor": {"size": 2}}},
+            "train.parallel.tensor.size: not supported for a diffusion model",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            fit_diffusion(
+                tiny_config(), _train(1, **setting), world8, 8, tmp_path / "run", log=lambda _m: None
+            )
+    assert not (tmp_path / "run").exists()
+
+
 def test_generate_cli_on_a_diffusion_folder(tmp_path, capsys):
     from mmfusion.cli import main
 

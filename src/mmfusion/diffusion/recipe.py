@@ -23,6 +23,7 @@ from torch import nn
 from ..batch import Batch
 from ..data.synthetic import TEMPLATES, Scene, SyntheticWorld, caption_for, make_split
 from ..errors import CheckpointError, ConfigError, DataError
+from ..train.config import refuse_train_settings
 from .config import DiffusionModelConfig
 from .latents import TextCodec
 from .model import EMACallback, JointDiffusion
@@ -97,20 +98,7 @@ def world_data(world: SyntheticWorld, n: int, split: str = "train") -> tuple[tor
 
 def check_train_settings(train: Any) -> None:
     """ConfigError for the `train:` settings a diffusion run does not support."""
-    refused = {
-        "stages": bool(train.stages),
-        "distill": train.distill is not None,
-        "lora": train.lora is not None,
-        "init_from": bool(train.init_from),
-        "parallel.fsdp.enabled": train.parallel.fsdp.enabled,
-        "parallel.tensor.size": train.parallel.tensor.size > 1,
-    }
-    bad = [k for k, v in refused.items() if v]
-    if bad:
-        raise ConfigError(
-            f"train.{bad[0]}: not supported for a diffusion model (model.kind: diffusion); leave it out "
-            "(accumulation, checkpoints, resume and data-parallel DDP work)"
-        )
+    refuse_train_settings(train, "diffusion", "accumulation, checkpoints, resume and data-parallel DDP work")
 
 
 def fit_diffusion(

@@ -263,6 +263,30 @@ class TrainConfig(Section):
         return self
 
 
+def refuse_train_settings(
+    train: TrainConfig, kind: str, works: str, extra: dict[str, bool] | None = None
+) -> None:
+    """ConfigError naming the first `train:` setting that a `model.kind: <kind>` run does not support: stages,
+    distillation, LoRA, init_from, FSDP and tensor parallelism (they need a model that names its parts, or a
+    sharded model), plus `extra` ({dotted name: is it set}); `works` says what does work."""
+    from ..errors import ConfigError
+
+    refused = {
+        "stages": bool(train.stages),
+        "distill": train.distill is not None,
+        "lora": train.lora is not None,
+        "init_from": bool(train.init_from),
+        **(extra or {}),
+        "parallel.fsdp.enabled": train.parallel.fsdp.enabled,
+        "parallel.tensor.size": train.parallel.tensor.size > 1,
+    }
+    bad = [k for k, v in refused.items() if v]
+    if bad:
+        raise ConfigError(
+            f"train.{bad[0]}: not supported for a {kind} model (model.kind: {kind}); leave it out ({works})"
+        )
+
+
 __all__ = [
     "CallbackConfig",
     "CommConfig",
@@ -275,4 +299,5 @@ __all__ = [
     "StageConfig",
     "TensorConfig",
     "TrainConfig",
+    "refuse_train_settings",
 ]

@@ -35,6 +35,7 @@ from ..modalities.text import TextTokenizer
 from ..models.contrastive import ModelOutput
 from ..models.vq import VQVAE, AudioFrontEnd
 from ..train import distributed as dist_utils
+from ..train.config import refuse_train_settings
 from .bundle import UnifiedBundle, code_count, load_audio_tokenizer, save_audio_tokenizer
 from .config import UnifiedModelConfig
 from .model import UnifiedConfig, UnifiedDecoder, unified_loss
@@ -377,24 +378,16 @@ def load_rows(data: Any, cfg: UnifiedModelConfig, split: str, progress: bool = F
 
 
 def check_train_settings(train: Any) -> None:
-    """ConfigError for the `train:` settings a unified run does not support (they need a model that names its
-    parts, or a sharded model)."""
-    refused = {
-        "stages": bool(train.stages),
-        "distill": train.distill is not None,
-        "lora": train.lora is not None,
-        "init_from": bool(train.init_from),
-        "grad_checkpointing": bool(train.grad_checkpointing),
-        "modality_accumulation": any(k > 1 for k in train.modality_accumulation.values()),
-        "parallel.fsdp.enabled": train.parallel.fsdp.enabled,
-        "parallel.tensor.size": train.parallel.tensor.size > 1,
-    }
-    bad = [k for k, v in refused.items() if v]
-    if bad:
-        raise ConfigError(
-            f"train.{bad[0]}: not supported for a unified model (model.kind: unified) yet; leave it out "
-            "(data parallel DDP, accumulation, checkpoints and resume work)"
-        )
+    """ConfigError for the `train:` settings a unified run does not support yet."""
+    refuse_train_settings(
+        train,
+        "unified",
+        "data parallel DDP, accumulation, checkpoints and resume work",
+        {
+            "grad_checkpointing": bool(train.grad_checkpointing),
+            "modality_accumulation": any(k > 1 for k in train.modality_accumulation.values()),
+        },
+    )
 
 
 def fit_unified(
