@@ -165,6 +165,13 @@ def add_guard_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, help="world seed; with --data, the split's seed")
     c.add_argument("--recall", type=float, default=0.9, help="normal level's recall target (default 0.9)")
     c.add_argument("--strict-recall", type=float, default=0.99, help="strict level's (default 0.99)")
+    c.add_argument(
+        "--precision",
+        type=float,
+        help="calibrate the normal level for this precision instead of --recall: the lowest threshold (the "
+        "most recall) whose blocked calibration inputs are at least this share positive",
+    )
+    c.add_argument("--strict-precision", type=float, help="the same for the strict level")
     c.add_argument("--out", required=True, help="filter JSON to write")
     c.set_defaults(func=cmd_filter_calibrate)
 
@@ -256,8 +263,12 @@ def cmd_filter_calibrate(args) -> int:
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if args.concepts else None
     if args.concepts is not None and not concepts:
         raise ConfigError("--concepts: name at least one concept")
-    if not (0 < args.recall <= 1 and 0 < args.strict_recall <= 1):
-        raise ConfigError("--recall / --strict-recall: rates in (0, 1]")
+    rates = (args.recall, args.strict_recall, args.precision, args.strict_precision)
+    if not all(r is None or 0 < r <= 1 for r in rates):
+        raise ConfigError("--recall / --strict-recall / --precision / --strict-precision: rates in (0, 1]")
+    precision = {
+        lv: p for lv, p in (("normal", args.precision), ("strict", args.strict_precision)) if p is not None
+    }
     synthetic = {"--n": args.n, "--split": args.split, "--eval-split": args.eval_split}
     user = {"--eval-data": args.eval_data, "--eval-fraction": args.eval_fraction}
     if args.data is None:
@@ -285,7 +296,9 @@ def cmd_filter_calibrate(args) -> int:
         if n < 1:
             raise ConfigError("--n: at least 1")
         split, eval_split = args.split or "val", args.eval_split or "test"
-        filters = calibrate_filters(model, concepts, args.seed, split, n, recall, model_fingerprint(model))
+        filters = calibrate_filters(
+            model, concepts, args.seed, split, n, recall, model_fingerprint(model), precision
+        )
         filters.save(args.out)
         report = filter_report(model, filters, args.seed, eval_split, n)
         print(f"{eval_split} split, {n} samples: precision / recall per level")
@@ -309,10 +322,15 @@ def cmd_filter_calibrate(args) -> int:
             where = (
                 f"held-out {fraction:g} of {args.data} ({len(eval_idx)} rows; calibrated on {len(cal_idx)})"
             )
-        filters = calibrate_labelled(model, cal, recall, model_fingerprint(model))
+        filters = calibrate_labelled(model, cal, recall, model_fingerprint(model), precision)
         filters.save(args.out)
         report = labelled_report(model, filters, held)
         print(f"{where}: precision / recall per level")
+    targets = ", ".join(
+        f"{lv} " + (f"precision {precision[lv]:g}" if lv in precision else f"recall {recall[lv]:g}")
+        for lv in ("normal", "strict")
+    )
+    print(f"targets (on the calibration samples): {targets}")
     for modality, per in report.items():
         for c, lv in per.items():
             auroc = lv.pop("auroc")

@@ -164,6 +164,23 @@ def test_filter_calibrate_on_a_users_jsonl(saved, tmp_path, capsys):
                "red,large", "--out", str(out)])  # fmt: skip
     assert rc == 0 and f"{data}, {len(rows)} rows: precision / recall" in capsys.readouterr().out
     assert [c.name for c in ConceptFilters.load(out).concepts] == ["red", "large"]  # in the order given
+    # the normal level calibrated for precision instead: on the calibration rows it reaches the target
+    rc = main(
+        ["filter", "calibrate", str(folder), "--data", str(data), "--precision", "0.6", "--out", str(out)]
+    )
+    assert rc == 0 and "targets (on the calibration samples): normal precision 0.6, strict recall 0.99" in (
+        capsys.readouterr().out
+    )
+    f = ConceptFilters.load(out)
+    assert f.precision == {"normal": 0.6}
+    sub = labelled.subset(cal)
+    for m in ("image", "text"):
+        scores = f.scores(embed(model, sub, m))
+        for j, c in enumerate(f.concepts):
+            assert (
+                precision_recall(scores[:, j], sub.labels[:, j], c.thresholds[m]["normal"])["precision"]
+                >= 0.6
+            )
     # errors: exit 2 for flag mixes, 1 naming file / line / field for the data
     assert main(["filter", "calibrate", str(folder), "--data", str(data), "--n", "5", "--out", str(out)]) == 2
     assert "--n chooses synthetic samples" in capsys.readouterr().err

@@ -154,9 +154,15 @@ def _check_classes(rows: LabelledRows, modality: str, part: str) -> None:
 
 
 def calibrate_labelled(
-    model, rows: LabelledRows, recall: dict[str, float], model_id: str = "", part: str = "calibration part"
+    model,
+    rows: LabelledRows,
+    recall: dict[str, float],
+    model_id: str = "",
+    precision: dict[str, float] | None = None,
+    part: str = "calibration part",
 ) -> ConceptFilters:
-    """Filters for `rows.concepts`: vectors from the rows' embeddings, thresholds per present modality."""
+    """Filters for `rows.concepts`: vectors from the rows' embeddings, thresholds per present modality (per
+    level for its precision target if `precision` names it, else its recall target)."""
     present = [m for m in MODALITIES if rows.has[m].any()]
     for m in present:
         _check_classes(rows, m, part)
@@ -169,7 +175,10 @@ def calibrate_labelled(
             per.append(concept_vector(emb[m][y], emb[m][~y]))
         vectors.append(concept_vector(np.stack(per)))
     filters = ConceptFilters(
-        [Concept(c, [], v.tolist()) for c, v in zip(rows.concepts, vectors)], model_id, dict(recall)
+        [Concept(c, [], v.tolist()) for c, v in zip(rows.concepts, vectors)],
+        model_id,
+        dict(recall),
+        dict(precision or {}),
     )
     for m in present:
         filters.calibrate(m, emb[m], rows.labels[rows.has[m]])
