@@ -126,7 +126,7 @@ def add_guard_commands(sub: argparse._SubParsersAction) -> None:
         help="per-concept image and caption thresholds (synthetic world or a labelled JSONL), with precision / "
         "recall",
         description="Thresholds on cosine(input, concept vector) per concept and modality, set for a target "
-        "recall (normal and strict levels), with precision and recall reported on held-out samples. Two "
+        "recall or precision (normal and strict levels), with precision and recall reported on held-out samples. Two "
         "sources. The synthetic world (default): concepts are words of the world (a colour, shape or size), a "
         "scene shows one when an object has it; thresholds on --n samples of --split, figures on --n samples "
         "of --eval-split. A user's data (--data FILE.jsonl): rows in the data engine's manifest format "

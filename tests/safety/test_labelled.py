@@ -94,7 +94,7 @@ def test_errors_name_the_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl line 2: no field 'concepts'"):
         read_labelled(p)
     p = _write(tmp_path / "d.jsonl", [{"text": "p1", "labels": ["weapon", "drug"]}])
-    with pytest.raises(DataError, match=r"line 1: field 'labels': unknown concept 'drug'; --concepts lists"):
+    with pytest.raises(DataError, match=r"line 1: field 'labels': unknown concept 'drug'; the concepts calibrated are"):
         read_labelled(p, "labels", ["weapon"])
     p = _write(tmp_path / "d.jsonl", [{"text": "p1", "concepts": [1]}])
     with pytest.raises(DataError, match="line 1: field 'concepts': expected a list of concept names"):

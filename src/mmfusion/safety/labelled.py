@@ -87,8 +87,8 @@ def read_labelled(
             unknown = sorted(set(value) - set(concepts))
             if unknown:
                 raise DataError(
-                    f"{where}: field '{label_column}': unknown concept {unknown[0]!r}; --concepts lists "
-                    f"{concepts} (add it there, or leave --concepts out to calibrate every label)"
+                    f"{where}: field '{label_column}': unknown concept {unknown[0]!r}; the concepts calibrated "
+                    f"are {concepts} (--concepts, or every label of the --data file)"
                 )
         for m in MODALITIES:
             has[m].append(obj.get(m) is not None)
