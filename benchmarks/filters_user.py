@@ -8,7 +8,7 @@ row {"image", "text", "concepts"}: the concepts among --concepts the scene shows
 calibrate the filters, both on the validation file, both measured on the test file:
 - prompts: the world's concept prompts minus negative prompts (mmfusion.eval.concepts, the synthetic path);
 - data: the mean embedding of the rows that show the concept minus that of the rows that do not, per
-  modality (mmfusion.safety.labelled, the user path: what `filter calibrate --data val.jsonl --eval-data
+  modality (mmfusion.eval.labelled_concepts, the user path: what `filter calibrate --data val.jsonl --eval-data
   test.jsonl` computes).
 
     .venv/bin/python benchmarks/filters_user.py --seeds 0 1 2 --reuse
@@ -26,7 +26,7 @@ from PIL import Image
 
 from mmfusion.data.synthetic import Scene, SyntheticWorld, WorldConfig
 from mmfusion.eval.concepts import calibrate_filters, filter_report, shows
-from mmfusion.safety.labelled import calibrate_labelled, labelled_report, read_labelled
+from mmfusion.eval.labelled_concepts import calibrate_labelled, labelled_report, read_labelled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scd import ms, trained_model  # noqa: E402  (a sibling script, not a package)

@@ -303,7 +303,7 @@ def cmd_filter_calibrate(args) -> int:
         report = filter_report(model, filters, args.seed, eval_split, n)
         print(f"{eval_split} split, {n} samples: precision / recall per level")
     else:
-        from .safety.labelled import calibrate_labelled, labelled_report, read_labelled, split_rows
+        from .eval.labelled_concepts import calibrate_labelled, labelled_report, read_labelled, split_rows
 
         rows = read_labelled(args.data, args.label_column, concepts)
         if args.eval_data:

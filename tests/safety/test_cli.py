@@ -122,8 +122,8 @@ def _labelled_manifest(root, n=24):
 
 
 def test_filter_calibrate_on_a_users_jsonl(saved, tmp_path, capsys):
+    from mmfusion.eval.labelled_concepts import embed, read_labelled, split_rows
     from mmfusion.safety.filters import precision_recall
-    from mmfusion.safety.labelled import embed, read_labelled, split_rows
 
     model, folder, _ = saved
     data, rows = _labelled_manifest(tmp_path)

@@ -1,5 +1,5 @@
 """Concept filters on a user's labelled JSONL: reading, the stratified split, vectors and thresholds by hand,
-and the errors (mmfusion.safety.labelled)."""
+and the errors (mmfusion.eval.labelled_concepts)."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mmfusion.errors import DataError
-from mmfusion.safety.labelled import calibrate_labelled, labelled_report, read_labelled, split_rows
+from mmfusion.eval.labelled_concepts import calibrate_labelled, labelled_report, read_labelled, split_rows
 
 # text -> 2-d embedding: three rows show "weapon", three do not
 EMB = {
@@ -94,7 +94,9 @@ def test_errors_name_the_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl line 2: no field 'concepts'"):
         read_labelled(p)
     p = _write(tmp_path / "d.jsonl", [{"text": "p1", "labels": ["weapon", "drug"]}])
-    with pytest.raises(DataError, match=r"line 1: field 'labels': unknown concept 'drug'; the concepts calibrated are"):
+    with pytest.raises(
+        DataError, match=r"line 1: field 'labels': unknown concept 'drug'; the concepts calibrated are"
+    ):
         read_labelled(p, "labels", ["weapon"])
     p = _write(tmp_path / "d.jsonl", [{"text": "p1", "concepts": [1]}])
     with pytest.raises(DataError, match="line 1: field 'concepts': expected a list of concept names"):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data.sources import JsonlDataset
 from ..errors import ConfigError, DataError
-from .filters import Concept, ConceptFilters, concept_vector
+from ..safety.filters import Concept, ConceptFilters, concept_vector
 
 MODALITIES = ("image", "text")
 CHUNK = 256  # rows decoded and embedded at a time
