@@ -190,3 +190,12 @@ BENCH_TARGETS += bench-ppo-cs
 .PHONY: bench-ppo-cs
 bench-ppo-cs: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/ppo_cs.py --seeds 0 1 2 $(BENCH_ARGS)
+
+# Issue 17 on a user's data: concept filters from a labelled JSONL vs prompt vectors (the SCD benchmark's models,
+# reused when bench-scd left them), and PPO-CS on user text files checked by the exact judges
+BENCH_TARGETS += bench-filters-user bench-ppo-cs-user
+.PHONY: bench-filters-user bench-ppo-cs-user
+bench-filters-user: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/filters_user.py --seeds 0 1 2 --reuse $(BENCH_ARGS)
+bench-ppo-cs-user: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/ppo_cs_user.py --seeds 0 1 2 $(BENCH_ARGS)

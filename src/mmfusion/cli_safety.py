@@ -123,20 +123,55 @@ def add_guard_commands(sub: argparse._SubParsersAction) -> None:
     fsub = p.add_subparsers(dest="filter_command", required=True)
     c = fsub.add_parser(
         "calibrate",
-        help="per-concept image and caption thresholds on the synthetic world, with precision / recall",
-        description="Concepts are words of the synthetic world (a colour, shape or size); a scene shows one "
-        "when an object has it. Thresholds on cosine(input, concept vector) per concept and modality are set "
-        "on --n samples of --split for a target recall (normal and strict levels); precision and recall are "
-        "reported on --n samples of --eval-split.",
+        help="per-concept image and caption thresholds (synthetic world or a labelled JSONL), with precision / "
+        "recall",
+        description="Thresholds on cosine(input, concept vector) per concept and modality, set for a target "
+        "recall or precision (normal and strict levels), with precision and recall reported on held-out samples. Two "
+        "sources. The synthetic world (default): concepts are words of the world (a colour, shape or size), a "
+        "scene shows one when an object has it; thresholds on --n samples of --split, figures on --n samples "
+        "of --eval-split. A user's data (--data FILE.jsonl): rows in the data engine's manifest format "
+        "(text and / or image, a path relative to the file) with a label column (default 'concepts': the list "
+        "of concepts the sample shows, [] for none), e.g. "
+        '{"text": "a knife on a table", "image": "img/1.png", "concepts": ["weapon"]}; a concept\'s vector is '
+        "the mean embedding of its positive rows minus that of its negative rows; figures on --eval-data or "
+        "on a stratified --eval-fraction of the rows (seeded by --seed).",
     )
     c.add_argument("model", help="a contrastive run directory or model folder")
-    c.add_argument("--concepts", required=True, help="comma-separated, e.g. red,cross")
-    c.add_argument("--n", type=int, default=1000, help="samples per split (default 1000)")
-    c.add_argument("--split", default="val", choices=["train", "val", "test"])
-    c.add_argument("--eval-split", default="test", choices=["train", "val", "test"])
-    c.add_argument("--seed", type=int, default=0, help="world seed")
+    c.add_argument(
+        "--concepts",
+        help="comma-separated, e.g. red,cross (required for the synthetic world; with --data, default: every "
+        "label in the file)",
+    )
+    c.add_argument(
+        "--data", metavar="FILE.jsonl", help="a labelled JSONL manifest instead of the synthetic world"
+    )
+    c.add_argument(
+        "--label-column", default="concepts", help="with --data: the field listing a row's concepts"
+    )
+    c.add_argument("--eval-data", metavar="FILE.jsonl", help="with --data: held-out rows to report on")
+    c.add_argument(
+        "--eval-fraction",
+        type=float,
+        help="with --data and no --eval-data: the share of each label set held out for the report (default "
+        "0.25)",
+    )
+    c.add_argument("--n", type=int, help="synthetic samples per split (default 1000)")
+    c.add_argument(
+        "--split", choices=["train", "val", "test"], help="synthetic calibration split (default val)"
+    )
+    c.add_argument(
+        "--eval-split", choices=["train", "val", "test"], help="synthetic report split (default test)"
+    )
+    c.add_argument("--seed", type=int, default=0, help="world seed; with --data, the split's seed")
     c.add_argument("--recall", type=float, default=0.9, help="normal level's recall target (default 0.9)")
     c.add_argument("--strict-recall", type=float, default=0.99, help="strict level's (default 0.99)")
+    c.add_argument(
+        "--precision",
+        type=float,
+        help="calibrate the normal level for this precision instead of --recall: the lowest threshold (the "
+        "most recall) whose blocked calibration inputs are at least this share positive",
+    )
+    c.add_argument("--strict-precision", type=float, help="the same for the strict level")
     c.add_argument("--out", required=True, help="filter JSON to write")
     c.set_defaults(func=cmd_filter_calibrate)
 
@@ -223,27 +258,86 @@ def cmd_scd_calibrate(args) -> int:
 
 def cmd_filter_calibrate(args) -> int:
     from .errors import ConfigError
-    from .eval.concepts import calibrate_filters, filter_report
     from .serve.engine import model_fingerprint
 
-    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    if not concepts:
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if args.concepts else None
+    if args.concepts is not None and not concepts:
         raise ConfigError("--concepts: name at least one concept")
-    if not (0 < args.recall <= 1 and 0 < args.strict_recall <= 1) or args.n < 1:
-        raise ConfigError("--recall / --strict-recall: rates in (0, 1]; --n >= 1")
+    rates = (args.recall, args.strict_recall, args.precision, args.strict_precision)
+    if not all(r is None or 0 < r <= 1 for r in rates):
+        raise ConfigError("--recall / --strict-recall / --precision / --strict-precision: rates in (0, 1]")
+    precision = {
+        lv: p for lv, p in (("normal", args.precision), ("strict", args.strict_precision)) if p is not None
+    }
+    synthetic = {"--n": args.n, "--split": args.split, "--eval-split": args.eval_split}
+    user = {"--eval-data": args.eval_data, "--eval-fraction": args.eval_fraction}
+    if args.data is None:
+        given = [k for k, v in user.items() if v is not None] + (
+            ["--label-column"] if args.label_column != "concepts" else []
+        )
+        if given:
+            raise ConfigError(f"{given[0]} goes with --data FILE.jsonl (a user's labelled rows)")
+        if concepts is None:
+            raise ConfigError("--concepts: required for the synthetic world (e.g. red,cross)")
+    else:
+        given = [k for k, v in synthetic.items() if v is not None]
+        if given:
+            raise ConfigError(
+                f"{given[0]} chooses synthetic samples; with --data use --eval-data or --eval-fraction"
+            )
+        if args.eval_data and args.eval_fraction is not None:
+            raise ConfigError("--eval-data and --eval-fraction: give one (the held-out rows)")
     model = _contrastive(args.model)
     recall = {"normal": args.recall, "strict": args.strict_recall}
-    filters = calibrate_filters(
-        model, concepts, args.seed, args.split, args.n, recall, model_fingerprint(model)
+    if args.data is None:
+        from .eval.concepts import calibrate_filters, filter_report
+
+        n = 1000 if args.n is None else args.n
+        if n < 1:
+            raise ConfigError("--n: at least 1")
+        split, eval_split = args.split or "val", args.eval_split or "test"
+        filters = calibrate_filters(
+            model, concepts, args.seed, split, n, recall, model_fingerprint(model), precision
+        )
+        filters.save(args.out)
+        report = filter_report(model, filters, args.seed, eval_split, n)
+        print(f"{eval_split} split, {n} samples: precision / recall per level")
+    else:
+        from .eval.labelled_concepts import calibrate_labelled, labelled_report, read_labelled, split_rows
+
+        rows = read_labelled(args.data, args.label_column, concepts)
+        if args.eval_data:
+            cal = rows
+            held = read_labelled(args.eval_data, args.label_column, rows.concepts)
+            where = f"{args.eval_data}, {len(held.index)} rows"
+        else:
+            fraction = 0.25 if args.eval_fraction is None else args.eval_fraction
+            cal_idx, eval_idx = split_rows(rows.labels, fraction, args.seed)
+            if not len(eval_idx):
+                raise ConfigError(
+                    f"--eval-fraction {fraction} holds out no row of {args.data} ({len(rows.index)} rows; each "
+                    "label set keeps floor(fraction x its rows)): raise it or give --eval-data"
+                )
+            cal, held = rows.subset(cal_idx), rows.subset(eval_idx)
+            where = (
+                f"held-out {fraction:g} of {args.data} ({len(eval_idx)} rows; calibrated on {len(cal_idx)})"
+            )
+        filters = calibrate_labelled(model, cal, recall, model_fingerprint(model), precision)
+        filters.save(args.out)
+        report = labelled_report(model, filters, held)
+        print(f"{where}: precision / recall per level")
+    targets = ", ".join(
+        f"{lv} " + (f"precision {precision[lv]:g}" if lv in precision else f"recall {recall[lv]:g}")
+        for lv in ("normal", "strict")
     )
-    filters.save(args.out)
-    report = filter_report(model, filters, args.seed, args.eval_split, args.n)
-    print(f"{args.eval_split} split, {args.n} samples: precision / recall per level")
+    print(f"targets (on the calibration samples): {targets}")
     for modality, per in report.items():
         for c, lv in per.items():
             auroc = lv.pop("auroc")
             cells = "; ".join(f"{name} P={r['precision']:.3f} R={r['recall']:.3f}" for name, r in lv.items())
             tail = f", AUROC {auroc:.3f}" if auroc is not None else ""
+            if not lv["normal"]["positives"]:
+                tail += ": no positive held out, recall not measured"
             print(f"{modality:5s} {c}: {cells} (positives {lv['normal']['positives']}{tail})")
     print(f"wrote {args.out}")
     return 0

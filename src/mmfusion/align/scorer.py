@@ -11,7 +11,6 @@ labels in [0, 1] (1 = harmful), and scores P(harmful) = sigmoid(logit).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..unified.model import UnifiedConfig, UnifiedDecoder
 from .ppo import decoder_hidden
+from .userdata import jsonl_rows, text_field
 from .vocab import WordVocab, pack
 
 
@@ -46,13 +46,6 @@ class Preference:
     rejected: str
 
 
-def _text(row: dict, key: str, where: str) -> str:
-    v = row.get(key)
-    if not isinstance(v, str) or not v.strip():
-        raise DataError(f"{where}: {key!r} must be a non-empty string; got {v!r}")
-    return v
-
-
 def _label(row: dict, key: str, where: str, lo: float | None = None, hi: float | None = None) -> float | None:
     v = row.get(key)
     if v is None:
@@ -66,23 +59,13 @@ def _label(row: dict, key: str, where: str, lo: float | None = None, hi: float |
 
 def load_labels(path: str | Path) -> tuple[list[Labelled], list[Preference]]:
     """Read a JSONL file of labelled pairs and preference pairs (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: expected a JSONL file of labelled / preference pairs")
     labelled, prefs = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object")
-        prompt = _text(row, "prompt", where)
+    for where, row in jsonl_rows(path, "labelled / preference pairs (data.labels)"):
+        prompt = text_field(row, "prompt", where)
         if "chosen" in row or "rejected" in row:
-            prefs.append(Preference(prompt, _text(row, "chosen", where), _text(row, "rejected", where)))
+            prefs.append(
+                Preference(prompt, text_field(row, "chosen", where), text_field(row, "rejected", where))
+            )
             continue
         reward, cost = _label(row, "reward", where), _label(row, "cost", where, 0.0, 1.0)
         if reward is None and cost is None:
@@ -90,9 +73,7 @@ def load_labels(path: str | Path) -> tuple[list[Labelled], list[Preference]]:
                 f"{where}: a row needs 'response' with a 'reward' and / or 'cost' label, or 'chosen' and "
                 "'rejected'"
             )
-        labelled.append(Labelled(prompt, _text(row, "response", where), reward, cost))
-    if not labelled and not prefs:
-        raise DataError(f"{path}: no rows")
+        labelled.append(Labelled(prompt, text_field(row, "response", where), reward, cost))
     return labelled, prefs
 
 

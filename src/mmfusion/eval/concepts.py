@@ -49,8 +49,14 @@ def synthetic_data(seed: int, split: str, n: int, concepts: list[str]) -> dict[s
     return {"images": [s["image"] for s in samples], "texts": [s["text"] for s in samples], "labels": labels}
 
 
-def build_filters(model, concepts: list[str], recall: dict[str, float], model_id: str = "") -> ConceptFilters:
-    """Uncalibrated filters: each concept's vector from its prompts' text embeddings."""
+def build_filters(
+    model,
+    concepts: list[str],
+    recall: dict[str, float],
+    model_id: str = "",
+    precision: dict[str, float] | None = None,
+) -> ConceptFilters:
+    """Uncalibrated filters: each concept's vector from its prompts' text embeddings; the levels' targets."""
     for c in concepts:
         concept_prompts(c)  # names the allowed concepts on a typo
     out = []
@@ -58,7 +64,7 @@ def build_filters(model, concepts: list[str], recall: dict[str, float], model_id
         prompts, negatives = concept_prompts(c), negative_prompts(c)
         vec = concept_vector(model.encode_text(prompts).numpy(), model.encode_text(negatives).numpy())
         out.append(Concept(c, prompts, vec.tolist(), negatives=negatives))
-    return ConceptFilters(out, model_id, dict(recall))
+    return ConceptFilters(out, model_id, dict(recall), dict(precision or {}))
 
 
 def embeddings(model, data: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -70,10 +76,18 @@ def embeddings(model, data: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def calibrate_filters(
-    model, concepts: list[str], seed: int, split: str, n: int, recall: dict[str, float], model_id: str = ""
+    model,
+    concepts: list[str],
+    seed: int,
+    split: str,
+    n: int,
+    recall: dict[str, float],
+    model_id: str = "",
+    precision: dict[str, float] | None = None,
 ) -> ConceptFilters:
-    """Filters for `concepts` with image and text thresholds calibrated on n samples of `split`."""
-    filters = build_filters(model, concepts, recall, model_id)
+    """Filters for `concepts` with image and text thresholds calibrated on n samples of `split` (per level
+    for its precision target if `precision` names it, else its recall target)."""
+    filters = build_filters(model, concepts, recall, model_id, precision)
     data = synthetic_data(seed, split, n, concepts)
     for modality, emb in embeddings(model, data).items():
         filters.calibrate(modality, emb, data["labels"])

@@ -4,7 +4,8 @@ A concept ("red", "cross", or any text on a user's data) is a direction in a two
 of its prompts' text embeddings minus the mean of its negative prompts' (`concept_vector`), L2-normalised. An input (an image, or a caption) scores cos(input embedding, concept
 vector); it is blocked for the concept when the score is at or above the concept's threshold for the input's
 modality and the current safety level. Thresholds are calibrated per concept and modality on labelled data for a
-target recall: "normal" (default 0.90) and "strict" (default 0.99: more blocked, lower precision). The level
+target recall: "normal" (default 0.90) and "strict" (default 0.99: more blocked, lower precision), or, for a level
+given a precision target, for the most recall at that precision (`threshold_for_precision`). The level
 adapts to the input: `level_for(flagged)` is strict for an input SCD flags as adversarial.
 
 The file a calibration writes (`ConceptFilters.save`) holds the concept vectors, so applying filters needs only
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 LEVELS = ("normal", "strict")
 
@@ -48,6 +49,24 @@ def threshold_for_recall(scores: np.ndarray, labels: np.ndarray, recall: float) 
         raise ValueError(f"recall = {recall}: expected a rate in (0, 1]")
     k = max(1, math.ceil(recall * pos.size - 1e-9))
     return float(pos[k - 1])
+
+
+def threshold_for_precision(scores: np.ndarray, labels: np.ndarray, precision: float) -> float:
+    """The smallest threshold t (the most recall) with `score >= t` blocking inputs of which at least
+    `precision` are positives; a threshold blocks every input tied with it. ValueError when none reaches it."""
+    if not 0 < precision <= 1:
+        raise ValueError(f"precision = {precision}: expected a rate in (0, 1]")
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    prec = tp / np.arange(1, len(s) + 1)
+    last_of_tie = np.r_[s[1:] != s[:-1], True]  # position i blocks exactly the first i + 1 inputs
+    ok = last_of_tie & (tp > 0) & (prec >= precision - 1e-12)
+    if not ok.any():
+        best = float(prec[last_of_tie & (tp > 0)].max()) if y.any() else 0.0
+        raise ValueError(f"no threshold reaches precision {precision} (at best {best:.3f})")
+    return float(s[np.nonzero(ok)[0].max()])
 
 
 def precision_recall(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
@@ -84,11 +103,13 @@ class Concept:
 
 @dataclass
 class ConceptFilters:
-    """A calibrated set of concept filters for one model (`model_id`); recall targets per level."""
+    """A calibrated set of concept filters for one model (`model_id`); recall targets per level, and precision
+    targets for the levels calibrated for precision instead (they override the level's recall target)."""
 
     concepts: list[Concept]
     model_id: str = ""
     recall: dict[str, float] = field(default_factory=lambda: {"normal": 0.9, "strict": 0.99})
+    precision: dict[str, float] = field(default_factory=dict)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, D) L2-normalised embeddings -> (N, C) cosines to the concept vectors."""
@@ -121,14 +142,25 @@ class ConceptFilters:
 
     def calibrate(self, modality: str, embeddings: np.ndarray, labels: np.ndarray) -> None:
         """Set every concept's thresholds for `modality` from labelled inputs: (N, D) embeddings, (N, C) booleans
-        (input i shows concept c), each level at its recall target."""
+        (input i shows concept c), each level at its precision target if it has one, else its recall target.
+        DataError names the concept when a precision target cannot be reached."""
         s, y = self.scores(embeddings), np.asarray(labels, dtype=bool)
         if y.shape != s.shape:
             raise ValueError(f"labels have shape {y.shape}; expected {s.shape} (inputs, concepts)")
         for j, c in enumerate(self.concepts):
-            c.thresholds[modality] = {
-                lv: threshold_for_recall(s[:, j], y[:, j], self.recall[lv]) for lv in LEVELS
-            }
+            th = {}
+            for lv in LEVELS:
+                if lv not in self.precision:
+                    th[lv] = threshold_for_recall(s[:, j], y[:, j], self.recall[lv])
+                    continue
+                try:
+                    th[lv] = threshold_for_precision(s[:, j], y[:, j], self.precision[lv])
+                except ValueError as e:
+                    raise DataError(
+                        f"concept {c.name!r}, {modality}, {lv} level: {e} on the {len(y)} calibration inputs; "
+                        "lower the precision target or use a recall target"
+                    ) from None
+            c.thresholds[modality] = th
 
     def report(self, modality: str, embeddings: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         """concept -> level -> precision / recall / counts on labelled inputs, and concept -> "auroc" (how well
