@@ -14,7 +14,6 @@ the model's embeddings of the inputs: the data engine (`mmfusion data build --fi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .files import read_json, write_json
 
 LEVELS = ("normal", "strict")
 
@@ -177,18 +177,12 @@ class ConceptFilters:
         return out
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        return path
+        return write_json(asdict(self), path, indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptFilters:
-        try:
-            data = json.loads(Path(path).read_text())
+        def build(data: dict[str, Any]) -> ConceptFilters:
             concepts = [Concept(**c) for c in data.pop("concepts")]
             return cls(concepts, **data)
-        except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
-            raise ConfigError(
-                f"{path}: not a concept-filter file ({e}); write one with `mmfusion filter calibrate`"
-            ) from None
+
+        return read_json(path, build, "a concept-filter file", "mmfusion filter calibrate")

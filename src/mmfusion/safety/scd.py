@@ -19,7 +19,6 @@ adversarial scores.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import read_json, write_json
 
 SCORES = ("distance", "mutation")
 TYPO = "abcdefghijklmnopqrstuvwxyz"
@@ -175,19 +176,8 @@ class SCDCalibration:
         return bool(score > self.threshold)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
+        return write_json(asdict(self), path)
 
     @classmethod
     def load(cls, path: str | Path) -> SCDCalibration:
-        from ..errors import ConfigError
-
-        try:
-            data = json.loads(Path(path).read_text())
-            return cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ConfigError(
-                f"{path}: not an SCD calibration file ({e}); write one with `mmfusion scd calibrate`"
-            ) from None
+        return read_json(path, lambda data: cls(**data), "an SCD calibration file", "mmfusion scd calibrate")
