@@ -278,7 +278,9 @@ def create_app(
 
     install_error_handlers(app)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings))])
+    # no key, no dependency: FastAPI solves even a no-op dependency on every request
+    key_check = [Depends(api_key_check(settings))] if settings.api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=key_check)
 
     if unified:
         add_generate_routes(v1, backend, settings)
