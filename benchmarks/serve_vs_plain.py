@@ -23,6 +23,9 @@ context 32), or with --width/--depth a wider random one. Every request embeds on
                    (intra-op threads T): one caption per `session.run` (batch 1), and --max-batch captions per
                    run (batched); tokenization included; p50/p99 of one run (what a request would wait for a
                    batch already formed, queueing not included)
+  CPU column       per embedding: the server process's CPU time (every thread) over its 2xx answers for the
+                   HTTP rows (median over rounds), the benchmark process's CPU time for ONNX; less sensitive to
+                   the other jobs on the machine than embeddings/s, so its plain / serve ratio is printed too
 
 Servers run as serve_load.Child processes, each in its own process group (killed at the end, SIGKILL after
 10 s). The two servers alternate --rounds times (server A, server B, A, B, ...) so both see the same machine
@@ -154,14 +157,14 @@ def onnx_rows(model_dir: Path, threads: int, max_batch: int, n: int) -> list[dic
             return session.run(None, {INPUT_NAMES["text"]: ids})[0]
 
         run(texts[:size])
-        lat, t0 = [], time.perf_counter()
+        lat, t0, cpu0 = [], time.perf_counter(), time.process_time()
         for i in range(0, n, size):
             t = time.perf_counter()
             run(texts[i : i + size])
             lat.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         p50, p99 = np.percentile(lat, [50, 99]) * 1000
-        rows.append({"what": name, "per_s": n / wall, "p50_ms": p50, "p99_ms": p99})
+        rows.append({"what": name, "per_s": n / wall, "p50_ms": p50, "p99_ms": p99, "cpu_us": cpu / n * 1e6})
     tmp.cleanup()
     return rows
 
@@ -231,21 +234,28 @@ def main() -> int:
     rows = [
         {"what": f"{name}, {args.concurrency} clients"}
         | {k: statistics.median(x[k] for x in runs[name]) for k in ("per_s", "p50_ms", "p99_ms")}
+        | {"cpu_us": statistics.median(x["server_cpu_us"] for x in runs[name])}
         for name in names
     ] + onnx
     print(f"\nload average {load0[0]:.1f} before, {load1[0]:.1f} after; {args.threads} thread(s) per server")
-    print("| what | embeddings/s | p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|")
+    print("| what | embeddings/s | p50 ms | p99 ms | CPU us per embedding |")
+    print("|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['what']} | {row['per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |")
+        print(
+            f"| {row['what']} | {row['per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{row['cpu_us']:.0f} |"
+        )
     print(f"\nmmfusion serve / plain FastAPI: {ratio:.2f}x (median of per-round ratios)")
+    cpu_ratio = rows[1]["cpu_us"] / rows[0]["cpu_us"]
+    print(f"server CPU per embedding, plain FastAPI / mmfusion serve: {cpu_ratio:.2f}x")
     base = rows[1]["per_s"]
     for row in onnx:
         print(f"{row['what']} / plain FastAPI: {row['per_s'] / base:.2f}x")
     if args.json:
         args.json.write_text(
             json.dumps({"settings": vars(args) | {"model": str(model)}, "rounds": runs, "rows": rows,
-                        "ratio_serve_vs_plain": ratio, "load": [load0, load1]}, indent=2, default=str)
+                        "ratio_serve_vs_plain": ratio, "cpu_ratio_plain_vs_serve": cpu_ratio,
+                        "load": [load0, load1]}, indent=2, default=str)
         )  # fmt: skip
     tmp.cleanup()
     return 0
