@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Latency of `POST /v1/generate` (caption, VQA, text -> image) of a unified model served by `mmfusion serve`.
 
-Starts `mmfusion serve MODEL --threads T --timeout-s S` as a child process on a free loopback port (serve_load.Server) twice,
-with batching (the server's defaults) and with `--no-batching`, and for each request kind sends `--sequential`
-requests one after another (p50 and max latency), then `--concurrent` requests at once (wall time until the
+Starts `mmfusion serve MODEL --threads T --timeout-s S` as a child process on a free loopback port
+(serve_load.Server: a serve_load.Child, in its own process group, killed at the end) twice, with batching
+(the server's defaults) and with `--no-batching`, and for each request kind sends `--sequential` requests one
+after another (p50 and max latency), then `--concurrent` requests at once (wall time until the
 last answer, and the model calls they took, from the server's `mmfusion_model_executions_total`). Inputs: test
 scenes of SyntheticWorld(seed 0) at the model's image size as PNG; prompt "a large red circle"; request i
 uses seed i. Every answer must be 200. Prints a Markdown table and, with --json, every timing.

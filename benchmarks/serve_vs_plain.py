@@ -12,16 +12,24 @@ context 32), or with --width/--depth a wider random one. Every request embeds on
   plain FastAPI    this file's `--plain-app`: uvicorn, one worker, a sync `def` endpoint (FastAPI runs it in
                    its thread pool) that tokenizes the request's text and calls `model.embed_text_ids` on it,
                    torch threads T; the JSON answer has the same `embeddings` field
-  HTTP load        --concurrency closed-loop httpx clients (each sends its next request when the last is
-                   answered) for --duration s per server; embeddings/s = 2xx answers / wall; p50/p99 latency
+  HTTP load        --concurrency closed-loop clients (each sends its next request when the last is answered)
+                   for --duration s per server; embeddings/s = 2xx answers / wall; p50/p99 latency. --client
+                   raw (default): one minimal HTTP/1.1 keep-alive connection each (serve_load.RawConnection,
+                   ~0.1 ms CPU per request); --client httpx: a shared httpx.AsyncClient, which costs ~9.5 ms
+                   CPU per request with 64 connections and so, on 2 cores, caps both servers near 60/s.
+                   Each round prints the CPU per answered request of the server (all its threads) and of
+                   the load generator.
   ONNX in-process  the text tower exported by `mmfusion.serve.export.export_onnx` in an onnxruntime session
                    (intra-op threads T): one caption per `session.run` (batch 1), and --max-batch captions per
                    run (batched); tokenization included; p50/p99 of one run (what a request would wait for a
                    batch already formed, queueing not included)
+  CPU column       per embedding: the server process's CPU time (every thread) over its 2xx answers for the
+                   HTTP rows (median over rounds), the benchmark process's CPU time for ONNX; less sensitive to
+                   the other jobs on the machine than embeddings/s, so its plain / serve ratio is printed too
 
-Servers run as child processes in their own process group (killed at the end, SIGKILL after 10 s). The two
-servers alternate --rounds times (server A, server B, A, B, ...) so both see the same machine load; figures
-are medians over rounds, the ratio the median of per-round ratios.
+Servers run as serve_load.Child processes, each in its own process group (killed at the end, SIGKILL after
+10 s). The two servers alternate --rounds times (server A, server B, A, B, ...) so both see the same machine
+load; figures are medians over rounds, the ratio the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -30,64 +38,19 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import closed_loop, small_model  # noqa: E402  (a sibling script, not a package)
+from serve_load import Child, closed_loop, small_model  # noqa: E402  (a sibling script, not a package)
 
 HERE = Path(__file__).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Child:
-    """A server child process in its own process group; `with` waits for /healthz, then kills the group."""
-
-    def __init__(self, cmd: list[str], threads: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
-        cmd = [*cmd, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
-
-    def __enter__(self) -> Child:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError("server did not start in 90 s")
-
-    def __exit__(self, *exc) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
 
 
 def plain_app(model_dir: str, port: int, threads: int) -> None:
@@ -139,11 +102,26 @@ def wide_model(folder: Path, width: int, depth: int) -> Path:
     return ContrastiveModel(cfg, tok).save_pretrained(folder)
 
 
-def http_round(child_cmd: list[str], threads: int, concurrency: int, duration: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_round(child_cmd: list[str], threads: int, concurrency: int, duration: float, raw: bool) -> dict:
+    def load(seconds: float):
+        return asyncio.run(closed_loop(s.url, concurrency, seconds, raw=raw, max_requests=10**7))
+
     with Child(child_cmd, threads) as s:
-        asyncio.run(closed_loop(s.url, concurrency, 1.0))  # warm-up: first calls, connection pool
-        tally, wall = asyncio.run(closed_loop(s.url, concurrency, duration))
-        batch = mean_batch(s.url)
+        load(1.0)  # warm-up: first calls, connections
+        server0, client0 = cpu_seconds(s.proc.pid), time.process_time()
+        tally, wall = load(duration)
+        server_cpu, client_cpu = cpu_seconds(s.proc.pid) - server0, time.process_time() - client0
+        batch = s.mean_batch()
     ok = sum(n for c, n in tally.codes.items() if 200 <= c < 300)
     p50, p99 = np.percentile(tally.lat, [50, 99]) * 1000 if tally.lat else (float("nan"),) * 2
     return {
@@ -154,18 +132,9 @@ def http_round(child_cmd: list[str], threads: int, concurrency: int, duration: f
         "sent": tally.sent,
         "lost": tally.lost,
         "mean_batch": batch,
+        "server_cpu_us": server_cpu / max(ok, 1) * 1e6,  # per 2xx answer, every thread of the server
+        "client_cpu_us": client_cpu / max(ok, 1) * 1e6,  # the load generator's, per 2xx answer
     }
-
-
-def mean_batch(url: str) -> float:
-    """Mean text batch size from `mmfusion serve`'s /metrics (warm-up included); NaN for the plain server."""
-    try:
-        text = httpx.get(f"{url}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return float("nan")
-    pattern = r'^mmfusion_batch_size_(sum|count)\{encoder="text"\} (\S+)$'
-    got = {k: float(v) for k, v in re.findall(pattern, text, re.M)}
-    return got["sum"] / got["count"] if got.get("count") else float("nan")
 
 
 def onnx_rows(model_dir: Path, threads: int, max_batch: int, n: int) -> list[dict]:
@@ -188,14 +157,14 @@ def onnx_rows(model_dir: Path, threads: int, max_batch: int, n: int) -> list[dic
             return session.run(None, {INPUT_NAMES["text"]: ids})[0]
 
         run(texts[:size])
-        lat, t0 = [], time.perf_counter()
+        lat, t0, cpu0 = [], time.perf_counter(), time.process_time()
         for i in range(0, n, size):
             t = time.perf_counter()
             run(texts[i : i + size])
             lat.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         p50, p99 = np.percentile(lat, [50, 99]) * 1000
-        rows.append({"what": name, "per_s": n / wall, "p50_ms": p50, "p99_ms": p99})
+        rows.append({"what": name, "per_s": n / wall, "p50_ms": p50, "p99_ms": p99, "cpu_us": cpu / n * 1e6})
     tmp.cleanup()
     return rows
 
@@ -211,6 +180,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch / onnxruntime intra-op threads")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--onnx-requests", type=int, default=2048)
+    ap.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="load generator: raw HTTP/1.1 connections (~0.1 ms CPU per request) or httpx.AsyncClient (~9 ms)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plain-app", metavar="MODEL", help=argparse.SUPPRESS)  # the child: run the plain server
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -241,12 +216,13 @@ def main() -> int:
     runs: dict[str, list[dict]] = {k: [] for k in cmds}
     for r in range(args.rounds):
         for name, cmd in cmds.items():
-            res = http_round(cmd, args.threads, args.concurrency, args.duration)
+            res = http_round(cmd, args.threads, args.concurrency, args.duration, args.client == "raw")
             runs[name].append(res)
             print(
                 f"round {r + 1} {name}: {res['per_s']:.0f} embeddings/s, p50 {res['p50_ms']:.1f} ms, "
                 f"p99 {res['p99_ms']:.1f} ms ({res['ok']}/{res['sent']} 2xx, {res['lost']} lost, mean batch "
-                f"{res['mean_batch']:.1f})",
+                f"{res['mean_batch']:.1f}; CPU per request: server {res['server_cpu_us']:.0f} us, client "
+                f"{res['client_cpu_us']:.0f} us; load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
     onnx = onnx_rows(model, args.threads, args.max_batch, args.onnx_requests)
@@ -258,21 +234,28 @@ def main() -> int:
     rows = [
         {"what": f"{name}, {args.concurrency} clients"}
         | {k: statistics.median(x[k] for x in runs[name]) for k in ("per_s", "p50_ms", "p99_ms")}
+        | {"cpu_us": statistics.median(x["server_cpu_us"] for x in runs[name])}
         for name in names
     ] + onnx
     print(f"\nload average {load0[0]:.1f} before, {load1[0]:.1f} after; {args.threads} thread(s) per server")
-    print("| what | embeddings/s | p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|")
+    print("| what | embeddings/s | p50 ms | p99 ms | CPU us per embedding |")
+    print("|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['what']} | {row['per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |")
+        print(
+            f"| {row['what']} | {row['per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{row['cpu_us']:.0f} |"
+        )
     print(f"\nmmfusion serve / plain FastAPI: {ratio:.2f}x (median of per-round ratios)")
+    cpu_ratio = rows[1]["cpu_us"] / rows[0]["cpu_us"]
+    print(f"server CPU per embedding, plain FastAPI / mmfusion serve: {cpu_ratio:.2f}x")
     base = rows[1]["per_s"]
     for row in onnx:
         print(f"{row['what']} / plain FastAPI: {row['per_s'] / base:.2f}x")
     if args.json:
         args.json.write_text(
             json.dumps({"settings": vars(args) | {"model": str(model)}, "rounds": runs, "rows": rows,
-                        "ratio_serve_vs_plain": ratio, "load": [load0, load1]}, indent=2, default=str)
+                        "ratio_serve_vs_plain": ratio, "cpu_ratio_plain_vs_serve": cpu_ratio,
+                        "load": [load0, load1]}, indent=2, default=str)
         )  # fmt: skip
     tmp.cleanup()
     return 0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmfusion.errors import DataError
-from mmfusion.modalities.text import TextEncoder, TextTokenizer
+from mmfusion.modalities.text import TextEncoder, TextTokenizer, pad_rows
 
 CAPTIONS = [
     "a small red circle",
@@ -30,6 +30,15 @@ def test_padding_truncation_and_eot(tok):
     assert ids.shape == (2, 12)  # the long caption is truncated to the context length, [EOT] kept last
     assert ids[1, -1].item() == tok.eot_id
     assert ids[0, 5:].eq(0).all() and ids[0, 4].item() == tok.eot_id
+
+
+def test_pad_rows_right_pads_to_the_longest_or_to_pad_to_and_refuses_a_longer_row():
+    assert pad_rows([[5, 6, 7], [8]], 0).tolist() == [[5, 6, 7], [8, 0, 0]]
+    out = pad_rows([(5,), (8, 9)], 1, pad_to=4)
+    assert out.dtype == torch.long and out.tolist() == [[5, 1, 1, 1], [8, 9, 1, 1]]
+    assert pad_rows([], 0, pad_to=3).shape == (0, 3)
+    with pytest.raises(DataError, match=r"text #1 has 3 tokens; the padded length is 2"):
+        pad_rows([[1], [1, 2, 3]], 0, pad_to=2)
 
 
 def test_save_load(tmp_path, tok):

@@ -96,6 +96,30 @@ def test_full_queue_and_timeout_are_explicit_overloads_and_nothing_is_lost():
 
 
 @pytest.mark.timeout(20)
+def test_an_item_that_timed_out_in_the_queue_is_answered_once_and_never_computed():
+    release, seen = threading.Event(), []
+
+    def fn(items):
+        seen.append(list(items))
+        release.wait(5)
+        return list(items)
+
+    async def main():
+        batcher = DynamicBatcher(fn, max_batch=1, max_delay_ms=0, queue_size=8, timeout_s=0.3)
+        first = asyncio.create_task(batcher.submit("a"))  # the worker runs it and blocks in fn
+        await asyncio.sleep(0.05)
+        res = await asyncio.gather(first, batcher.submit("b"), return_exceptions=True)  # both time out
+        release.set()
+        late = await batcher.submit("c")  # the worker went on, skipping "b"
+        await batcher.close()
+        return batcher, res, late
+
+    batcher, res, late = run(main())
+    assert [r.reason for r in res] == ["timeout", "timeout"] and late == "c"
+    assert seen == [["a"], ["c"]] and batcher.rejected["timeout"] == 2
+
+
+@pytest.mark.timeout(20)
 def test_model_runs_off_the_event_loop():
     def fn(items):
         time.sleep(0.2)

@@ -49,6 +49,7 @@ from .http import (
     raw_inputs,
     read_body,
     read_json,
+    vectors_response,
 )
 from .metrics import MetricsMiddleware, RequestMetrics, prometheus_response
 
@@ -114,8 +115,10 @@ def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeS
     """/v1/embed, /v1/embed/{modality}, /v1/search, /v1/index, /v1/index/image/{i}, /v1/classify on `v1`."""
     schemas = _schemas()
 
-    def vectors(vs: list[np.ndarray]) -> list[list[float]]:
-        return [np.asarray(v, dtype=np.float32).tolist() for v in vs]
+    def embeddings_response(modality: str, vecs: list[np.ndarray], hits: int) -> Response:
+        info = backend.info()
+        head = {"modality": modality, "model_id": info["model_id"], "dim": info["dim"], "cache_hits": hits}
+        return vectors_response(head, vecs)
 
     @v1.post("/embed", openapi_extra=json_body(schemas["embed"]), summary="Embed a list of one modality")
     async def embed(request: Request):
@@ -128,15 +131,7 @@ def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeS
             raise invalid(f"give exactly one of {list(MODALITIES)} (got {mods or 'none'})")
         m = mods[0]
         raws = raw_inputs(m, as_list(data[m], m), m)
-        vecs, hits = await backend.embed(m, raws)
-        info = backend.info()
-        return {
-            "modality": m,
-            "model_id": info["model_id"],
-            "dim": info["dim"],
-            "cache_hits": hits,
-            "embeddings": vectors(vecs),
-        }
+        return embeddings_response(m, *await backend.embed(m, raws))
 
     binary_doc = {
         "requestBody": {
@@ -163,15 +158,7 @@ def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeS
         body = await read_body(request, settings.max_body_bytes)
         if not body:
             raise invalid("body is empty")
-        vecs, hits = await backend.embed(modality, [body])
-        info = backend.info()
-        return {
-            "modality": modality,
-            "model_id": info["model_id"],
-            "dim": info["dim"],
-            "cache_hits": hits,
-            "embeddings": vectors(vecs),
-        }
+        return embeddings_response(modality, *await backend.embed(modality, [body]))
 
     def need_index():
         if app.state.index is None:
@@ -291,7 +278,9 @@ def create_app(
 
     install_error_handlers(app)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings))])
+    # no key, no dependency: FastAPI solves even a no-op dependency on every request
+    key_check = [Depends(api_key_check(settings))] if settings.api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=key_check)
 
     if unified:
         add_generate_routes(v1, backend, settings)

@@ -68,8 +68,9 @@ class LocalBackend:
                 f"this model has no {modality} encoder; it embeds {', '.join(self.engine.modalities)}"
             )
         out: list[np.ndarray | None] = [None] * len(raws)
-        keys = [content_key(self.engine.model_id, modality, r) for r in raws]
-        if self.cache is not None:
+        keys: list[str] = []
+        if self.cache is not None:  # no hashing with the cache off
+            keys = [content_key(self.engine.model_id, modality, r) for r in raws]
             for i, k in enumerate(keys):
                 out[i] = self.cache.get(k)
         misses = [(i, raws[i]) for i in range(len(raws)) if out[i] is None]
@@ -116,9 +117,13 @@ class LocalBackend:
     async def _submit_all(self, batcher: str, items: list[Any]) -> list[Any]:
         """Queue every item on one batcher and wait for all; overload becomes a 503, other errors re-raise (after
         every item has finished, so none is left running unobserved)."""
-        results = await asyncio.gather(
-            *(self.batchers[batcher].submit(p) for p in items), return_exceptions=True
-        )
+        submit = self.batchers[batcher].submit
+        if len(items) == 1:  # the common case: no gather, whose task per item costs more than the rest
+            try:
+                return [await submit(items[0])]
+            except Overloaded as e:
+                raise overloaded(e) from None
+        results = await asyncio.gather(*(submit(p) for p in items), return_exceptions=True)
         for r in results:
             if isinstance(r, Overloaded):
                 raise overloaded(r)

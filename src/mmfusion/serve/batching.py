@@ -101,22 +101,33 @@ class DynamicBatcher:
                 self.retry_after_s(),
                 f"{self.name}: queue full ({self.queue_size} waiting); retry later",
             )
-        item = _Item(value, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        item = _Item(value, loop.create_future())
         self._pending.append(item)
-        assert self._wakeup is not None
-        self._wakeup.set()
+        # wake the worker only when it has something to decide: the first item of a group (it starts the
+        # delay) or a full group (it stops waiting); waking it per item cost a task and a timer each
+        if len(self._pending) == 1 or len(self._pending) >= self.max_batch:
+            assert self._wakeup is not None
+            self._wakeup.set()
+        # the timeout resolves the item's future with the error (the worker then skips it), so no wait_for /
+        # shield task per item
+        expiry = loop.call_later(self.timeout_s, self._expire, item)
         try:
-            # shield: a timeout cancels only this wait, not the future the worker will resolve
-            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
-        except asyncio.TimeoutError:
-            self.rejected["timeout"] += 1
-            if not item.future.done():
-                item.future.cancel()  # the worker skips it if it is still queued
-            raise Overloaded(
+            return await item.future
+        finally:
+            expiry.cancel()
+
+    def _expire(self, item: _Item) -> None:
+        if item.future.done():
+            return
+        self.rejected["timeout"] += 1
+        item.future.set_exception(
+            Overloaded(
                 "timeout",
                 self.retry_after_s(),
                 f"{self.name}: no result within {self.timeout_s:g} s; the server is overloaded, retry later",
-            ) from None
+            )
+        )
 
     async def close(self) -> None:
         """Stop the worker; items still queued get an Overloaded error (none is left unanswered)."""

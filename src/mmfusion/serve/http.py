@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 try:  # the `serve` extra
+    import orjson
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # pragma: no cover - the CLI prints this
-    raise ImportError(f"the server needs FastAPI: pip install 'mmfusion[serve]' ({e})") from None
+    raise ImportError(f"the server needs FastAPI and orjson: pip install 'mmfusion[serve]' ({e})") from None
 
 from .batching import Overloaded
 
@@ -76,6 +77,22 @@ def error_response(
     return JSONResponse(
         {"error": {"status": status, "code": code, "message": message}}, status, headers=headers
     )
+
+
+def vectors_response(
+    content: dict[str, Any], vectors: list[np.ndarray], field: str = "embeddings"
+) -> Response:
+    """`content` plus `field`: the vectors as lists of floats, as a JSON response rendered by orjson.
+
+    The same JSON values as FastAPI's default path (float32 -> Python float, shortest round-trip digits), at
+    a fraction of the cost: json.dumps spends ~1.5 us per float (98 us for a 64-dim vector, orjson 5 us), and
+    a returned dict first goes through jsonable_encoder, which visits every float in Python. orjson writes
+    NaN / Infinity as null, so a vector that is not finite takes the standard path, which refuses it (500)."""
+    rows = [np.asarray(v, dtype=np.float32) for v in vectors]
+    body = {**content, field: [r.tolist() for r in rows]}
+    if not all(np.isfinite(r).all() for r in rows):
+        return JSONResponse(body)  # raises ValueError (a 500 naming it), as the default path did
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -261,4 +278,5 @@ __all__ = [
     "read_json",
     "undecodable",
     "unpack",
+    "vectors_response",
 ]
