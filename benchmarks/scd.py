@@ -400,7 +400,47 @@ def run_fusion(seed: int, args, out: Path) -> dict:
         "success_rate": float(ok.mean()),
         **detectors((cal_d, cal_m), (clean_d, clean_m), (adv_d[ok], adv_m[ok]), args.fpr),
     }
+    # the same check as `mmfusion serve --scd` on /v1/classify: PNG inputs through the server's decoders, the
+    # served mutations (one seed for every input), threshold from the validation images
+    served = [served_mutation_scores(model, z, args) for z in (vx, tx, adv[torch.from_numpy(ok)])]
+    entry["served mutation"] = detection_metrics(
+        served[1], served[2], calibrate_threshold(served[0], args.fpr)
+    )
     return {"seed": seed, "train_s": round(train_s, 1), "fusion": entry}
+
+
+def served_mutation_scores(model, images: torch.Tensor, args) -> np.ndarray:
+    """The mutation scores `mmfusion serve --scd` (task classify) gives images (n, 3, H, W) in [0, 1] sent as
+    PNG to /v1/classify of `model`: serve.safety's mutations and scores through the server's Engine."""
+    import io
+
+    from PIL import Image
+
+    from mmfusion.safety.scd import SCDCalibration
+    from mmfusion.serve.engine import Engine
+    from mmfusion.serve.safety import classify_mutation_scores, classify_mutations
+
+    engine = Engine(model)
+    cal = SCDCalibration("mutation", 0.0, args.fpr, 0, mutations=args.mutations, task="classify")
+
+    def png(z: torch.Tensor) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray((z.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def classify(samples: list[dict]) -> list[dict]:
+        with torch.inference_mode():
+            return [
+                p
+                for i in range(0, len(samples), 256)
+                for p in engine.classify(
+                    [{"image": engine.prepare("image", s["image"], "image")} for s in samples[i : i + 256]]
+                )
+            ]
+
+    samples = [{"image": png(z)} for z in images]
+    muts, owners = classify_mutations(samples, cal)
+    return np.array(classify_mutation_scores(classify(samples), classify(muts), owners), dtype=np.float64)
 
 
 TRANSFORMS = {
@@ -469,7 +509,7 @@ def print_scd(rows: list[dict], args, kinds=("image", "image_targeted", "char", 
     print("| attack | clean acc | success | detector | TPR | FPR | AUROC |")
     print("|---|---|---|---|---|---|---|")
     for kind in kinds:
-        for det in ("distance", "mutation", "combined"):
+        for det in ("distance", "mutation", "combined", "served mutation"):
             sel = [r[kind] for r in rows if det in r[kind]]
             if not sel:
                 continue

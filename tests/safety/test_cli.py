@@ -57,6 +57,71 @@ def test_scd_calibrate_flags_the_stated_fraction_of_its_queries(saved, tmp_path,
                  "--out", str(out)]) == 2  # fmt: skip
 
 
+def test_scd_calibrate_for_classify_on_synthetic_and_jsonl_inputs(saved, make_tiny_model, tmp_path, capsys):
+    import torch
+
+    from mmfusion import load_model
+    from mmfusion.models.multimodal import MultiModalModel
+    from mmfusion.serve.engine import Engine
+    from mmfusion.serve.safety import classify_mutation_scores, classify_mutations
+
+    torch.manual_seed(0)
+    encoders = {"text": "tiny", "image": {"image_size": 16, "patch_size": 8}}
+    fusion = MultiModalModel(
+        encoders, head="classify", n_classes=4, dim=16, tokenizer=make_tiny_model().tokenizer
+    )
+    folder = fusion.eval().save_pretrained(tmp_path / "fusion")
+    out = tmp_path / "scd.json"
+    rc = main(["scd", "calibrate", str(folder), "--task", "classify", "--synthetic", "20", "--fpr", "0.2",
+               "--mutations", "4", "--sigma", "0.2", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    cal = SCDCalibration.load(out)
+    engine = Engine(load_model(folder))
+    assert (cal.task, cal.score, cal.n_calibration, cal.sigma) == ("classify", "mutation", 20, 0.2)
+    assert cal.model_id == engine.model_id
+    flagged = float(capsys.readouterr().out.split("flags ")[1].split()[0])
+    assert flagged <= 0.2
+
+    # --data: a JSONL manifest; the row without an image is left out and counted; scores match the definition
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{i}.png"
+        )
+        rows.append({"image": f"img/{i}.png", "text": "a small red circle", "label": i % 4})
+    rows.append({"text": "no image here"})
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["scd", "calibrate", str(folder), "--task", "classify", "--data", str(tmp_path / "clean.jsonl"),
+               "--fpr", "0.0", "--mutations", "4", "--sigma", "0.2", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and "1 rows without an image left out" in capsys.readouterr().out
+    cal = SCDCalibration.load(out)
+    samples = [{"image": (tmp_path / r["image"]).read_bytes(), "text": r["text"]} for r in rows[:6]]
+    prep = lambda ss: [{m: engine.prepare(m, v, "x") for m, v in s.items()} for s in ss]  # noqa: E731
+    clean = engine.classify(prep(samples))
+    muts, owners = classify_mutations(samples, cal)
+    scores = classify_mutation_scores(clean, engine.classify(prep(muts)), owners)
+    assert cal.n_calibration == 6 and cal.threshold == pytest.approx(
+        max(scores)
+    )  # fpr 0: nothing clean flagged
+
+    # errors: one line, exit 2, naming the flag
+    assert main(["scd", "calibrate", str(folder), "--task", "classify", "--index", "x", "--synthetic", "2",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "not --index" in capsys.readouterr().err
+    assert (
+        main(["scd", "calibrate", str(saved[1]), "--task", "classify", "--synthetic", "2", "--out", str(out)])
+        == 2
+    )
+    assert "needs a fusion classifier with an image encoder" in capsys.readouterr().err
+    assert main(["scd", "calibrate", str(saved[1]), "--synthetic", "2", "--out", str(out)]) == 2
+    assert "--task search needs --index" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "img/missing.png"}) + "\n")
+    assert main(["scd", "calibrate", str(folder), "--task", "classify", "--data", str(tmp_path / "bad.jsonl"),
+                 "--out", str(out)]) != 0  # fmt: skip
+    assert "bad.jsonl line 1: 'image' file img/missing.png" in capsys.readouterr().err
+
+
 def test_filter_calibrate_writes_thresholds_and_reports(saved, tmp_path, capsys):
     _, folder, _ = saved
     out = tmp_path / "f.json"

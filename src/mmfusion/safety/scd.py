@@ -10,6 +10,10 @@ semantic embeddings of input and output; two scores per input, larger = more sus
   one character edit on text) under which the output changes. Adversarial inputs sit near a decision
   boundary that the attack found, so their output is brittle.
 
+On a fusion classifier (`mmfusion serve --scd` on /v1/classify) the output is the predicted label and the
+mutation score is the fraction of M image mutations that change it (`mutate_image_bytes`: the same PNG
+round trip the server's decoders see).
+
 - combined: the larger of the two scores' ranks among clean calibration scores (`combined_scores`).
 
 A threshold is calibrated on clean held-out inputs for a stated false-positive rate (`calibrate_threshold`);
@@ -30,6 +34,7 @@ import torch
 from .files import read_json, write_json
 
 SCORES = ("distance", "mutation")
+TASKS = ("search", "classify")  # what a calibration checks in the server: /v1/search captions, /v1/classify
 TYPO = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -59,6 +64,25 @@ def mutate_images(x: torch.Tensor, generator: torch.Generator, sigma: float = 0.
     dy, dx = (int(v) - 1 for v in torch.randint(0, 3, (2,), generator=generator))
     noise = torch.randn(x.shape, generator=generator) * sigma
     return (torch.roll(x, shifts=(dy, dx), dims=(2, 3)) + noise.to(x.device)).clamp(0.0, 1.0)
+
+
+def mutate_image_bytes(raw: bytes, m: int, seed: int, sigma: float = 0.03) -> list[bytes]:
+    """An encoded image (any format PIL reads) -> `m` PNG-encoded mutations of its RGB pixels (`mutate_images`,
+    rounded to 8 bits), seeded: the same image and seed always give the same mutations."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as im:
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(m):
+        pixels = (mutate_images(x, g, sigma)[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def mutate_text(text: str, rng: np.random.Generator) -> str:
@@ -158,7 +182,9 @@ def detection_metrics(
 @dataclass
 class SCDCalibration:
     """A calibrated detector, saved as JSON and read by `mmfusion serve --scd`: which score, its threshold,
-    the stated false-positive rate, the clean inputs it was calibrated on, the model it belongs to."""
+    the stated false-positive rate, the clean inputs it was calibrated on, the model it belongs to, and the
+    server route it checks (`task`: "search" caption queries of a two-tower model, "classify" image inputs
+    of a fusion classifier, mutation score only)."""
 
     score: str  # "distance" | "mutation"
     threshold: float
@@ -167,10 +193,16 @@ class SCDCalibration:
     model_id: str = ""
     mutations: int = 8  # mutation score: mutations per input
     seed: int = 0
+    task: str = "search"
+    sigma: float = 0.03  # image mutations: noise std on [0, 1] pixels
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"score {self.score!r}: expected one of {list(SCORES)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}: expected one of {list(TASKS)}")
+        if self.task == "classify" and self.score != "mutation":
+            raise ValueError("task 'classify' takes the mutation score (the distance score needs an index)")
 
     def flag(self, score: float) -> bool:
         return bool(score > self.threshold)

@@ -226,7 +226,11 @@ def _add_embedding_routes(app: FastAPI, v1: APIRouter, backend, settings: ServeS
             if not s:
                 raise invalid(f"inputs[{i}] has no modality; give at least one of {mods}")
             samples.append({m: raw_inputs(m, [v], f"inputs[{i}].{m}")[0] for m, v in s.items()})
-        return {"predictions": await backend.classify(samples)}
+        predictions = await backend.classify(samples)
+        safety = app.state.safety
+        if safety is not None and safety.classify_scd is not None:  # --scd (task classify): a flag per input
+            await safety.classify(backend, samples, predictions)
+        return {"predictions": predictions}
 
 
 def create_app(
@@ -243,7 +247,8 @@ def create_app(
     An embedding backend (LocalBackend, remote.RemoteBackend) gets /v1/embed, /v1/search, /v1/classify,
     /v1/index and the demo page; a `generate_api.GenerateBackend` (a unified model folder) gets /v1/generate
     instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema. `safety`
-    (serve.safety.SearchSafety): the opt-in SCD flag and concept filters of /v1/search."""
+    (serve.safety.SearchSafety): the opt-in SCD flag of /v1/search or /v1/classify and the concept filters of
+    /v1/search."""
     from .. import __version__
 
     settings = settings or ServeSettings()

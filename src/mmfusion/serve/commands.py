@@ -66,8 +66,9 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--scd",
         metavar="FILE",
-        help="opt-in adversarial-input check on /v1/search: a calibration from `mmfusion scd calibrate`; "
-        "responses carry an scd flag (results are still returned)",
+        help="opt-in adversarial-input check: a calibration from `mmfusion scd calibrate`, of /v1/search "
+        "captions (task search) or of /v1/classify images of a fusion model (task classify); answers carry an "
+        "scd flag (results and predictions are still returned)",
     )
     p.add_argument(
         "--filter",
@@ -204,7 +205,10 @@ def cmd_serve(args) -> int:
     diffusion = is_diffusion_folder(args.model)
     folder = unified_folder(args.model) if diffusion is None else diffusion
     if (args.scd or args.concept_filter) and (folder is not None or args.split):
-        raise ConfigError("--scd / --filter check /v1/search of a contrastive model served without --split")
+        raise ConfigError(
+            "--scd / --filter check /v1/search or /v1/classify of a contrastive or fusion model folder served "
+            "without --split"
+        )
     if folder is not None:
         return _serve_unified(args, settings, folder, diffusion=diffusion is not None)
     if args.split:
@@ -228,7 +232,9 @@ def cmd_serve(args) -> int:
         engine = Engine(load_model(args.model))
     backend = LocalBackend(engine, settings)
     index = _load_index(args.index, backend.info())
-    app = create_app(backend=backend, index=index, settings=settings, safety=_safety(args, index))
+    app = create_app(
+        backend=backend, index=index, settings=settings, safety=_safety(args, index, backend.info())
+    )
     print(
         f"mmfusion serve: http://{args.host}:{args.port}/ ({backend.info()['model_type']}, "
         f"index {len(index) if index is not None else 'none'})",
@@ -238,12 +244,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _safety(args, index):
-    """The opt-in /v1/search checks of --scd / --filter (serve.safety), or None; both need --index."""
+def _safety(args, index, info: dict):
+    """The opt-in checks of --scd / --filter (serve.safety), or None. --filter and a search calibration check
+    /v1/search and need --index; a classify calibration checks /v1/classify of a fusion classifier. A file
+    calibrated with another model (its model_id) is refused."""
     if args.scd is None and args.concept_filter is None:
         return None
-    if index is None:
-        raise ConfigError("--scd / --filter check /v1/search: start the server with --index INDEX_DIR too")
     import numpy as np
 
     from ..safety.filters import ConceptFilters
@@ -252,8 +258,26 @@ def _safety(args, index):
 
     scd = SCDCalibration.load(args.scd) if args.scd else None
     filters = ConceptFilters.load(args.concept_filter) if args.concept_filter else None
-    for flag, made in (("--scd", scd), ("--filter", filters)):
-        if made is not None and made.model_id and index.model_id and made.model_id != index.model_id:
+    if scd is not None and scd.task == "classify":
+        if info["model_type"] != "multimodal":
+            raise ConfigError(
+                f"--scd {args.scd} checks /v1/classify (task classify); this server's model is "
+                f"{info['model_type']}: serve a fusion model folder, or calibrate for /v1/search"
+            )
+        if scd.model_id and scd.model_id != info["model_id"]:
+            raise ConfigError(
+                f"--scd was calibrated with model {scd.model_id}; this model is {info['model_id']}: recalibrate "
+                "with this model"
+            )
+    searched = {"--scd": scd} if scd is not None and scd.task == "search" else {}
+    if filters is not None:
+        searched["--filter"] = filters
+    if searched and index is None:
+        raise ConfigError(
+            f"{' / '.join(searched)} check /v1/search: start the server with --index INDEX_DIR too"
+        )
+    for flag, made in searched.items():
+        if made.model_id and index.model_id and made.model_id != index.model_id:
             raise ConfigError(
                 f"{flag} was calibrated with model {made.model_id}; this index and model are {index.model_id}: "
                 "recalibrate with this model"
