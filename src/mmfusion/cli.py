@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clip_commands(sub)  # `import-clip` (mmfusion.cli_clip)
     add_federated_commands(sub, _add_config_args)  # `federate` (mmfusion.cli_federated)
     add_safety_commands(sub, _add_config_args)  # `bias` (mmfusion.cli_safety)
-    add_guard_commands(sub)  # `scd`, `filter`, `provenance` (mmfusion.cli_safety)
+    add_guard_commands(sub)  # `scd` (mmfusion.cli_scd), `filter`, `provenance` (mmfusion.cli_safety)
     add_align_commands(sub, _add_config_args)  # `align` (mmfusion.cli_align)
     return parser
 
