@@ -4,11 +4,20 @@ common Trainer for each seed (and each variant), then judge it exactly on held-o
 
 Per seed: the world SyntheticWorld(seed, 32 px, the recipe's object counts); a SyntheticJudge trained on its
 train split (--judge-steps); for each variant (--variants: base = the recipe; consistency = the recipe with
---align-weight and --adv-weight, the T10 constraint) a model trained --steps steps on --n-train scenes and
-evaluated on --n-eval test scenes (mmfusion.diffusion.evaluate: t2i attribute accuracy at guidance 1 and
+--align-weight and --adv-weight, the T10 constraint; ar = the unified autoregressive model, see below) a model
+trained --steps steps on --n-train scenes and evaluated on --n-eval test scenes (mmfusion.diffusion.evaluate: t2i attribute accuracy at guidance 1 and
 --guidance, FID / IS under the judge, i2t caption accuracy through the scene parser, joint-pair
 consistency), DDIM --ddim-steps, eta 0, EMA weights. Prints a table per run and the mean ± std over seeds;
 writes --out/results.json, and with --grid a PNG of text->image samples and joint pairs of the first run.
+
+The `ar` variant is the comparison issue 18 asks for: the unified AR decoder (mmfusion.unified; FSQ 8,6,5
+VQ-VAE of 64 codes per image trained --ar-vq-steps steps, BPE of 256 ids, decoder --ar-dim / depth 4 / 4 heads)
+trained on the same world and the same --n-train scenes, on the caption and text->image tasks only, for
+--ar-steps steps of --ar-batch sequences (default: the diffusion run's steps x batch, so both see as many
+training examples), judged by the same judge and scene parser: t2i at cfg 1 and --guidance (sampled,
+temperature 1), i2t greedy. It has no joint sampling (joint_consistency is NaN); `ar_recon_acc` is the judge
+on its tokenizer's reconstructions (the ceiling its t2i is measured against).
+
 --speed also measures sampling images/s (text->image with guidance, so 2 denoiser passes per step) at 25 and
 50 DDIM steps, batch 64, on --threads threads.
 """
@@ -107,6 +116,54 @@ def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
         print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} |")
 
 
+def ar_row(world: SyntheticWorld, seed: int, n_train: int, steps: int, args, judge) -> dict[str, float]:
+    """Train and judge the unified AR model of the `ar` variant (module docstring) on `world`."""
+    from mmfusion.diffusion.evaluate import caption_matches
+    from mmfusion.eval.generation import attribute_accuracy, fid, inception_score
+    from mmfusion.unified.bundle import UnifiedBundle
+    from mmfusion.unified.generate_cli import caption_images, generate_images
+    from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder
+    from mmfusion.unified.train import UnifiedTrainConfig, synthetic_setup, train_unified, world_task_data
+
+    vq_kw = dict(channels=32, quantizer="fsq", codebook_size=256, code_dim=32)
+    st = synthetic_setup(seed, world.config.image_size, n_train, vq_kw, args.ar_vq_steps, 256,
+                         object_count_probs=world.config.object_count_probs)  # fmt: skip
+    data = world_task_data(st.world, "train", n_train, st.vqvae, st.builder, tasks=["caption", "image"])
+    longest = max(len(s.ids) for t in data.examples.values() for s in t)
+    torch.manual_seed(seed)
+    model = UnifiedDecoder(
+        UnifiedConfig(st.vocab.size, dim=args.ar_dim, depth=4, heads=4, max_len=longest + 48)
+    )
+    t = time.perf_counter()
+    train_unified(model, data.examples, st.vocab, UnifiedTrainConfig(
+        steps=steps, batch_size=args.ar_batch, lr=3e-3, warmup_steps=steps // 20, log_every=max(1, steps // 20),
+        seed=seed, device="cpu"))  # fmt: skip
+    row: dict[str, float] = {
+        "train_s": time.perf_counter() - t,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    bundle = UnifiedBundle(model.eval(), st.vocab, st.text_tokenizer, st.vqvae)
+    images, scenes = world_data(world, args.n_eval, "test")
+    real = images_to_unit(images).numpy()
+    codes = torch.cat([st.vqvae.eval().encode(c) for c in images.split(256)])
+    recon = images_to_unit(st.vqvae.decode(codes)).numpy()
+    row.update(
+        real_acc=attribute_accuracy(real, scenes, judge),
+        ar_recon_acc=attribute_accuracy(recon, scenes, judge),
+    )
+    prompts = [caption_for(s, 0) for s in scenes]
+    for name, g in (("1", 1.0), ("G", args.guidance)):
+        gen = generate_images(bundle, prompts, n=1, cfg_scale=g)[0].numpy()
+        row[f"t2i_acc@{name}"] = attribute_accuracy(gen, scenes, judge)
+        row[f"fid@{name}"] = fid(real, gen, judge)
+        if name == "G":
+            row["is@G"] = inception_score(gen, judge, splits=5, seed=seed)[0]
+    caps = caption_images(bundle, codes)
+    row["i2t_acc@1"] = sum(caption_matches(c, s) for c, s in zip(caps, scenes)) / len(scenes)
+    row["joint_consistency"] = float("nan")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "diffusion.yaml"))
@@ -125,6 +182,14 @@ def main() -> None:
     )
     ap.add_argument("--align-weight", type=float, default=0.1)
     ap.add_argument("--adv-weight", type=float, default=0.05)
+    ap.add_argument(
+        "--ar-steps", type=int, help="ar variant: decoder steps (default: steps x batch / --ar-batch)"
+    )
+    ap.add_argument("--ar-batch", type=int, default=16, help="ar variant: sequences per step (default 16)")
+    ap.add_argument("--ar-dim", type=int, default=128, help="ar variant: decoder width (default 128, 0.85 M)")
+    ap.add_argument(
+        "--ar-vq-steps", type=int, default=600, help="ar variant: FSQ tokenizer steps (default 600)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides key=value")
     ap.add_argument("--out", default="runs/bench/diffusion")
@@ -161,13 +226,21 @@ def main() -> None:
                 sets.append(f"data.synthetic.n_train={args.n_train}")
             if variant == "consistency":
                 sets += [f"model.align_weight={args.align_weight}", f"model.adv_weight={args.adv_weight}"]
-            elif variant != "base":
-                raise SystemExit(f"unknown variant {variant!r}: expected base or consistency")
+            elif variant not in ("base", "ar"):
+                raise SystemExit(f"unknown variant {variant!r}: expected base, consistency or ar")
             cfg = load_config(args.config, sets)
             s = cfg.data.synthetic
             world = SyntheticWorld(WorldConfig(seed=s.seed, image_size=cfg.model.image_size,
                                                object_count_probs=s.object_count_probs))  # fmt: skip
             run = out / cfg.name
+            if variant == "ar":
+                judge = judge_for(world, seed, args.judge_steps, out, args.judge)
+                ar_steps = args.ar_steps or cfg.train.steps * cfg.train.batch_size // args.ar_batch
+                row = {"seed": seed, "variant": variant, "ar_steps": ar_steps}
+                row.update(ar_row(world, seed, s.size("train"), ar_steps, args, judge))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             t = time.perf_counter()
             if (run / "model" / "config.json").is_file():
                 model = load_diffusion(run)

@@ -50,6 +50,8 @@ class DiffusionModelConfig(Section):
     cond_prob: float = Field(0.5, ge=0, le=1)
     uncond_prob: float = Field(0.1, ge=0, le=1)
     text_weight: float = Field(1.0, ge=0)
+    # add an MLP of the whole text latent (and its timestep) to every image token (JointDenoiser)
+    text_summary: bool = False
     # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
     text_target: Literal["x0", "eps"] = "x0"
     image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head

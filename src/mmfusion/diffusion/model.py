@@ -60,7 +60,10 @@ class TimeEmbed(nn.Module):
 
 class JointDenoiser(nn.Module):
     """Image patches and text word vectors as one token sequence (learned positions per modality), each
-    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. The image
+    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. With
+    cfg.text_summary, an MLP of the whole (flattened) text latent and its timestep embedding is also added to
+    every image token (as DiT's adaLN adds the class to every token): the prompt reaches each image token
+    before the first attention layer, instead of only through attention to the text tokens. The image
     head predicts eps; the text head predicts eps, or with text_target "x0" the clean text latent, from which
     eps is derived (Diffusion-LM's parameterisation: an eps loss hardly weighs the text's content at the high
     noise levels where only the image can tell it, so image -> text would learn slowly)."""
@@ -74,6 +77,13 @@ class JointDenoiser(nn.Module):
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_len, w) * 0.02)
         self.time_image, self.time_text = TimeEmbed(w), TimeEmbed(w)
+        self.text_summary = None
+        if cfg.text_summary:  # the whole text latent and its timestep, added to every image token
+            self.text_summary = nn.Sequential(
+                nn.Linear(cfg.text_len * cfg.text_dim + w, w), nn.SiLU(), nn.Linear(w, w)
+            )
+            nn.init.zeros_(self.text_summary[2].weight)  # starts as a no-op
+            nn.init.zeros_(self.text_summary[2].bias)
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, w, cfg.depth)
         self.norm = nn.LayerNorm(w)
@@ -87,8 +97,11 @@ class JointDenoiser(nn.Module):
     ) -> DenoiserOutput:
         """x_image (B, N_img, 3 p^2), x_text (B, text_len, text_dim), t_image / t_text (B,) long in [-1, T)."""
         n = x_image.shape[1]
+        temb_text = self.time_text(t_text)
         hi = self.image_in(x_image) + self.image_pos + self.time_image(t_image)[:, None]
-        ht = self.text_in(x_text) + self.text_pos + self.time_text(t_text)[:, None]
+        if self.text_summary is not None:
+            hi = hi + self.text_summary(torch.cat([x_text.flatten(1), temb_text], dim=1))[:, None]
+        ht = self.text_in(x_text) + self.text_pos + temb_text[:, None]
         h = self.norm(self.transformer(torch.cat([hi, ht], dim=1)))
         image, text = self.image_out(h[:, :n]), self.text_out(h[:, n:])
         x0_image = x0_text = None
