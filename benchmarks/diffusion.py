@@ -95,7 +95,6 @@ def grid(model, world: SyntheticWorld, path: Path, guidance: float, ddim: int) -
 def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
     """One-step denoising of real test images: the judge's accuracy on the x0 estimate from x_t, per t (does the
     denoiser read the image and the prompt at each noise level?)."""
-    from mmfusion.diffusion.latents import patchify, unpatchify
     from mmfusion.eval.generation import attribute_accuracy
 
     model, judge = load_diffusion(run), SyntheticJudge.from_pretrained(judge_dir)
@@ -106,12 +105,12 @@ def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
     gen = torch.Generator().manual_seed(0)
     print("| t | eps MSE | judge acc of the one-step x0 estimate |\n|---|---|---|")
     for t in (100, 300, 500, 700, 900):
-        x0 = patchify(images, cfg.patch)
+        x0 = model.image_to_latent(images)
         eps, tt = torch.randn(x0.shape, generator=gen), torch.full((n,), t)
         xt = sched.q_sample(x0, tt, eps)
         with torch.no_grad():
             e = net(xt, text, tt, torch.full((n,), -1)).eps_image
-        est = unpatchify(sched.predict_x0(xt, tt, e).clamp(-1, 1), cfg.patch)
+        est = model.latent_to_image(sched.predict_x0(xt, tt, e)).clamp(-1, 1)
         acc = attribute_accuracy(images_to_unit(est).numpy(), scenes, judge)
         print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} |")
 

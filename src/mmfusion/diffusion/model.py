@@ -30,7 +30,7 @@ from ..layers import Transformer, init_transformer_
 from ..losses import clip_loss
 from ..models.contrastive import ModelOutput
 from .config import DiffusionModelConfig
-from .latents import patchify, unpatchify
+from .latents import ImageAutoencoder, patchify, unpatchify
 from .schedule import NoiseSchedule, timestep_embedding
 
 
@@ -72,7 +72,7 @@ class JointDenoiser(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
-        w, p = cfg.width, 3 * cfg.patch**2
+        w, p = cfg.width, cfg.image_token_dim
         self.image_in, self.text_in = nn.Linear(p, w), nn.Linear(cfg.text_dim, w)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_len, w) * 0.02)
@@ -178,8 +178,9 @@ def draw_timesteps(
 
 
 class JointDiffusion(nn.Module):
-    """The Trainer's model: `net` (trained), `ema_net` (EMA of net; sampling uses it) and, when their weights
-    are > 0, the alignment projections and the pair discriminator. Batch: "image" (B, 3, S, S) in [-1, 1],
+    """The Trainer's model: `net` (trained), `ema_net` (EMA of net; sampling uses it), with image_latent
+    "autoencoder" the frozen `image_codec`, and, when their weights are > 0, the alignment projections and the
+    pair discriminator. Batch: "image" (B, 3, S, S) in [-1, 1],
     "text" (B, text_len, text_dim) text latents."""
 
     def __init__(self, cfg: DiffusionModelConfig):
@@ -191,6 +192,14 @@ class JointDiffusion(nn.Module):
         self.ema_net.load_state_dict(self.net.state_dict())
         self.ema_net.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.image_codec = None
+        if (
+            cfg.image_latent == "autoencoder"
+        ):  # trained before the denoiser (recipe.fit_diffusion), then frozen
+            self.image_codec = ImageAutoencoder(
+                cfg.image_size, cfg.ae_latent_dim, cfg.ae_tokens, cfg.ae_channels
+            )
+            self.image_codec.requires_grad_(False)
         if cfg.align_weight > 0:
             self.align_image = nn.Linear(cfg.width, cfg.align_dim)
             self.align_text = nn.Linear(cfg.width, cfg.align_dim)
@@ -211,10 +220,23 @@ class JointDiffusion(nn.Module):
         self.ema_updates += 1
         return d
 
+    def image_to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> image latent (B, image_tokens, image_token_dim)."""
+        if self.image_codec is None:
+            return patchify(images, self.cfg.patch)
+        with torch.no_grad():
+            return self.image_codec.eval().encode(images)
+
+    def latent_to_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Image latent (B, image_tokens, image_token_dim) -> (B, 3, S, S), not clamped."""
+        if self.image_codec is None:
+            return unpatchify(latent, self.cfg.patch)
+        return self.image_codec.decode(latent)
+
     def forward(self, batch: Batch) -> ModelOutput:
         cfg, s = self.cfg, self.schedule
         x0_image = batch["image"]
-        xi0 = patchify(x0_image, cfg.patch)
+        xi0 = self.image_to_latent(x0_image)
         xt0 = batch["text"]
         b = xi0.shape[0]
         t_image, t_text = draw_timesteps(cfg, b)
@@ -268,7 +290,7 @@ class JointDiffusion(nn.Module):
             wrong = d(x0_image, xt0.roll(1, dims=0))
             loss = loss + F.binary_cross_entropy_with_logits(wrong, torch.zeros_like(wrong))
         if int(keep.sum()) > 0:
-            est_i = unpatchify(s.predict_x0(xi[keep], t_image[keep], out.eps_image[keep]), cfg.patch)
+            est_i = self.latent_to_image(s.predict_x0(xi[keep], t_image[keep], out.eps_image[keep]))
             if out.x0_text is not None:
                 est_t = out.x0_text[keep]
             else:
