@@ -92,9 +92,25 @@ def grid(model, world: SyntheticWorld, path: Path, guidance: float, ddim: int) -
     )
 
 
-def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
-    """One-step denoising of real test images: the judge's accuracy on the x0 estimate from x_t, per t (does the
-    denoiser read the image and the prompt at each noise level?)."""
+def estimate_colours(images: torch.Tensor) -> list[str]:
+    """(N, 3, S, S) in [-1, 1] -> the world colour whose direction from the background best matches the
+    image's foreground (pixels weighted by their distance from the background): what colour a blurry
+    x0 estimate leans to."""
+    from mmfusion.data.synthetic.scene import BACKGROUND, COLOURS, RGB
+
+    bg = torch.tensor(BACKGROUND, dtype=torch.float) / 127.5 - 1
+    rgb = torch.tensor([RGB[c] for c in COLOURS], dtype=torch.float) / 127.5 - 1
+    d = (images - bg[None, :, None, None]).norm(dim=1, keepdim=True)
+    w = d / d.sum(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    lean = torch.nn.functional.normalize((images * w).sum(dim=(2, 3)) - bg, dim=1)
+    return [COLOURS[i] for i in (lean @ torch.nn.functional.normalize(rgb - bg, dim=1).T).argmax(1).tolist()]
+
+
+def denoise_check(run: str, judge_dir: str, guidance: float, ddim: int, n: int = 200) -> None:
+    """Does the prompt reach the image? One-step denoising of real test images of world seed 0: per t, the
+    judge's accuracy on the x0 estimate from x_t, and how often the estimate leans to the prompt's colour
+    (`estimate_colours`) with the prompt and with the null condition (text at T - 1, the guidance branch);
+    then per-attribute judge accuracy of text -> image samples at guidance 1 and `guidance`."""
     from mmfusion.eval.generation import attribute_accuracy
 
     model, judge = load_diffusion(run), SyntheticJudge.from_pretrained(judge_dir)
@@ -102,17 +118,33 @@ def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
     world = SyntheticWorld(WorldConfig(seed=0, image_size=cfg.image_size, object_count_probs=(1, 0, 0)))
     images, scenes = world_data(world, n, "test")
     text = text_codec(cfg).encode([caption_for(s, 0) for s in scenes])
+    target = [s.objects[0] for s in scenes]
     gen = torch.Generator().manual_seed(0)
-    print("| t | eps MSE | judge acc of the one-step x0 estimate |\n|---|---|---|")
-    for t in (100, 300, 500, 700, 900):
+    print("| t | eps MSE | judge acc of the one-step x0 estimate | estimate leans to the prompt's colour: "
+          "prompt / null |\n|---|---|---|---|")  # fmt: skip
+    T = cfg.timesteps
+    for t in (100, 300, 500, 700, 900, T - 1):
         x0 = model.image_to_latent(images)
         eps, tt = torch.randn(x0.shape, generator=gen), torch.full((n,), t)
         xt = sched.q_sample(x0, tt, eps)
+        null = torch.randn(text.shape, generator=gen)
         with torch.no_grad():
             e = net(xt, text, tt, torch.full((n,), -1)).eps_image
-        est = model.latent_to_image(sched.predict_x0(xt, tt, e)).clamp(-1, 1)
+            e_null = net(xt, null, tt, torch.full((n,), T - 1)).eps_image
+        est, est_null = (model.latent_to_image(sched.predict_x0(xt, tt, x)).clamp(-1, 1) for x in (e, e_null))
         acc = attribute_accuracy(images_to_unit(est).numpy(), scenes, judge)
-        print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} |")
+        lean = [sum(c == o.colour for c, o in zip(estimate_colours(x), target)) / n for x in (est, est_null)]
+        print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} | {lean[0]:.2f} / {lean[1]:.2f} |")
+    print("\n| guidance | shape | colour | size | shape and colour |\n|---|---|---|---|---|")
+    for g in (1.0, guidance):
+        out = sample(model, "image", text=text, steps=ddim, guidance=g, seed=0).image
+        pred = judge.predict_attributes(images_to_unit(out).numpy())
+        acc = {
+            a: sum(p[a] == getattr(o, a) for p, o in zip(pred, target)) / n
+            for a in ("shape", "colour", "size")
+        }
+        both = sum(p["shape"] == o.shape and p["colour"] == o.colour for p, o in zip(pred, target)) / n
+        print(f"| {g:g} | {acc['shape']:.3f} | {acc['colour']:.3f} | {acc['size']:.3f} | {both:.3f} |")
 
 
 def ar_row(world: SyntheticWorld, seed: int, n_train: int, steps: int, args, judge) -> dict[str, float]:
@@ -202,11 +234,11 @@ def main() -> None:
     ap.add_argument(
         "--denoise-check",
         metavar="RUN",
-        help="only print the one-step denoising table of RUN (needs --judge)",
+        help="only print the one-step denoising and prompt-following tables of RUN (needs --judge)",
     )
     args = ap.parse_args()
     if args.denoise_check:
-        return denoise_check(args.denoise_check, args.judge)
+        return denoise_check(args.denoise_check, args.judge, args.guidance, args.ddim_steps)
     if args.collect:
         rows = [r for f in args.collect for r in json.loads(Path(f).read_text())]
         variants = list(dict.fromkeys(r["variant"] for r in rows))

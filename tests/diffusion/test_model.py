@@ -155,3 +155,32 @@ def test_text_summary_starts_as_a_no_op_and_carries_the_text_to_every_image_toke
     extra = with_summary.text_summary(torch.cat([xt.flatten(1), with_summary.time_text(t)], dim=1))
     torch.testing.assert_close(seen["summary"][:, :4] - seen["plain"][:, :4], extra[:, None].expand(2, 4, 16))
     torch.testing.assert_close(seen["summary"][:, 4:], seen["plain"][:, 4:])  # text tokens unchanged
+
+
+def test_snr_weight_truncates_and_caps_the_signal_to_noise_ratio():
+    from mmfusion.diffusion.model import snr_weight
+    from mmfusion.diffusion.schedule import NoiseSchedule
+
+    s = NoiseSchedule(50, "cosine")
+    ab = s.alpha_bar
+    snr16 = float(ab[16] / (1 - ab[16]))  # 2.756: between 1 and the cap
+    assert 1 < snr16 < 5
+    got = snr_weight(s, torch.tensor([-1, 0, 16, 40]), gamma=5.0)
+    # clean row: no loss; t = 0 (SNR 571) capped at 5; t = 16 its SNR; t = 40 (SNR 0.083) raised to 1
+    torch.testing.assert_close(got, torch.tensor([0.0, 5.0, snr16, 1.0]))
+
+
+def test_snr_weighted_image_loss_is_the_weighted_mean_of_the_x0_errors():
+    from mmfusion.diffusion.model import snr_weight
+
+    torch.manual_seed(0)
+    m = JointDiffusion(tiny_config(image_target="x0", image_snr_weight=3.0, cond_prob=0.0, uncond_prob=0.0))
+    batch = _batch(m.cfg, b=6)
+    torch.manual_seed(5)
+    got = m(batch).metrics["mse_image"]
+    # the same draws by hand: zero-initialised heads predict x0 = 0, so each row's error is mean(x0^2)
+    torch.manual_seed(5)
+    t_image, _ = draw_timesteps(m.cfg, 6)
+    w = snr_weight(m.schedule, t_image, 3.0)
+    err = (batch["image"] ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, (err * w).sum() / w.sum())

@@ -64,6 +64,8 @@ class DiffusionModelConfig(Section):
     # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
     text_target: Literal["x0", "eps"] = "x0"
     image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head
+    # > 0 (image_target x0 only): weight the image loss per sample by max(1, min(SNR(t), image_snr_weight))
+    image_snr_weight: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     align_weight: float = Field(0.0, ge=0)
     align_dim: int = Field(64, ge=2)

@@ -157,6 +157,18 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _Reverse.apply(x, scale)
 
 
+def snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) weight max(1, min(SNR(t), gamma)) of an x0 loss, SNR = ab / (1 - ab); 0 for clean rows (t = -1).
+
+    An unweighted x0 loss is the eps loss divided by SNR: it hardly weighs the low noise levels where the
+    shape's edges are drawn. Raising the weight to SNR there (truncated-SNR weighting, Salimans & Ho 2022,
+    arXiv:2202.00512), capped at gamma (Min-SNR, Hang et al. 2023, arXiv:2303.09556), keeps the high noise
+    levels, where only the prompt sets the object, at weight 1."""
+    ab = schedule.alpha_bar[t.long().cpu().clamp(min=0)]
+    w = (ab / (1 - ab).clamp(min=1e-12)).clamp(min=1.0, max=gamma).float()
+    return torch.where(t.cpu() >= 0, w, torch.zeros_like(w)).to(t.device)
+
+
 def draw_timesteps(
     cfg: DiffusionModelConfig, b: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,13 +260,15 @@ class JointDiffusion(nn.Module):
         wi, wt = (t_image >= 0).float(), (t_text >= 0).float()
         if out.x0_image is not None:
             mse_i = ((out.x0_image - xi0) ** 2).mean(dim=(1, 2))
+            if cfg.image_snr_weight > 0:
+                wi = wi * snr_weight(s, t_image, cfg.image_snr_weight)
         else:
             mse_i = ((out.eps_image - ni) ** 2).mean(dim=(1, 2))
         if out.x0_text is not None:
             mse_t = ((out.x0_text - xt0) ** 2).mean(dim=(1, 2))
         else:
             mse_t = ((out.eps_text - nt) ** 2).mean(dim=(1, 2))
-        loss_i = (mse_i * wi).sum() / wi.sum().clamp(min=1)
+        loss_i = (mse_i * wi).sum() / wi.sum().clamp(min=1)  # a weighted mean (snr weights are >= 1)
         loss_t = (mse_t * wt).sum() / wt.sum().clamp(min=1)
         loss = loss_i + cfg.text_weight * loss_t
         metrics: dict[str, Any] = {"mse_image": loss_i.detach(), "mse_text": loss_t.detach()}
@@ -318,4 +332,5 @@ __all__ = [
     "TimeEmbed",
     "draw_timesteps",
     "reverse_gradient",
+    "snr_weight",
 ]
