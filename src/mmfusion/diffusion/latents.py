@@ -195,7 +195,7 @@ class ImageAutoencoder(nn.Module):
             z = torch.cat([self.encoder(c) for c in images.split(256)])
             self.mean.copy_(z.mean(dim=0))
             self.std.copy_(z.std(dim=0).clamp(min=1e-6))
-        return float(loss)
+        return float(loss.detach())
 
 
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:
