@@ -106,11 +106,14 @@ def estimate_colours(images: torch.Tensor) -> list[str]:
     return [COLOURS[i] for i in (lean @ torch.nn.functional.normalize(rgb - bg, dim=1).T).argmax(1).tolist()]
 
 
-def denoise_check(run: str, judge_dir: str, guidance: float, ddim: int, n: int = 200) -> None:
+def denoise_check(
+    run: str, judge_dir: str, guidance: float, ddim: int, grid_path: str | None = None, n: int = 200
+) -> None:
     """Does the prompt reach the image? One-step denoising of real test images of world seed 0: per t, the
     judge's accuracy on the x0 estimate from x_t, and how often the estimate leans to the prompt's colour
     (`estimate_colours`) with the prompt and with the null condition (text at T - 1, the guidance branch);
-    then per-attribute judge accuracy of text -> image samples at guidance 1 and `guidance`."""
+    then per-attribute judge accuracy of text -> image samples at guidance 1 and `guidance`; with `grid_path`,
+    a PNG of the first 8 test images (top) and their samples at `guidance` and 1."""
     from mmfusion.eval.generation import attribute_accuracy
 
     model, judge = load_diffusion(run), SyntheticJudge.from_pretrained(judge_dir)
@@ -136,8 +139,10 @@ def denoise_check(run: str, judge_dir: str, guidance: float, ddim: int, n: int =
         lean = [sum(c == o.colour for c, o in zip(estimate_colours(x), target)) / n for x in (est, est_null)]
         print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} | {lean[0]:.2f} / {lean[1]:.2f} |")
     print("\n| guidance | shape | colour | size | shape and colour |\n|---|---|---|---|---|")
-    for g in (1.0, guidance):
+    rows = [images_to_unit(images[:8])]
+    for g in (guidance, 1.0):
         out = sample(model, "image", text=text, steps=ddim, guidance=g, seed=0).image
+        rows.append(images_to_unit(out[:8]))
         pred = judge.predict_attributes(images_to_unit(out).numpy())
         acc = {
             a: sum(p[a] == getattr(o, a) for p, o in zip(pred, target)) / n
@@ -145,6 +150,12 @@ def denoise_check(run: str, judge_dir: str, guidance: float, ddim: int, n: int =
         }
         both = sum(p["shape"] == o.shape and p["colour"] == o.colour for p, o in zip(pred, target)) / n
         print(f"| {g:g} | {acc['shape']:.3f} | {acc['colour']:.3f} | {acc['size']:.3f} | {both:.3f} |")
+    if grid_path:
+        from mmfusion.eval.generation import save_image_grid
+
+        caps = [caption_for(s, 0) for s in scenes[:8]] * 3
+        title = f"real / text->image at guidance {guidance:g} / at guidance 1"
+        save_image_grid(torch.cat(rows).numpy(), caps, grid_path, ncols=8, title=title)
 
 
 def ar_row(world: SyntheticWorld, seed: int, n_train: int, steps: int, args, judge) -> dict[str, float]:
@@ -224,7 +235,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides key=value")
     ap.add_argument("--out", default="runs/bench/diffusion")
-    ap.add_argument("--grid", help="write a sample grid PNG of the first run here")
+    ap.add_argument(
+        "--grid", help="write a sample grid PNG of the first run (with --denoise-check: of RUN) here"
+    )
     ap.add_argument("--speed", action="store_true", help="measure sampling images/s at 25 and 50 DDIM steps")
     ap.add_argument(
         "--collect",
@@ -238,7 +251,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.denoise_check:
-        return denoise_check(args.denoise_check, args.judge, args.guidance, args.ddim_steps)
+        return denoise_check(args.denoise_check, args.judge, args.guidance, args.ddim_steps, args.grid)
     if args.collect:
         rows = [r for f in args.collect for r in json.loads(Path(f).read_text())]
         variants = list(dict.fromkeys(r["variant"] for r in rows))
