@@ -14,6 +14,8 @@
       schedule: cosine
       text_target: x0       # the text head predicts the clean latent (or eps)
       image_target: eps     # the image head predicts eps (or x0)
+      image_snr_weight: 0   # > 0 (x0 head): weigh the image loss by max(1, min(SNR, this))
+      text_summary: false   # add an MLP of the whole text latent to every image token
       cond_prob: 0.5        # share of samples whose image or text is a clean condition (t2i / i2t training)
       uncond_prob: 0.1      # share whose image or text sits at max noise (the classifier-free branch)
       ema_decay: 0.999
