@@ -4,11 +4,20 @@ common Trainer for each seed (and each variant), then judge it exactly on held-o
 
 Per seed: the world SyntheticWorld(seed, 32 px, the recipe's object counts); a SyntheticJudge trained on its
 train split (--judge-steps); for each variant (--variants: base = the recipe; consistency = the recipe with
---align-weight and --adv-weight, the T10 constraint) a model trained --steps steps on --n-train scenes and
-evaluated on --n-eval test scenes (mmfusion.diffusion.evaluate: t2i attribute accuracy at guidance 1 and
+--align-weight and --adv-weight, the T10 constraint; ar = the unified autoregressive model, see below) a model
+trained --steps steps on --n-train scenes and evaluated on --n-eval test scenes (mmfusion.diffusion.evaluate: t2i attribute accuracy at guidance 1 and
 --guidance, FID / IS under the judge, i2t caption accuracy through the scene parser, joint-pair
 consistency), DDIM --ddim-steps, eta 0, EMA weights. Prints a table per run and the mean ± std over seeds;
 writes --out/results.json, and with --grid a PNG of text->image samples and joint pairs of the first run.
+
+The `ar` variant is the comparison issue 18 asks for: the unified AR decoder (mmfusion.unified; FSQ 8,6,5
+VQ-VAE of 64 codes per image trained --ar-vq-steps steps, BPE of 256 ids, decoder --ar-dim / depth 4 / 4 heads)
+trained on the same world and the same --n-train scenes, on the caption and text->image tasks only, for
+--ar-steps steps of --ar-batch sequences (default: the diffusion run's steps x batch, so both see as many
+training examples), judged by the same judge and scene parser: t2i at cfg 1 and --guidance (sampled,
+temperature 1), i2t greedy. It has no joint sampling (joint_consistency is NaN); `ar_recon_acc` is the judge
+on its tokenizer's reconstructions (the ceiling its t2i is measured against).
+
 --speed also measures sampling images/s (text->image with guidance, so 2 denoiser passes per step) at 25 and
 50 DDIM steps, batch 64, on --threads threads.
 """
@@ -83,10 +92,28 @@ def grid(model, world: SyntheticWorld, path: Path, guidance: float, ddim: int) -
     )
 
 
-def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
-    """One-step denoising of real test images: the judge's accuracy on the x0 estimate from x_t, per t (does the
-    denoiser read the image and the prompt at each noise level?)."""
-    from mmfusion.diffusion.latents import patchify, unpatchify
+def estimate_colours(images: torch.Tensor) -> list[str]:
+    """(N, 3, S, S) in [-1, 1] -> the world colour whose direction from the background best matches the
+    image's foreground (pixels weighted by their distance from the background): what colour a blurry
+    x0 estimate leans to."""
+    from mmfusion.data.synthetic.scene import BACKGROUND, COLOURS, RGB
+
+    bg = torch.tensor(BACKGROUND, dtype=torch.float) / 127.5 - 1
+    rgb = torch.tensor([RGB[c] for c in COLOURS], dtype=torch.float) / 127.5 - 1
+    d = (images - bg[None, :, None, None]).norm(dim=1, keepdim=True)
+    w = d / d.sum(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    lean = torch.nn.functional.normalize((images * w).sum(dim=(2, 3)) - bg, dim=1)
+    return [COLOURS[i] for i in (lean @ torch.nn.functional.normalize(rgb - bg, dim=1).T).argmax(1).tolist()]
+
+
+def denoise_check(
+    run: str, judge_dir: str, guidance: float, ddim: int, grid_path: str | None = None, n: int = 200
+) -> None:
+    """Does the prompt reach the image? One-step denoising of real test images of world seed 0: per t, the
+    judge's accuracy on the x0 estimate from x_t, and how often the estimate leans to the prompt's colour
+    (`estimate_colours`) with the prompt and with the null condition (text at T - 1, the guidance branch);
+    then per-attribute judge accuracy of text -> image samples at guidance 1 and `guidance`; with `grid_path`,
+    a PNG of the first 8 test images (top) and their samples at `guidance` and 1."""
     from mmfusion.eval.generation import attribute_accuracy
 
     model, judge = load_diffusion(run), SyntheticJudge.from_pretrained(judge_dir)
@@ -94,17 +121,89 @@ def denoise_check(run: str, judge_dir: str, n: int = 200) -> None:
     world = SyntheticWorld(WorldConfig(seed=0, image_size=cfg.image_size, object_count_probs=(1, 0, 0)))
     images, scenes = world_data(world, n, "test")
     text = text_codec(cfg).encode([caption_for(s, 0) for s in scenes])
+    target = [s.objects[0] for s in scenes]
     gen = torch.Generator().manual_seed(0)
-    print("| t | eps MSE | judge acc of the one-step x0 estimate |\n|---|---|---|")
-    for t in (100, 300, 500, 700, 900):
-        x0 = patchify(images, cfg.patch)
+    print("| t | eps MSE | judge acc of the one-step x0 estimate | estimate leans to the prompt's colour: "
+          "prompt / null |\n|---|---|---|---|")  # fmt: skip
+    T = cfg.timesteps
+    for t in (100, 300, 500, 700, 900, T - 1):
+        x0 = model.image_to_latent(images)
         eps, tt = torch.randn(x0.shape, generator=gen), torch.full((n,), t)
         xt = sched.q_sample(x0, tt, eps)
+        null = torch.randn(text.shape, generator=gen)
         with torch.no_grad():
             e = net(xt, text, tt, torch.full((n,), -1)).eps_image
-        est = unpatchify(sched.predict_x0(xt, tt, e).clamp(-1, 1), cfg.patch)
+            e_null = net(xt, null, tt, torch.full((n,), T - 1)).eps_image
+        est, est_null = (model.latent_to_image(sched.predict_x0(xt, tt, x)).clamp(-1, 1) for x in (e, e_null))
         acc = attribute_accuracy(images_to_unit(est).numpy(), scenes, judge)
-        print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} |")
+        lean = [sum(c == o.colour for c, o in zip(estimate_colours(x), target)) / n for x in (est, est_null)]
+        print(f"| {t} | {((e - eps) ** 2).mean().item():.4f} | {acc:.3f} | {lean[0]:.2f} / {lean[1]:.2f} |")
+    print("\n| guidance | shape | colour | size | shape and colour |\n|---|---|---|---|---|")
+    rows = [images_to_unit(images[:8])]
+    for g in (guidance, 1.0):
+        out = sample(model, "image", text=text, steps=ddim, guidance=g, seed=0).image
+        rows.append(images_to_unit(out[:8]))
+        pred = judge.predict_attributes(images_to_unit(out).numpy())
+        acc = {
+            a: sum(p[a] == getattr(o, a) for p, o in zip(pred, target)) / n
+            for a in ("shape", "colour", "size")
+        }
+        both = sum(p["shape"] == o.shape and p["colour"] == o.colour for p, o in zip(pred, target)) / n
+        print(f"| {g:g} | {acc['shape']:.3f} | {acc['colour']:.3f} | {acc['size']:.3f} | {both:.3f} |")
+    if grid_path:
+        from mmfusion.eval.generation import save_image_grid
+
+        caps = [caption_for(s, 0) for s in scenes[:8]] * 3
+        title = f"real / text->image at guidance {guidance:g} / at guidance 1"
+        save_image_grid(torch.cat(rows).numpy(), caps, grid_path, ncols=8, title=title)
+
+
+def ar_row(world: SyntheticWorld, seed: int, n_train: int, steps: int, args, judge) -> dict[str, float]:
+    """Train and judge the unified AR model of the `ar` variant (module docstring) on `world`."""
+    from mmfusion.diffusion.evaluate import caption_matches
+    from mmfusion.eval.generation import attribute_accuracy, fid, inception_score
+    from mmfusion.unified.bundle import UnifiedBundle
+    from mmfusion.unified.generate_cli import caption_images, generate_images
+    from mmfusion.unified.model import UnifiedConfig, UnifiedDecoder
+    from mmfusion.unified.train import UnifiedTrainConfig, synthetic_setup, train_unified, world_task_data
+
+    vq_kw = dict(channels=32, quantizer="fsq", codebook_size=256, code_dim=32)
+    st = synthetic_setup(seed, world.config.image_size, n_train, vq_kw, args.ar_vq_steps, 256,
+                         object_count_probs=world.config.object_count_probs)  # fmt: skip
+    data = world_task_data(st.world, "train", n_train, st.vqvae, st.builder, tasks=["caption", "image"])
+    longest = max(len(s.ids) for t in data.examples.values() for s in t)
+    torch.manual_seed(seed)
+    model = UnifiedDecoder(
+        UnifiedConfig(st.vocab.size, dim=args.ar_dim, depth=4, heads=4, max_len=longest + 48)
+    )
+    t = time.perf_counter()
+    train_unified(model, data.examples, st.vocab, UnifiedTrainConfig(
+        steps=steps, batch_size=args.ar_batch, lr=3e-3, warmup_steps=steps // 20, log_every=max(1, steps // 20),
+        seed=seed, device="cpu"))  # fmt: skip
+    row: dict[str, float] = {
+        "train_s": time.perf_counter() - t,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    bundle = UnifiedBundle(model.eval(), st.vocab, st.text_tokenizer, st.vqvae)
+    images, scenes = world_data(world, args.n_eval, "test")
+    real = images_to_unit(images).numpy()
+    codes = torch.cat([st.vqvae.eval().encode(c) for c in images.split(256)])
+    recon = images_to_unit(st.vqvae.decode(codes)).numpy()
+    row.update(
+        real_acc=attribute_accuracy(real, scenes, judge),
+        ar_recon_acc=attribute_accuracy(recon, scenes, judge),
+    )
+    prompts = [caption_for(s, 0) for s in scenes]
+    for name, g in (("1", 1.0), ("G", args.guidance)):
+        gen = generate_images(bundle, prompts, n=1, cfg_scale=g)[0].numpy()
+        row[f"t2i_acc@{name}"] = attribute_accuracy(gen, scenes, judge)
+        row[f"fid@{name}"] = fid(real, gen, judge)
+        if name == "G":
+            row["is@G"] = inception_score(gen, judge, splits=5, seed=seed)[0]
+    caps = caption_images(bundle, codes)
+    row["i2t_acc@1"] = sum(caption_matches(c, s) for c, s in zip(caps, scenes)) / len(scenes)
+    row["joint_consistency"] = float("nan")
+    return row
 
 
 def main() -> None:
@@ -125,10 +224,20 @@ def main() -> None:
     )
     ap.add_argument("--align-weight", type=float, default=0.1)
     ap.add_argument("--adv-weight", type=float, default=0.05)
+    ap.add_argument(
+        "--ar-steps", type=int, help="ar variant: decoder steps (default: steps x batch / --ar-batch)"
+    )
+    ap.add_argument("--ar-batch", type=int, default=16, help="ar variant: sequences per step (default 16)")
+    ap.add_argument("--ar-dim", type=int, default=128, help="ar variant: decoder width (default 128, 0.85 M)")
+    ap.add_argument(
+        "--ar-vq-steps", type=int, default=600, help="ar variant: FSQ tokenizer steps (default 600)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides key=value")
     ap.add_argument("--out", default="runs/bench/diffusion")
-    ap.add_argument("--grid", help="write a sample grid PNG of the first run here")
+    ap.add_argument(
+        "--grid", help="write a sample grid PNG of the first run (with --denoise-check: of RUN) here"
+    )
     ap.add_argument("--speed", action="store_true", help="measure sampling images/s at 25 and 50 DDIM steps")
     ap.add_argument(
         "--collect",
@@ -138,11 +247,11 @@ def main() -> None:
     ap.add_argument(
         "--denoise-check",
         metavar="RUN",
-        help="only print the one-step denoising table of RUN (needs --judge)",
+        help="only print the one-step denoising and prompt-following tables of RUN (needs --judge)",
     )
     args = ap.parse_args()
     if args.denoise_check:
-        return denoise_check(args.denoise_check, args.judge)
+        return denoise_check(args.denoise_check, args.judge, args.guidance, args.ddim_steps, args.grid)
     if args.collect:
         rows = [r for f in args.collect for r in json.loads(Path(f).read_text())]
         variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -161,13 +270,21 @@ def main() -> None:
                 sets.append(f"data.synthetic.n_train={args.n_train}")
             if variant == "consistency":
                 sets += [f"model.align_weight={args.align_weight}", f"model.adv_weight={args.adv_weight}"]
-            elif variant != "base":
-                raise SystemExit(f"unknown variant {variant!r}: expected base or consistency")
+            elif variant not in ("base", "ar"):
+                raise SystemExit(f"unknown variant {variant!r}: expected base, consistency or ar")
             cfg = load_config(args.config, sets)
             s = cfg.data.synthetic
             world = SyntheticWorld(WorldConfig(seed=s.seed, image_size=cfg.model.image_size,
                                                object_count_probs=s.object_count_probs))  # fmt: skip
             run = out / cfg.name
+            if variant == "ar":
+                judge = judge_for(world, seed, args.judge_steps, out, args.judge)
+                ar_steps = args.ar_steps or cfg.train.steps * cfg.train.batch_size // args.ar_batch
+                row = {"seed": seed, "variant": variant, "ar_steps": ar_steps}
+                row.update(ar_row(world, seed, s.size("train"), ar_steps, args, judge))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             t = time.perf_counter()
             if (run / "model" / "config.json").is_file():
                 model = load_diffusion(run)

@@ -7,6 +7,7 @@ import torch
 
 from mmfusion.data.synthetic import TEMPLATES
 from mmfusion.diffusion.latents import (
+    ImageAutoencoder,
     TextCodec,
     canonical_caption,
     caption_words,
@@ -14,7 +15,7 @@ from mmfusion.diffusion.latents import (
     unpatchify,
     world_vocabulary,
 )
-from mmfusion.errors import DataError
+from mmfusion.errors import ConfigError, DataError
 
 
 def test_patchify_layout_and_round_trip():
@@ -65,3 +66,28 @@ def test_text_codec_errors_and_vocabulary():
         codec.encode(["a small red circle on a dark"])
     assert TextCodec(4, 8, seed=0).table.equal(codec.table)
     assert not TextCodec(4, 8, seed=1).table.equal(codec.table)
+
+
+def test_image_autoencoder_normalises_its_latent_and_learns():
+    torch.manual_seed(0)
+    ae = ImageAutoencoder(image_size=8, latent_dim=6, tokens=2, channels=4)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 8, 8, generator=g) * 2 - 1
+    before = torch.nn.functional.mse_loss(ae.decoder(ae.encoder(images)), images).item()
+    ae.fit(images, steps=60, batch_size=16, lr=1e-2, noise=0.0)
+    assert not any(p.requires_grad for p in ae.parameters())
+    z = ae.encode(images)
+    assert z.shape == (40, 2, 3)
+    # encode removes the training latents' per-entry mean and std; decode restores them
+    torch.testing.assert_close(z.flatten(1).mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.flatten(1).std(0), torch.ones(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ae.decode(z), ae.decoder(ae.encoder(images)), atol=1e-5, rtol=0)
+    after = torch.nn.functional.mse_loss(ae.decode(z), images).item()
+    assert after < before
+
+
+def test_image_autoencoder_refuses_sizes_it_cannot_take():
+    with pytest.raises(ConfigError, match="image_size divisible by 8; got 12"):
+        ImageAutoencoder(image_size=12)
+    with pytest.raises(ConfigError, match="ae_latent_dim = 10 is not divisible by ae_tokens = 4"):
+        ImageAutoencoder(latent_dim=10, tokens=4)

@@ -130,3 +130,57 @@ def test_x0_image_head_derives_eps_and_trains_on_x0():
     torch.manual_seed(2)
     got = m(b).metrics["mse_image"].item()
     assert got == pytest.approx(b["image"].pow(2).mean().item(), rel=0.05)  # x0 loss of a zero estimate
+
+
+def test_text_summary_starts_as_a_no_op_and_carries_the_text_to_every_image_token():
+    torch.manual_seed(0)
+    with_summary = JointDiffusion(tiny_config(text_summary=True)).net
+    torch.manual_seed(0)
+    plain = JointDiffusion(tiny_config()).net
+    plain.image_out.weight.data.normal_()  # non-zero heads, so the image output shows its inputs
+    with_summary.load_state_dict(plain.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(1)
+    xi, xt = torch.randn(2, 4, 48, generator=g), torch.randn(2, 8, 8, generator=g)
+    t = torch.tensor([10, 20])
+    # zero-initialised output layer: the same image prediction as the model without the summary
+    torch.testing.assert_close(with_summary(xi, xt, t, t).eps_image, plain(xi, xt, t, t).eps_image)
+    assert "text_summary.0.weight" not in plain.state_dict()
+    # once trained (non-zero), every image token's transformer input gains MLP([flat text, text time])
+    with_summary.text_summary[2].weight.data.normal_()
+    seen = {}
+    for name, net in (("summary", with_summary), ("plain", plain)):
+        hook = net.transformer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0]))
+        net(xi, xt, t, t)
+        hook.remove()
+    extra = with_summary.text_summary(torch.cat([xt.flatten(1), with_summary.time_text(t)], dim=1))
+    torch.testing.assert_close(seen["summary"][:, :4] - seen["plain"][:, :4], extra[:, None].expand(2, 4, 16))
+    torch.testing.assert_close(seen["summary"][:, 4:], seen["plain"][:, 4:])  # text tokens unchanged
+
+
+def test_snr_weight_truncates_and_caps_the_signal_to_noise_ratio():
+    from mmfusion.diffusion.model import snr_weight
+    from mmfusion.diffusion.schedule import NoiseSchedule
+
+    s = NoiseSchedule(50, "cosine")
+    ab = s.alpha_bar
+    snr16 = float(ab[16] / (1 - ab[16]))  # 2.756: between 1 and the cap
+    assert 1 < snr16 < 5
+    got = snr_weight(s, torch.tensor([-1, 0, 16, 40]), gamma=5.0)
+    # clean row: no loss; t = 0 (SNR 571) capped at 5; t = 16 its SNR; t = 40 (SNR 0.083) raised to 1
+    torch.testing.assert_close(got, torch.tensor([0.0, 5.0, snr16, 1.0]))
+
+
+def test_snr_weighted_image_loss_is_the_weighted_mean_of_the_x0_errors():
+    from mmfusion.diffusion.model import snr_weight
+
+    torch.manual_seed(0)
+    m = JointDiffusion(tiny_config(image_target="x0", image_snr_weight=3.0, cond_prob=0.0, uncond_prob=0.0))
+    batch = _batch(m.cfg, b=6)
+    torch.manual_seed(5)
+    got = m(batch).metrics["mse_image"]
+    # the same draws by hand: zero-initialised heads predict x0 = 0, so each row's error is mean(x0^2)
+    torch.manual_seed(5)
+    t_image, _ = draw_timesteps(m.cfg, 6)
+    w = snr_weight(m.schedule, t_image, 3.0)
+    err = (batch["image"] ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, (err * w).sum() / w.sum())

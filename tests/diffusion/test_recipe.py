@@ -64,13 +64,35 @@ def test_model_folder_round_trip_gives_identical_samples(tiny_model, tmp_path):
         load_diffusion(tmp_path / "nothing")
 
 
+def test_autoencoder_latent_trains_first_stays_frozen_and_round_trips(world8, tmp_path):
+    cfg = tiny_config(image_latent="autoencoder", ae_latent_dim=8, ae_tokens=2, ae_channels=4, ae_steps=5)
+    assert (cfg.image_tokens, cfg.image_token_dim) == (2, 4)
+    model, _ = fit_diffusion(cfg, _train(3), world8, 16, tmp_path / "run", log=lambda _m: None)
+    codec = {k: v.clone() for k, v in model.image_codec.state_dict().items()}
+    assert codec["std"].ne(1).all()  # fitted before the denoiser
+    longer, _ = fit_diffusion(cfg, _train(6), world8, 16, tmp_path / "run2", log=lambda _m: None)
+    loaded = load_diffusion(tmp_path / "run")
+    for k, v in codec.items():  # the Trainer leaves it alone; the model folder carries it
+        torch.testing.assert_close(longer.image_codec.state_dict()[k], v, atol=0, rtol=0, msg=k)
+        torch.testing.assert_close(loaded.image_codec.state_dict()[k], v, atol=0, rtol=0, msg=k)
+    assert not torch.equal(longer.net.image_out.weight, model.net.image_out.weight)
+    text = torch.randn(2, 8, 8)
+    a = sample(model, "image", text=text, steps=3, guidance=2.0, seed=7)
+    assert a.image.shape == (2, 3, 8, 8) and a.image.abs().max() <= 1
+    assert torch.equal(a.image, sample(loaded, "image", text=text, steps=3, guidance=2.0, seed=7).image)
+    cap = sample(loaded, "caption", image=a.image, steps=2)
+    assert cap.text.shape == (2, 8, 8)
+
+
 def test_yaml_recipe_validates():
     cfg = load_config(ROOT / "configs" / "diffusion.yaml")
     assert cfg.kind == "diffusion" and cfg.model.image_size == 32
     with pytest.raises(ConfigError, match="unknown key 'model.depthh'"):
         load_config(ROOT / "configs" / "diffusion.yaml", ["model.depthh=3"])
-    with pytest.raises(ConfigError, match="not divisible by patch"):
-        load_config(ROOT / "configs" / "diffusion.yaml", ["model.patch=5"])
+    with pytest.raises(ConfigError, match="ae_latent_dim = 30 is not divisible by ae_tokens = 4"):
+        load_config(
+            ROOT / "configs" / "diffusion.yaml", ["model.image_latent=autoencoder", "model.ae_latent_dim=30"]
+        )
 
 
 def test_unsupported_train_settings_are_refused_by_name(world8, tmp_path):

@@ -2,7 +2,8 @@
 
     model:
       kind: diffusion
-      image_size: 32        # the image latent: pixels in [-1, 1], cut into patch x patch tokens
+      image_size: 32
+      image_latent: pixels  # pixels in [-1, 1], cut into patch x patch tokens; or autoencoder (ae_* settings)
       patch: 4
       text_len: 24          # the text latent: text_len word vectors of text_dim (mmfusion.diffusion.latents)
       text_dim: 16
@@ -13,6 +14,8 @@
       schedule: cosine
       text_target: x0       # the text head predicts the clean latent (or eps)
       image_target: eps     # the image head predicts eps (or x0)
+      image_snr_weight: 0   # > 0 (x0 head): weigh the image loss by max(1, min(SNR, this))
+      text_summary: false   # add an MLP of the whole text latent to every image token
       cond_prob: 0.5        # share of samples whose image or text is a clean condition (t2i / i2t training)
       uncond_prob: 0.1      # share whose image or text sits at max noise (the classifier-free branch)
       ema_decay: 0.999
@@ -37,7 +40,15 @@ class DiffusionModelConfig(Section):
 
     kind: Literal["diffusion"] = "diffusion"
     image_size: int = Field(32, ge=8, le=256)
+    # the image latent: "pixels" (patch x patch patches) or "autoencoder" (latents.ImageAutoencoder: one global
+    # latent vector of ae_latent_dim, as ae_tokens tokens, trained ae_steps steps on the run's training images)
+    image_latent: Literal["pixels", "autoencoder"] = "pixels"
     patch: int = Field(4, ge=1)
+    ae_latent_dim: int = Field(32, ge=1)
+    ae_tokens: int = Field(4, ge=1)
+    ae_channels: int = Field(32, ge=1)
+    ae_steps: int = Field(2000, ge=0)
+    ae_noise: float = Field(0.1, ge=0)
     text_len: int = Field(24, ge=1, le=256)
     text_dim: int = Field(16, ge=2, le=1024)
     text_seed: int = 0  # the fixed word-embedding table's seed
@@ -50,9 +61,13 @@ class DiffusionModelConfig(Section):
     cond_prob: float = Field(0.5, ge=0, le=1)
     uncond_prob: float = Field(0.1, ge=0, le=1)
     text_weight: float = Field(1.0, ge=0)
+    # add an MLP of the whole text latent (and its timestep) to every image token (JointDenoiser)
+    text_summary: bool = False
     # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
     text_target: Literal["x0", "eps"] = "x0"
     image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head
+    # > 0 (image_target x0 only): weight the image loss per sample by max(1, min(SNR(t), image_snr_weight))
+    image_snr_weight: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     align_weight: float = Field(0.0, ge=0)
     align_dim: int = Field(64, ge=2)
@@ -61,7 +76,16 @@ class DiffusionModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionModelConfig:
-        if self.image_size % self.patch:
+        if self.image_latent == "autoencoder":
+            if self.image_size % 8:
+                raise ValueError(
+                    f"image_latent autoencoder needs image_size divisible by 8; got {self.image_size}"
+                )
+            if self.ae_latent_dim % self.ae_tokens:
+                raise ValueError(
+                    f"ae_latent_dim = {self.ae_latent_dim} is not divisible by ae_tokens = {self.ae_tokens}"
+                )
+        elif self.image_size % self.patch:
             raise ValueError(f"image_size = {self.image_size} is not divisible by patch = {self.patch}")
         if self.width % self.heads:
             raise ValueError(f"width = {self.width} is not divisible by heads = {self.heads}")
@@ -71,7 +95,17 @@ class DiffusionModelConfig(Section):
 
     @property
     def image_tokens(self) -> int:
+        """Image latent tokens per image."""
+        if self.image_latent == "autoencoder":
+            return self.ae_tokens
         return (self.image_size // self.patch) ** 2
+
+    @property
+    def image_token_dim(self) -> int:
+        """Values per image latent token."""
+        if self.image_latent == "autoencoder":
+            return self.ae_latent_dim // self.ae_tokens
+        return 3 * self.patch**2
 
 
 __all__ = ["DiffusionModelConfig"]

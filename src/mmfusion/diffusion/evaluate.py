@@ -8,7 +8,8 @@
 - joint_consistency: joint (image, caption) pairs; the caption must parse and its left-most object's
   (shape, colour) must be what the judge reads in the image generated with it. joint_parsed as above.
 - fid@g / is@g: FID and IS under the judge (not Inception) of the t2i images against the real test images.
-- real_acc: the judge on the real test images (the ceiling t2i_acc is measured against).
+- real_acc: the judge on the real test images (the ceiling t2i_acc is measured against); recon_acc (with
+  image_latent autoencoder only): the judge on their autoencoder reconstructions (the latent's own ceiling).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def evaluate_diffusion(
     images, scenes = world_data(world, n, split)
     real = images_to_unit(images)
     out: dict[str, float] = {"n": float(n), "real_acc": attribute_accuracy(real, scenes, judge)}
+    if model.image_codec is not None:
+        recon = torch.cat(
+            [model.latent_to_image(model.image_to_latent(images[c])) for c in _chunks(n, batch)]
+        )
+        out["recon_acc"] = attribute_accuracy(images_to_unit(recon), scenes, judge)
     prompts = codec.encode([caption_for(s, 0) for s in scenes])
     for g in guidance:
         gen = torch.cat(

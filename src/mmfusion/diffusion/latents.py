@@ -1,8 +1,11 @@
-"""The two latents the joint diffusion model denoises, both continuous and both exactly invertible.
+"""The latents the joint diffusion model denoises, all continuous.
 
-Image: the picture itself at `image_size` px in [-1, 1], cut into non-overlapping p x p patches:
-(N, 3, S, S) <-> (N, (S / p)^2, 3 p^2) (`patchify` / `unpatchify`). No autoencoder sits in between, so no
-decoder error enters the judged images (the VQ-VAE's continuous latent would add its reconstruction error).
+Image, `image_latent: pixels`: the picture itself at `image_size` px in [-1, 1], cut into non-overlapping
+p x p patches: (N, 3, S, S) <-> (N, (S / p)^2, 3 p^2) (`patchify` / `unpatchify`), exactly invertible.
+Image, `image_latent: autoencoder`: `ImageAutoencoder`, a small conv autoencoder with one global latent vector
+per image (normalised to zero mean, unit variance per entry, cut into a few tokens), trained on the run's
+training images before the denoiser (Rombach et al. 2022's latent diffusion, arXiv:2112.10752, with a global
+instead of a spatial latent). Its decoder's error enters the judged images.
 
 Text: a caption as a sequence of `text_len` word vectors (Diffusion-LM style, Li et al. 2022,
 arXiv:2205.14217), from a fixed seeded word-embedding table over the synthetic world's caption vocabulary
@@ -18,9 +21,11 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..data.synthetic import COLOURS, SHAPES, SIZES, TEMPLATES
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 PAD = "<pad>"
 
@@ -118,6 +123,81 @@ def unpatchify(tokens: torch.Tensor, patch: int, channels: int = 3) -> torch.Ten
     return x.reshape(n, channels, g * patch, g * patch)
 
 
+class ImageAutoencoder(nn.Module):
+    """(N, 3, S, S) in [-1, 1] <-> (N, tokens, latent_dim / tokens): a global latent vector per image.
+
+    Encoder: three stride-2 conv4x4 (S -> S / 8, `channels`, 2x, 2x) with SiLU, flattened, one linear layer to
+    latent_dim; the decoder mirrors it with transposed convs. `fit` trains both on images (MSE, with Gaussian
+    noise of `noise` x the batch's latent std added to the latent, so the decoder tolerates the denoiser's
+    imprecision) and then stores the per-entry mean / std of the training latents (buffers), which `encode`
+    removes and `decode` restores."""
+
+    def __init__(self, image_size: int = 32, latent_dim: int = 32, tokens: int = 4, channels: int = 32):
+        super().__init__()
+        if image_size % 8:
+            raise ConfigError(f"the image autoencoder needs image_size divisible by 8; got {image_size}")
+        if latent_dim % tokens:
+            raise ConfigError(f"ae_latent_dim = {latent_dim} is not divisible by ae_tokens = {tokens}")
+        c, g = channels, image_size // 8
+        self.tokens, self.token_dim = tokens, latent_dim // tokens
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.SiLU(),
+            nn.Conv2d(2 * c, 2 * c, 4, 2, 1), nn.SiLU(),
+            nn.Flatten(), nn.Linear(2 * c * g * g, latent_dim),
+        )  # fmt: skip
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, 2 * c * g * g), nn.Unflatten(1, (2 * c, g, g)), nn.SiLU(),
+            nn.ConvTranspose2d(2 * c, 2 * c, 4, 2, 1), nn.SiLU(),
+            nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.SiLU(),
+            nn.ConvTranspose2d(c, 3, 4, 2, 1),
+        )  # fmt: skip
+        self.register_buffer("mean", torch.zeros(latent_dim))
+        self.register_buffer("std", torch.ones(latent_dim))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> normalised latents (N, tokens, token_dim)."""
+        z = (self.encoder(images) - self.mean) / self.std
+        return z.reshape(len(images), self.tokens, self.token_dim)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, tokens, token_dim) -> images (N, 3, S, S), not clamped."""
+        return self.decoder(latents.flatten(1) * self.std + self.mean)
+
+    def fit(
+        self,
+        images: torch.Tensor,
+        steps: int,
+        batch_size: int = 64,
+        lr: float = 2e-3,
+        noise: float = 0.1,
+        seed: int = 0,
+    ) -> float:
+        """Train on `images` (N, 3, S, S) for `steps` steps (AdamW, one-cycle lr), then set the latent
+        statistics from them; returns the reconstruction MSE of the last step. Leaves the module frozen."""
+        gen = torch.Generator().manual_seed(seed)
+        self.requires_grad_(True).train()
+        params = [*self.encoder.parameters(), *self.decoder.parameters()]
+        opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 2), pct_start=0.05)
+        loss = torch.zeros(())
+        for _ in range(steps):
+            batch = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+            z = self.encoder(batch)
+            z = z + noise * z.detach().std(dim=0) * torch.randn(z.shape, generator=gen)
+            loss = F.mse_loss(self.decoder(z), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        self.requires_grad_(False).eval()
+        with torch.no_grad():
+            z = torch.cat([self.encoder(c) for c in images.split(256)])
+            self.mean.copy_(z.mean(dim=0))
+            self.std.copy_(z.std(dim=0).clamp(min=1e-6))
+        return float(loss.detach())
+
+
 def images_to_unit(images: torch.Tensor) -> torch.Tensor:
     """float (N, 3, S, S) in [-1, 1] -> uint8 (N, S, S, 3) (what the judge and PNG writers take)."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
@@ -125,6 +205,7 @@ def images_to_unit(images: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "PAD",
+    "ImageAutoencoder",
     "TextCodec",
     "caption_words",
     "images_to_unit",

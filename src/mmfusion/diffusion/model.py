@@ -30,7 +30,7 @@ from ..layers import Transformer, init_transformer_
 from ..losses import clip_loss
 from ..models.contrastive import ModelOutput
 from .config import DiffusionModelConfig
-from .latents import patchify, unpatchify
+from .latents import ImageAutoencoder, patchify, unpatchify
 from .schedule import NoiseSchedule, timestep_embedding
 
 
@@ -60,7 +60,10 @@ class TimeEmbed(nn.Module):
 
 class JointDenoiser(nn.Module):
     """Image patches and text word vectors as one token sequence (learned positions per modality), each
-    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. The image
+    modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. With
+    cfg.text_summary, an MLP of the whole (flattened) text latent and its timestep embedding is also added to
+    every image token (as DiT's adaLN adds the class to every token): the prompt reaches each image token
+    before the first attention layer, instead of only through attention to the text tokens. The image
     head predicts eps; the text head predicts eps, or with text_target "x0" the clean text latent, from which
     eps is derived (Diffusion-LM's parameterisation: an eps loss hardly weighs the text's content at the high
     noise levels where only the image can tell it, so image -> text would learn slowly)."""
@@ -69,11 +72,18 @@ class JointDenoiser(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
-        w, p = cfg.width, 3 * cfg.patch**2
+        w, p = cfg.width, cfg.image_token_dim
         self.image_in, self.text_in = nn.Linear(p, w), nn.Linear(cfg.text_dim, w)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_len, w) * 0.02)
         self.time_image, self.time_text = TimeEmbed(w), TimeEmbed(w)
+        self.text_summary = None
+        if cfg.text_summary:  # the whole text latent and its timestep, added to every image token
+            self.text_summary = nn.Sequential(
+                nn.Linear(cfg.text_len * cfg.text_dim + w, w), nn.SiLU(), nn.Linear(w, w)
+            )
+            nn.init.zeros_(self.text_summary[2].weight)  # starts as a no-op
+            nn.init.zeros_(self.text_summary[2].bias)
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, w, cfg.depth)
         self.norm = nn.LayerNorm(w)
@@ -87,8 +97,11 @@ class JointDenoiser(nn.Module):
     ) -> DenoiserOutput:
         """x_image (B, N_img, 3 p^2), x_text (B, text_len, text_dim), t_image / t_text (B,) long in [-1, T)."""
         n = x_image.shape[1]
+        temb_text = self.time_text(t_text)
         hi = self.image_in(x_image) + self.image_pos + self.time_image(t_image)[:, None]
-        ht = self.text_in(x_text) + self.text_pos + self.time_text(t_text)[:, None]
+        if self.text_summary is not None:
+            hi = hi + self.text_summary(torch.cat([x_text.flatten(1), temb_text], dim=1))[:, None]
+        ht = self.text_in(x_text) + self.text_pos + temb_text[:, None]
         h = self.norm(self.transformer(torch.cat([hi, ht], dim=1)))
         image, text = self.image_out(h[:, :n]), self.text_out(h[:, n:])
         x0_image = x0_text = None
@@ -144,6 +157,18 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _Reverse.apply(x, scale)
 
 
+def snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) weight max(1, min(SNR(t), gamma)) of an x0 loss, SNR = ab / (1 - ab); 0 for clean rows (t = -1).
+
+    An unweighted x0 loss is the eps loss divided by SNR: it hardly weighs the low noise levels where the
+    shape's edges are drawn. Raising the weight to SNR there (truncated-SNR weighting, Salimans & Ho 2022,
+    arXiv:2202.00512), capped at gamma (Min-SNR, Hang et al. 2023, arXiv:2303.09556), keeps the high noise
+    levels, where only the prompt sets the object, at weight 1."""
+    ab = schedule.alpha_bar[t.long().cpu().clamp(min=0)]
+    w = (ab / (1 - ab).clamp(min=1e-12)).clamp(min=1.0, max=gamma).float()
+    return torch.where(t.cpu() >= 0, w, torch.zeros_like(w)).to(t.device)
+
+
 def draw_timesteps(
     cfg: DiffusionModelConfig, b: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +190,9 @@ def draw_timesteps(
 
 
 class JointDiffusion(nn.Module):
-    """The Trainer's model: `net` (trained), `ema_net` (EMA of net; sampling uses it) and, when their weights
-    are > 0, the alignment projections and the pair discriminator. Batch: "image" (B, 3, S, S) in [-1, 1],
+    """The Trainer's model: `net` (trained), `ema_net` (EMA of net; sampling uses it), with image_latent
+    "autoencoder" the frozen `image_codec`, and, when their weights are > 0, the alignment projections and the
+    pair discriminator. Batch: "image" (B, 3, S, S) in [-1, 1],
     "text" (B, text_len, text_dim) text latents."""
 
     def __init__(self, cfg: DiffusionModelConfig):
@@ -178,6 +204,14 @@ class JointDiffusion(nn.Module):
         self.ema_net.load_state_dict(self.net.state_dict())
         self.ema_net.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.image_codec = None
+        if (
+            cfg.image_latent == "autoencoder"
+        ):  # trained before the denoiser (recipe.fit_diffusion), then frozen
+            self.image_codec = ImageAutoencoder(
+                cfg.image_size, cfg.ae_latent_dim, cfg.ae_tokens, cfg.ae_channels
+            )
+            self.image_codec.requires_grad_(False)
         if cfg.align_weight > 0:
             self.align_image = nn.Linear(cfg.width, cfg.align_dim)
             self.align_text = nn.Linear(cfg.width, cfg.align_dim)
@@ -198,10 +232,23 @@ class JointDiffusion(nn.Module):
         self.ema_updates += 1
         return d
 
+    def image_to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> image latent (B, image_tokens, image_token_dim)."""
+        if self.image_codec is None:
+            return patchify(images, self.cfg.patch)
+        with torch.no_grad():
+            return self.image_codec.eval().encode(images)
+
+    def latent_to_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """Image latent (B, image_tokens, image_token_dim) -> (B, 3, S, S), not clamped."""
+        if self.image_codec is None:
+            return unpatchify(latent, self.cfg.patch)
+        return self.image_codec.decode(latent)
+
     def forward(self, batch: Batch) -> ModelOutput:
         cfg, s = self.cfg, self.schedule
         x0_image = batch["image"]
-        xi0 = patchify(x0_image, cfg.patch)
+        xi0 = self.image_to_latent(x0_image)
         xt0 = batch["text"]
         b = xi0.shape[0]
         t_image, t_text = draw_timesteps(cfg, b)
@@ -213,13 +260,15 @@ class JointDiffusion(nn.Module):
         wi, wt = (t_image >= 0).float(), (t_text >= 0).float()
         if out.x0_image is not None:
             mse_i = ((out.x0_image - xi0) ** 2).mean(dim=(1, 2))
+            if cfg.image_snr_weight > 0:
+                wi = wi * snr_weight(s, t_image, cfg.image_snr_weight)
         else:
             mse_i = ((out.eps_image - ni) ** 2).mean(dim=(1, 2))
         if out.x0_text is not None:
             mse_t = ((out.x0_text - xt0) ** 2).mean(dim=(1, 2))
         else:
             mse_t = ((out.eps_text - nt) ** 2).mean(dim=(1, 2))
-        loss_i = (mse_i * wi).sum() / wi.sum().clamp(min=1)
+        loss_i = (mse_i * wi).sum() / wi.sum().clamp(min=1)  # a weighted mean (snr weights are >= 1)
         loss_t = (mse_t * wt).sum() / wt.sum().clamp(min=1)
         loss = loss_i + cfg.text_weight * loss_t
         metrics: dict[str, Any] = {"mse_image": loss_i.detach(), "mse_text": loss_t.detach()}
@@ -255,7 +304,7 @@ class JointDiffusion(nn.Module):
             wrong = d(x0_image, xt0.roll(1, dims=0))
             loss = loss + F.binary_cross_entropy_with_logits(wrong, torch.zeros_like(wrong))
         if int(keep.sum()) > 0:
-            est_i = unpatchify(s.predict_x0(xi[keep], t_image[keep], out.eps_image[keep]), cfg.patch)
+            est_i = self.latent_to_image(s.predict_x0(xi[keep], t_image[keep], out.eps_image[keep]))
             if out.x0_text is not None:
                 est_t = out.x0_text[keep]
             else:
@@ -283,4 +332,5 @@ __all__ = [
     "TimeEmbed",
     "draw_timesteps",
     "reverse_gradient",
+    "snr_weight",
 ]

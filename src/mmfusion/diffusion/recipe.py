@@ -133,6 +133,9 @@ def fit_diffusion(
     log(
         f"model: joint diffusion denoiser, {n / 1e6:.2f}M parameters; {n_train} scenes; run directory {run_dir}"
     )
+    if model.image_codec is not None:  # deterministic given the seed, so a resumed run retrains the same one
+        mse = model.image_codec.fit(images, cfg.ae_steps, noise=cfg.ae_noise, seed=seed)
+        log(f"image autoencoder: {cfg.ae_steps} steps, training reconstruction MSE {mse:.4f}")
     data = DiffusionData(images, scenes, text_codec(cfg), train.batch_size, seed)
     trainer = Trainer(model, data, train, run_dir, log=log, on_eval=on_eval, callbacks=[EMACallback()])
     last = trainer.fit(resume=resume)

@@ -13,7 +13,6 @@ from typing import Literal, NamedTuple
 import torch
 
 from ..errors import ConfigError
-from .latents import patchify, unpatchify
 from .model import JointDenoiser, JointDiffusion
 
 Task = Literal["image", "caption", "joint"]
@@ -80,7 +79,8 @@ def sample(
     """DDIM with `steps` steps (eta 0: deterministic given the seed) from the EMA denoiser (`use_ema`).
 
     "image": needs text (N, L, d); "caption": needs image (N, 3, S, S) in [-1, 1]; "joint": needs n.
-    Generated image estimates are clamped to [-clip, clip] at every step (None: no clamp); generated text
+    Generated pixel estimates are clamped to [-clip, clip] at every step (None: no clamp; an autoencoder
+    latent is never clamped, its decoded image is); generated text
     estimates are rounded to the nearest word vectors at every step when `round_text` (Diffusion-LM's
     clamping trick: without it the blurry early estimates round to unrelated words)."""
     if task not in TASKS:
@@ -90,7 +90,8 @@ def sample(
     net.eval()
     dev = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    p = cfg.patch
+    if cfg.image_latent != "pixels":
+        clip = None
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dev)
@@ -100,7 +101,7 @@ def sample(
     if task == "joint" and (n is None or n < 1):
         raise ConfigError("task 'joint' needs n >= 1 (how many pairs)")
     b = n if task == "joint" else (text.shape[0] if task == "image" else image.shape[0])
-    xi_shape, xt_shape = (b, cfg.image_tokens, 3 * p * p), (b, cfg.text_len, cfg.text_dim)
+    xi_shape, xt_shape = (b, cfg.image_tokens, cfg.image_token_dim), (b, cfg.text_len, cfg.text_dim)
     sched = model.schedule
     project = None
     if round_text:
@@ -111,7 +112,7 @@ def sample(
     if task == "image":
         cond, x, null = text.to(dev).float(), randn(*xi_shape), randn(*xt_shape)
     elif task == "caption":
-        cond, x, null = patchify(image.to(dev).float(), p), randn(*xt_shape), randn(*xi_shape)
+        cond, x, null = model.image_to_latent(image.to(dev).float()), randn(*xt_shape), randn(*xi_shape)
     else:
         xi, xt = randn(*xi_shape), randn(*xt_shape)
     for i, t in enumerate(ts):
@@ -130,10 +131,10 @@ def sample(
             else:
                 x = sched.ddim_step(x, eps, t, t_prev, eta, z, None, project)
     if task == "image":
-        return Samples(unpatchify(x, p).clamp(-1, 1), cond)
+        return Samples(model.latent_to_image(x).clamp(-1, 1), cond)
     if task == "caption":
         return Samples(image.to(dev).float(), x)
-    return Samples(unpatchify(xi, p).clamp(-1, 1), xt)
+    return Samples(model.latent_to_image(xi).clamp(-1, 1), xt)
 
 
 __all__ = ["TASKS", "Samples", "Task", "guided_eps", "sample"]

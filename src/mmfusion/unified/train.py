@@ -198,13 +198,16 @@ def synthetic_setup(
     vq_steps: int,
     text_vocab: int,
     dead_code_threshold: float = 3.0,
+    object_count_probs: Sequence[float] | None = None,
 ) -> SyntheticSetup:
     """The recipe the unified tests and benchmarks share: `n` train scenes of SyntheticWorld(seed, image_size),
     a BPE of `text_vocab` ids on their captions, and VQVAE(image_size, dead_code_threshold, **vq_kwargs) built
-    after torch.manual_seed(seed) and trained `vq_steps` steps of 32 images (`train_vqvae`, same seed)."""
+    after torch.manual_seed(seed) and trained `vq_steps` steps of 32 images (`train_vqvae`, same seed).
+    object_count_probs: the world's (1, 2, 3)-object probabilities (None: the world's default)."""
     from ..data.synthetic import WorldConfig
 
-    world = SyntheticWorld(WorldConfig(seed=seed, image_size=image_size))
+    counts = {} if object_count_probs is None else {"object_count_probs": tuple(object_count_probs)}
+    world = SyntheticWorld(WorldConfig(seed=seed, image_size=image_size, **counts))
     samples = make_split(world, "train", n, ("image", "text", "vqa"))
     tok = train_text_tokenizer(samples, text_vocab)
     torch.manual_seed(seed)
