@@ -18,7 +18,7 @@ from mmfusion.serve.app import create_app  # noqa: E402
 from mmfusion.serve.commands import _safety  # noqa: E402
 from mmfusion.serve.engine import Engine  # noqa: E402
 from mmfusion.serve.index import EmbeddingIndex, build_index  # noqa: E402
-from mmfusion.serve.safety import SearchSafety, classify_mutation_scores, classify_mutations  # noqa: E402
+from mmfusion.serve.safety import ServeSafety, classify_mutation_scores, classify_mutations  # noqa: E402
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle", "a large white cross"]
 
@@ -48,7 +48,7 @@ def test_scd_flag_is_added_and_results_are_kept(model_index):
     order = np.argsort(d)
     t = (d[order[1]] + d[order[2]]) / 2  # two queries under the threshold, two above
     cal = SCDCalibration("distance", t, 0.05, 100)
-    with TestClient(create_app(model, index=index, safety=SearchSafety(cal))) as c:
+    with TestClient(create_app(model, index=index, safety=ServeSafety(cal))) as c:
         for i, caption in enumerate(CAPTIONS):
             body = c.post("/v1/search", json={"text": caption, "k": 2}).json()
             scd = body["scd"]
@@ -64,7 +64,7 @@ def test_scd_flag_is_added_and_results_are_kept(model_index):
 def test_mutation_score_matches_its_definition(model_index):
     model, index = model_index
     cal = SCDCalibration("mutation", 0.5, 0.05, 100, mutations=4, seed=3)
-    with TestClient(create_app(model, index=index, safety=SearchSafety(cal))) as c:
+    with TestClient(create_app(model, index=index, safety=ServeSafety(cal))) as c:
         score = c.post("/v1/search", json={"text": CAPTIONS[2]}).json()["scd"]["score"]
     clean = top1(model.encode_text([CAPTIONS[2]]), index.embeddings)[0]
     muts = top1(model.encode_text(mutations_of(CAPTIONS[2], 4, 3)), index.embeddings)[0]
@@ -84,7 +84,7 @@ def test_filter_blocks_query_or_results_and_level_follows_scd(model_index):
     )
     never = SCDCalibration("distance", 5.0, 0.05, 100)  # never flags: normal level
     with TestClient(
-        create_app(model, index=index, safety=SearchSafety(never, ConceptFilters([concept])))
+        create_app(model, index=index, safety=ServeSafety(never, ConceptFilters([concept])))
     ) as c:
         body = c.post("/v1/search", json={"text": CAPTIONS[1], "k": 4}).json()
         assert body["results"] == [] and body["filter"] == {
@@ -98,7 +98,7 @@ def test_filter_blocks_query_or_results_and_level_follows_scd(model_index):
         assert all(img_scores[i] < t_img for i in kept)
     always = SCDCalibration("distance", -5.0, 0.05, 100)  # flags every query: strict level blocks every image
     with TestClient(
-        create_app(model, index=index, safety=SearchSafety(always, ConceptFilters([concept])))
+        create_app(model, index=index, safety=ServeSafety(always, ConceptFilters([concept])))
     ) as c:
         body = c.post("/v1/search", json={"text": CAPTIONS[0], "k": 4}).json()
         assert body["scd"]["flagged"] and body["filter"]["level"] == "strict" and body["results"] == []
@@ -191,7 +191,7 @@ def test_classify_answers_carry_the_scd_flag(multimodal):
     }
     with TestClient(create_app(multimodal)) as c:
         plain = c.post("/v1/classify", json=body).json()["predictions"]
-    with TestClient(create_app(multimodal, safety=SearchSafety(cal))) as c:
+    with TestClient(create_app(multimodal, safety=ServeSafety(cal))) as c:
         preds = c.post("/v1/classify", json=body).json()["predictions"]
         again = c.post("/v1/classify", json=body).json()["predictions"]
         assert c.get("/healthz").json()["safety"]["scd"]["task"] == "classify"

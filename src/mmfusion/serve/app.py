@@ -247,7 +247,7 @@ def create_app(
     An embedding backend (LocalBackend, remote.RemoteBackend) gets /v1/embed, /v1/search, /v1/classify,
     /v1/index and the demo page; a `generate_api.GenerateBackend` (a unified model folder) gets /v1/generate
     instead. Both get /healthz, /metrics, the API key, the JSON errors and the OpenAPI schema. `safety`
-    (serve.safety.SearchSafety): the opt-in SCD flag of /v1/search or /v1/classify and the concept filters of
+    (serve.safety.ServeSafety): the opt-in SCD flag of /v1/search or /v1/classify and the concept filters of
     /v1/search."""
     from .. import __version__
 

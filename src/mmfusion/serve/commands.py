@@ -254,7 +254,7 @@ def _safety(args, index, info: dict):
 
     from ..safety.filters import ConceptFilters
     from ..safety.scd import SCDCalibration
-    from .safety import SearchSafety
+    from .safety import ServeSafety
 
     scd = SCDCalibration.load(args.scd) if args.scd else None
     filters = ConceptFilters.load(args.concept_filter) if args.concept_filter else None
@@ -284,7 +284,7 @@ def _safety(args, index, info: dict):
             )
     if filters is not None:
         filters.scores(np.zeros((1, index.dim), dtype=np.float32))  # the dimension check, before serving
-    return SearchSafety(scd, filters)
+    return ServeSafety(scd, filters)
 
 
 def _serve_unified(args, settings, folder, diffusion: bool = False) -> int:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ def classify_mutation_scores(
     return [c / n if n else None for c, n in zip(changed, count)]
 
 
-class SearchSafety:
+class ServeSafety:
     """The checks one server runs: SCD on /v1/search or on /v1/classify (by the calibration's task) and
     concept filters on /v1/search (either may be None)."""
 
@@ -125,7 +126,8 @@ class SearchSafety:
         """Add each prediction's "scd" field (task "classify"): its mutation score and flag."""
         cal = self.classify_scd
         assert cal is not None
-        mutated, owners = classify_mutations(samples, cal)
+        # PIL decode + noise + PNG encode of every mutation: off the event loop, like the server's other decoding
+        mutated, owners = await asyncio.to_thread(classify_mutations, samples, cal)
         scores = classify_mutation_scores(
             predictions, await backend.classify(mutated) if mutated else [], owners
         )
