@@ -48,7 +48,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/bench.mk
 bench-throughput: $(BENCH_STAMP)
 	$(BENCH_BIN)/python benchmarks/train_throughput.py $(BENCH_ARGS)
 
-# mmfusion's step against variants of itself (bf16, matmul attention, SDPA math, fused AdamW; compile on request).
+# mmfusion's step against variants of itself (bf16, SDPA attention, SDPA math, fused AdamW; compile on request).
 bench-step-variants: $(STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/step_variants.py --json $(BENCH_OUT)/step_variants.json $(BENCH_ARGS)

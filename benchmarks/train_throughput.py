@@ -15,9 +15,15 @@ and padding id 0 after it. mmfusion pools the text tower at (ids != 0).sum(1) - 
 text tower is built with pool_type='eos', eos_id=2; both therefore pool at the EOT token, and both use
 a causal mask.
 
-Timing alternates the two models in one process: after warm-up steps (not timed) it runs `--rounds`
-rounds of `--steps` training steps each, mmfusion then OpenCLIP (A, B, A, B, ...), and reports the
-median samples/s of each and the ratio mmfusion / OpenCLIP. FLOPs per training sample come from
+Each side trains the way its framework sets a training process up. `--process-setup own` (the default) runs
+each model in its own worker process: mmfusion's applies what mmfusion's Trainer applies on CPU
+(`mmfusion.train.runtime.reuse_freed_memory`, and `mmfusion.train.optim.adamw`: fused AdamW), OpenCLIP's is
+a plain process with `torch.optim.AdamW` as OpenCLIP's training script builds it. `--process-setup shared`
+runs both models in this one process with the C library's default allocator (no mmfusion process setting), so
+the two ratios separate what the model code gains from what the process setting gains. Either way the parent
+alternates the two: after warm-up steps (not timed) it runs `--rounds` rounds of `--steps` training steps
+each, mmfusion then OpenCLIP (A, B, A, B, ...; the idle worker waits on a pipe), and reports the median
+samples/s of each and the ratio mmfusion / OpenCLIP. FLOPs per training sample come from
 torch.utils.flop_counter.FlopCounterMode over one forward + backward divided by the batch size, and
 the model-FLOPs utilisation (MFU) is achieved FLOP/s over the FLOP/s of a large square fp32 matmul
 measured on the same thread count.
@@ -40,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -82,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    t.add_argument(
+        "--process-setup",
+        choices=["own", "shared"],
+        default="own",
+        help="own: each model in its own process, set up as its framework does (mmfusion: "
+        "reuse_freed_memory); shared: both in this process, default allocator",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON here")
     o.add_argument(
@@ -254,11 +268,19 @@ class Side:
     # process CPU time / (wall time x threads) of each round: ~100% unless other processes competed
     cpu_share: list[float] = field(default_factory=list)
 
+    embed: Callable[[], tuple[torch.Tensor, torch.Tensor]] = lambda: (torch.zeros(0), torch.zeros(0))
+
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_fn(self.precision).backward()
         self.optimizer.step()
         self.after_step()
+
+    def outputs(self) -> dict[str, Any]:
+        """fp32, no grad: the normalised image and text embeddings and the loss on the benchmark batch."""
+        with torch.no_grad():
+            image, text = self.embed()
+            return {"image": image, "text": text, "loss": self.loss_fn("fp32").item()}
 
 
 def autocast_ctx(precision: str):
@@ -271,6 +293,7 @@ def make_sides(args: argparse.Namespace, images: torch.Tensor, ids: torch.Tensor
     from open_clip.loss import ClipLoss
 
     from mmfusion.batch import Batch
+    from mmfusion.train.optim import adamw
 
     torch.manual_seed(args.seed)
     mm = build_mmfusion(args).train()
@@ -297,38 +320,46 @@ def make_sides(args: argparse.Namespace, images: torch.Tensor, ids: torch.Tensor
         Side("mmfusion", mm, mm_loss, args.precision),
         Side("OpenCLIP", oc, oc_loss, args.precision, oc_clamp),
     )
-    for s in sides:
-        s.optimizer = torch.optim.AdamW(
-            param_groups(s.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
-        )
+    sides[0].embed = lambda: (mm.embed_image_tensor(images), mm.embed_text_ids(ids))
+    sides[1].embed = lambda: (oc.encode_image(images, normalize=True), oc.encode_text(ids, normalize=True))
+    # each framework's optimizer: mmfusion's Trainer builds it with mmfusion.train.optim.adamw (fused where the
+    # parameters allow), OpenCLIP's training script with torch.optim.AdamW; both with CLIP's decay groups
+    sides[0].optimizer = adamw(param_groups(mm, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    sides[1].optimizer = torch.optim.AdamW(
+        param_groups(oc, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     return sides
 
 
-def check_parity(sides: tuple[Side, Side], images: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
-    """Same weights + same batch -> the same embeddings and loss (fp32, no grad), or the comparison is void."""
-    mm, oc = sides[0].model, sides[1].model
-    with torch.no_grad():
-        mi, mt = mm.embed_image_tensor(images), mm.embed_text_ids(ids)
-        oi, ot = oc.encode_image(images, normalize=True), oc.encode_text(ids, normalize=True)
-        lm, lo = sides[0].loss_fn("fp32").item(), sides[1].loss_fn("fp32").item()
+def check_parity(mm: dict[str, Any], oc: dict[str, Any]) -> dict[str, float]:
+    """Same weights + same batch -> the same embeddings and loss (`Side.outputs` of each), or the comparison
+    is void."""
     out = {
-        "max_abs_diff_image_embedding": (mi - oi).abs().max().item(),
-        "max_abs_diff_text_embedding": (mt - ot).abs().max().item(),
-        "loss_mmfusion": lm,
-        "loss_openclip": lo,
+        "max_abs_diff_image_embedding": (mm["image"] - oc["image"]).abs().max().item(),
+        "max_abs_diff_text_embedding": (mm["text"] - oc["text"]).abs().max().item(),
+        "loss_mmfusion": mm["loss"],
+        "loss_openclip": oc["loss"],
     }
     emb_diff = max(out["max_abs_diff_image_embedding"], out["max_abs_diff_text_embedding"])
-    if emb_diff > 1e-4 or abs(lm - lo) > 1e-4 * max(1.0, abs(lm)):
+    if emb_diff > 1e-4 or abs(mm["loss"] - oc["loss"]) > 1e-4 * max(1.0, abs(mm["loss"])):
         raise RuntimeError(f"the two models do not compute the same function: {out}")
     return out
 
 
 # ---- measurements --------------------------------------------------------------------------------------
 def flops_per_sample(side: Side, batch_size: int) -> float:
-    """FLOPs of one forward + backward (FlopCounterMode: matmuls, convs, attention) divided by the batch."""
+    """FLOPs of one forward + backward (FlopCounterMode: matmuls, convs, attention) divided by the batch.
+    mmfusion's attention is counted as SDPA (as OpenCLIP's): its CPU matmul path computes the same function,
+    but the counter's formulas for SDPA and for plain matmuls differ."""
+    from mmfusion import layers
+
     side.optimizer.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
-        side.loss_fn(side.precision).backward()
+    matmul_max, layers.MATMUL_ATTENTION_MAX_TOKENS = layers.MATMUL_ATTENTION_MAX_TOKENS, 0
+    try:
+        with FlopCounterMode(display=False) as counter:
+            side.loss_fn(side.precision).backward()
+    finally:
+        layers.MATMUL_ATTENTION_MAX_TOKENS = matmul_max
     side.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size
 
@@ -367,6 +398,81 @@ def profile(side: Side, steps: int, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+# ---- where each side runs: this process, or a worker process set up as its framework does ----------------
+def handle(side: Side, args: argparse.Namespace, cmd: str, arg: int = 0) -> Any:
+    if cmd == "outputs":
+        return side.outputs()
+    if cmd == "params":
+        return n_params(side.model)
+    if cmd == "flops":
+        return flops_per_sample(side, args.batch_size)
+    if cmd == "warmup":  # allocator, oneDNN primitive caches, optimizer state
+        for _ in range(arg):
+            side.step()
+        return None
+    if cmd == "round":
+        time_steps(side, args.steps, args.batch_size, args.threads)
+        return side.rates[-1], side.cpu_share[-1]
+    if cmd == "profile":
+        return profile(side, arg, args.profile_rows)
+    raise ValueError(cmd)
+
+
+def worker(name: str, args: argparse.Namespace, conn) -> None:
+    """A worker process for one side: set up as that side's framework sets up a training process."""
+    torch.set_num_threads(args.threads)
+    if name == "mmfusion":
+        from mmfusion.train.runtime import reuse_freed_memory  # what mmfusion's Trainer does on CPU
+
+        reuse_freed_memory()
+    images, ids = make_inputs(args)
+    side = {s.name: s for s in make_sides(args, images, ids)}[name]  # both built: OpenCLIP copies the weights
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            conn.send(("ok", handle(side, args, cmd, arg)))
+        except Exception as e:  # noqa: BLE001 - reported by the parent
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class Local:
+    def __init__(self, side: Side, args: argparse.Namespace):
+        self.name, self.side, self.args = side.name, side, args
+
+    def call(self, cmd: str, arg: int = 0) -> Any:
+        return handle(self.side, self.args, cmd, arg)
+
+    def close(self) -> None:
+        pass
+
+
+class Remote:
+    def __init__(self, name: str, args: argparse.Namespace):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker, args=(name, args, child), daemon=True, name=f"bench-{name}")
+        self.proc.start()
+
+    def call(self, cmd: str, arg: int = 0) -> Any:
+        self.conn.send((cmd, arg))
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"{self.name} worker, {cmd}: {value}")
+        return value
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop", 0))
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 # ---- main ------------------------------------------------------------------------------------------------
 def fmt_int(n: float) -> str:
     return f"{n:,.0f}"
@@ -387,21 +493,29 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    images, ids = make_inputs(args)
-    sides = make_sides(args, images, ids)
-    parity = check_parity(sides, images, ids)
-    params = {s.name: n_params(s.model) for s in sides}
-    flops = {s.name: flops_per_sample(s, args.batch_size) for s in sides}
-
-    peak_fp32 = matmul_peak(args.peak_size, torch.float32)
-    peak_bf16 = matmul_peak(args.peak_size, torch.bfloat16) if args.precision == "bf16" else None
-
-    for s in sides:  # warm-up: allocator, oneDNN primitive caches, optimizer state
-        for _ in range(args.warmup):
-            s.step()
-    for _ in range(args.rounds):
-        for s in sides:  # A, B, A, B, ...
-            time_steps(s, args.steps, args.batch_size, args.threads)
+    if args.process_setup == "own":
+        runners = [Remote("mmfusion", args), Remote("OpenCLIP", args)]
+    else:
+        images, ids = make_inputs(args)
+        runners = [Local(s, args) for s in make_sides(args, images, ids)]
+    sides = [SimpleNamespace(name=r.name, rates=[], cpu_share=[]) for r in runners]
+    try:
+        parity = check_parity(*(r.call("outputs") for r in runners))
+        params = {r.name: r.call("params") for r in runners}
+        flops = {r.name: r.call("flops") for r in runners}
+        peak_fp32 = matmul_peak(args.peak_size, torch.float32)
+        peak_bf16 = matmul_peak(args.peak_size, torch.bfloat16) if args.precision == "bf16" else None
+        for r in runners:
+            r.call("warmup", args.warmup)
+        for _ in range(args.rounds):
+            for r, s in zip(runners, sides):  # A, B, A, B, ...
+                rate, share = r.call("round")
+                s.rates.append(rate)
+                s.cpu_share.append(share)
+        profiles = {r.name: r.call("profile", args.profile) for r in runners} if args.profile else {}
+    finally:
+        for r in runners:
+            r.close()
 
     med = {s.name: statistics.median(s.rates) for s in sides}
     ratio = med["mmfusion"] / med["OpenCLIP"]
@@ -418,6 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, python {platform.python_version()}")
     print(f"{arch}; batch {args.batch_size}; {args.precision}; {args.threads} threads")
+    print(
+        "process setup: "
+        + (
+            "own (each model in its own process; mmfusion's with reuse_freed_memory, as its Trainer)"
+            if args.process_setup == "own"
+            else "shared (both models in one process, default allocator)"
+        )
+    )
     print(
         f"{args.rounds} alternating rounds x {args.steps} steps per model ({args.warmup} warm-up steps excluded); "
         f"parity: loss {parity['loss_mmfusion']:.6f} vs {parity['loss_openclip']:.6f}, "
@@ -451,10 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     elapsed = time.perf_counter() - t_start
 
-    if args.profile:
-        for s in sides:
-            print(f"\n== torch.profiler, {args.profile} training steps of {s.name} (self CPU time) ==")
-            print(profile(s, args.profile, args.profile_rows))
+    for name, table in profiles.items():
+        print(f"\n== torch.profiler, {args.profile} training steps of {name} (self CPU time) ==")
+        print(table)
 
     if args.json:
         result = {

@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# On CPU, attention over at most this many keys runs as softmax(q k^T / sqrt(d) + mask) v with plain matmuls:
+# for short sequences the batched GEMMs beat SDPA's flash kernel, which is tuned for long ones (6-9 % of a
+# two-tower training step at 65 / 32 tokens, docs/benchmarks.md). CUDA and longer sequences use SDPA.
+MATMUL_ATTENTION_MAX_TOKENS = 128
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal)` (no dropout), computed with plain matmuls
+    on CPU when there are at most MATMUL_ATTENTION_MAX_TOKENS keys. Same function: a bool mask is True where a
+    query may attend, a float mask is added to the scores, and a query that may attend to nothing gets 0 (as
+    SDPA's CPU kernels give)."""
+    n, m = q.shape[-2], k.shape[-2]
+    if q.device.type != "cpu" or m > MATMUL_ATTENTION_MAX_TOKENS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if is_causal:
+        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    if attn_mask is None:
+        return s.softmax(-1) @ v
+    if attn_mask.dtype != torch.bool:
+        return (s + attn_mask).softmax(-1) @ v
+    p = s.masked_fill(~attn_mask, -math.inf).softmax(-1)
+    return p.masked_fill(~attn_mask.any(-1, keepdim=True), 0.0) @ v
+
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient kernels)."""
+    """Multi-head self-attention through `attention` (SDPA, or plain matmuls for short sequences on CPU)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -25,7 +57,7 @@ class Attention(nn.Module):
         # x: (batch, tokens, width); attn_mask: bool (batch|1, 1, tokens, tokens), True = may attend
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 

@@ -136,3 +136,47 @@ def test_auto_precision_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
     assert precision.resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert precision.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_fused_adamw_makes_the_same_update_as_the_loop(tmp_path):
+    from mmfusion.train.trainer import Trainer as T
+
+    fused = train(tmp_path, "f", fused_optimizer=True, no_dropout=True)
+    loop = train(tmp_path, "l", fused_optimizer=False, no_dropout=True)
+    for p, q in zip(fused.parameters(), loop.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    t = T(Regressor(), toy_data(4), cfg(), tmp_path / "x", log=lambda m: None)
+    assert t.optimizer.defaults["fused"] is True
+    t = T(Regressor(), toy_data(4), cfg(fused_optimizer=False), tmp_path / "y", log=lambda m: None)
+    assert not t.optimizer.defaults["fused"]
+
+
+def test_fusable_needs_plain_float_tensors_on_one_device():
+    from mmfusion.train.optim import adamw, fusable
+
+    w = nn.Parameter(torch.ones(2, 2))
+    assert fusable([w])
+    assert not fusable([w, torch.ones(2, dtype=torch.int64)])
+    assert not fusable([w, nn.Parameter(torch.ones(2, device="meta"))])
+    assert adamw([{"params": [w]}], lr=0.1, betas=(0.9, 0.98)).defaults["fused"] is True
+    assert not adamw([{"params": [w]}], lr=0.1, betas=(0.9, 0.98), fused=False).defaults["fused"]
+
+
+def test_compiled_forward_trains_like_the_eager_one(tmp_path):
+    eager = train(tmp_path, "e", no_dropout=True)
+    compiled = train(tmp_path, "c", compile="eager", no_dropout=True)  # dynamo's graph capture, eager kernels
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    saved = load_file(str(tmp_path / "c" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    # the checkpoint holds the module, not the compiled wrapper
+    assert set(saved) == {"lin.weight", "lin.bias"}
+
+
+def test_reuse_freed_memory_is_idempotent_on_glibc():
+    import platform
+
+    from mmfusion.train.runtime import reuse_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_memory() is expected
+    assert reuse_freed_memory() is expected

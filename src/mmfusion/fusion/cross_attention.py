@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmfusion.fusion.base import Fusion, FusionOutput, concat_tokens, zero_aux
-from mmfusion.layers import MLP
+from mmfusion.layers import MLP, attention
 
 
 class CrossAttention(nn.Module):
@@ -34,7 +33,7 @@ class CrossAttention(nn.Module):
         has_key = key_valid.any(dim=1)  # (B,)
         # Rows without keys attend to everything (finite, zero-filled context) and are zeroed below.
         mask = (key_valid | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, Nk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(b, nq, d))
         return torch.where(has_key[:, None, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 

@@ -169,6 +169,13 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     deterministic: bool = False
+    # AdamW as one fused kernel where the parameters allow it (plain CPU/CUDA tensors; not FSDP2/TP shards)
+    fused_optimizer: bool = True
+    # CPU runs: "reuse" keeps freed memory in the process (glibc mallopt: no mmap/trim per large block, so
+    # activations are not page-faulted in again every step; mmfusion.train.runtime); "system" leaves malloc alone
+    cpu_allocator: Literal["reuse", "system"] = "reuse"
+    # torch.compile the model: true (inductor) or a backend name ("aot_eager", ...); compiling takes minutes
+    compile: bool | str = False
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

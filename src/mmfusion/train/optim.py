@@ -23,6 +23,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fusable(params: list[nn.Parameter]) -> bool:
+    """Whether `torch.optim.AdamW(fused=True)` can step these: plain (not DTensor) floating-point tensors on
+    CPU or CUDA, all on one device type."""
+    devices = {p.device.type for p in params}
+    return (
+        len(devices) == 1
+        and devices <= {"cpu", "cuda"}
+        and all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+    )
+
+
+def adamw(
+    groups: list[dict[str, Any]],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float = 1e-6,
+    fused: bool = True,
+) -> torch.optim.AdamW:
+    """AdamW over parameter groups; with `fused` (and parameters `fusable`) one fused kernel updates every
+    tensor of a group instead of torch's multi-tensor loop (the same update, 2-4 % of a small model's training
+    step on CPU: docs/benchmarks.md)."""
+    params = [p for g in groups for p in g["params"]]
+    use_fused = fused and bool(params) and fusable(params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if use_fused else None)
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine down to `min_lr_ratio` at `steps`."""
 

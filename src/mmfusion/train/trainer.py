@@ -25,9 +25,10 @@ from . import distributed as dist_utils
 from .callbacks import build_callbacks
 from .checkpoint import require_latest, save_checkpoint
 from .config import TrainConfig
-from .optim import ModalityAccumulator, clip_grad_norm, lr_lambda, param_groups  # noqa: F401 - re-exported
+from .optim import ModalityAccumulator, adamw, clip_grad_norm, lr_lambda, param_groups  # noqa: F401 - re-exported
 from .precision import autocast, grad_scaler, resolve_precision
 from .rng import get_rng_state, set_rng_state
+from .runtime import reuse_freed_memory
 from .step_hooks import StepHooks, data_state, load_data_state
 
 
@@ -96,6 +97,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if self.device.type == "cpu" and cfg.cpu_allocator == "reuse":
+            reuse_freed_memory()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         dist_utils.init_from_env(self.device, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
@@ -122,11 +125,17 @@ class Trainer:
 
                 raise ConfigError(f"train.parallel: {e}") from None
             comm = comm_handle(self.model)
-        self.optimizer = torch.optim.AdamW(
+        # train.compile: the training forward runs compiled; eval, checkpoints and DDP's no_sync use the model
+        self.forward = self.model
+        if cfg.compile:
+            self.forward = torch.compile(
+                self.model, backend="inductor" if cfg.compile is True else cfg.compile
+            )
+        self.optimizer = adamw(
             groups if groups is not None else param_groups(self.module, cfg.weight_decay),
             lr=cfg.lr,
             betas=cfg.betas,
-            eps=1e-6,
+            fused=cfg.fused_optimizer,
         )
         if comm is not None:
             self.optimizer = comm.wrap_optimizer(self.optimizer)  # local SGD: periodic model averaging
@@ -262,7 +271,7 @@ class Trainer:
         no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else nullcontext
         with no_sync():
             with autocast(self.precision, self.device):
-                out = self.model(batch)
+                out = self.forward(batch)
             self.scaler.scale(out.loss * scale).backward()
         metrics = {k: float(v) for k, v in out.metrics.items()}
         return float(out.loss.detach()), metrics, out
