@@ -56,3 +56,11 @@ def test_long_sequences_go_through_sdpa_unchanged():
         assert torch.equal(
             attention(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True)
         )
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fewer_queries_than_keys(is_causal):
+    ours, ref, g_ours, g_ref = both(3, 5, is_causal=is_causal)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
