@@ -79,7 +79,12 @@ class JointDenoiser(nn.Module):
     before the first attention layer, instead of only through attention to the text tokens. The image
     head predicts eps; the text head predicts eps, or with text_target "x0" the clean text latent, from which
     eps is derived (Diffusion-LM's parameterisation: an eps loss hardly weighs the text's content at the high
-    noise levels where only the image can tell it, so image -> text would learn slowly)."""
+    noise levels where only the image can tell it, so image -> text would learn slowly).
+
+    With cfg.image_net "unet" the linear patch embedding and head are replaced by a conv U-Net
+    (`mmfusion.diffusion.unet`) whose bottleneck tokens are the image tokens; its levels are FiLM-conditioned
+    on the image timestep embedding plus the text summary. With cfg.image_summary, an MLP of the mean image
+    token and the image timestep embedding is added to every text token (the text summary's mirror)."""
 
     def __init__(self, cfg: DiffusionModelConfig):
         super().__init__()
