@@ -16,6 +16,8 @@
       image_target: eps     # the image head predicts eps (or x0)
       image_snr_weight: 0   # > 0 (x0 head): weigh the image loss by max(1, min(SNR, this))
       text_summary: false   # add an MLP of the whole text latent to every image token
+      image_summary: false  # add an MLP of the mean image token to every text token
+      image_net: linear     # or unet: a conv encoder / decoder around the image tokens (conv_channels: 16)
       cond_prob: 0.5        # share of samples whose image or text is a clean condition (t2i / i2t training)
       uncond_prob: 0.1      # share whose image or text sits at max noise (the classifier-free branch)
       ema_decay: 0.999
@@ -63,6 +65,13 @@ class DiffusionModelConfig(Section):
     text_weight: float = Field(1.0, ge=0)
     # add an MLP of the whole text latent (and its timestep) to every image token (JointDenoiser)
     text_summary: bool = False
+    # add an MLP of the mean image token (and the image timestep) to every text token (JointDenoiser)
+    image_summary: bool = False
+    # the image branch: "linear" (a linear patch embedding and head) or "unet" (mmfusion.diffusion.unet: a conv
+    # encoder from S px down to the patch grid and a conv decoder back with skips, conv_channels at full size,
+    # doubled at each halving; image_latent pixels, patch a power of 2 >= 2)
+    image_net: Literal["linear", "unet"] = "linear"
+    conv_channels: int = Field(16, ge=1)
     # what the text head predicts: "x0" (the clean latent; its loss is the latent's MSE) or "eps" (the noise)
     text_target: Literal["x0", "eps"] = "x0"
     image_target: Literal["eps", "x0"] = "eps"  # the same choice for the image head
@@ -85,7 +94,12 @@ class DiffusionModelConfig(Section):
                 raise ValueError(
                     f"ae_latent_dim = {self.ae_latent_dim} is not divisible by ae_tokens = {self.ae_tokens}"
                 )
-        elif self.image_size % self.patch:
+        if self.image_net == "unet":
+            if self.image_latent != "pixels":
+                raise ValueError(f"image_net unet needs image_latent pixels; got {self.image_latent}")
+            if self.patch < 2 or self.patch & (self.patch - 1):
+                raise ValueError(f"image_net unet needs patch a power of 2 >= 2; got {self.patch}")
+        if self.image_latent == "pixels" and self.image_size % self.patch:
             raise ValueError(f"image_size = {self.image_size} is not divisible by patch = {self.patch}")
         if self.width % self.heads:
             raise ValueError(f"width = {self.width} is not divisible by heads = {self.heads}")

@@ -32,6 +32,7 @@ from ..models.contrastive import ModelOutput
 from .config import DiffusionModelConfig
 from .latents import ImageAutoencoder, patchify, unpatchify
 from .schedule import NoiseSchedule, timestep_embedding
+from .unet import ConvDecoder, ConvEncoder
 
 
 class DenoiserOutput(NamedTuple):
@@ -58,6 +59,18 @@ class TimeEmbed(nn.Module):
         return self.mlp(timestep_embedding(t + 1, self.width))
 
 
+def _zero_(layer: nn.Linear) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def _summary(n_in: int, width: int) -> nn.Sequential:
+    """Linear(n_in, width), SiLU, Linear(width, width) with the last layer at 0 (the path starts as a no-op)."""
+    mlp = nn.Sequential(nn.Linear(n_in, width), nn.SiLU(), nn.Linear(width, width))
+    _zero_(mlp[2])
+    return mlp
+
+
 class JointDenoiser(nn.Module):
     """Image patches and text word vectors as one token sequence (learned positions per modality), each
     modality's tokens plus its own timestep embedding, a pre-LN transformer, one linear head each. With
@@ -66,44 +79,66 @@ class JointDenoiser(nn.Module):
     before the first attention layer, instead of only through attention to the text tokens. The image
     head predicts eps; the text head predicts eps, or with text_target "x0" the clean text latent, from which
     eps is derived (Diffusion-LM's parameterisation: an eps loss hardly weighs the text's content at the high
-    noise levels where only the image can tell it, so image -> text would learn slowly)."""
+    noise levels where only the image can tell it, so image -> text would learn slowly).
+
+    With cfg.image_net "unet" the linear patch embedding and head are replaced by a conv U-Net
+    (`mmfusion.diffusion.unet`) whose bottleneck tokens are the image tokens; its levels are FiLM-conditioned
+    on the image timestep embedding plus the text summary. With cfg.image_summary, an MLP of the mean image
+    token and the image timestep embedding is added to every text token (the text summary's mirror)."""
 
     def __init__(self, cfg: DiffusionModelConfig):
         super().__init__()
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.timesteps, cfg.schedule)
         w, p = cfg.width, cfg.image_token_dim
-        self.image_in, self.text_in = nn.Linear(p, w), nn.Linear(cfg.text_dim, w)
+        # parameters are created in round 2's order, so a seed gives round 2's initial weights
+        self.encoder = self.decoder = self.image_in = self.image_out = None
+        if cfg.image_net == "unet":  # conv encoder / decoder around the transformer's image tokens
+            self.encoder = ConvEncoder(cfg.patch, cfg.conv_channels, w, w)
+        else:
+            self.image_in = nn.Linear(p, w)
+        self.text_in = nn.Linear(cfg.text_dim, w)
         self.image_pos = nn.Parameter(torch.randn(cfg.image_tokens, w) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(cfg.text_len, w) * 0.02)
         self.time_image, self.time_text = TimeEmbed(w), TimeEmbed(w)
-        self.text_summary = None
-        if cfg.text_summary:  # the whole text latent and its timestep, added to every image token
-            self.text_summary = nn.Sequential(
-                nn.Linear(cfg.text_len * cfg.text_dim + w, w), nn.SiLU(), nn.Linear(w, w)
-            )
-            nn.init.zeros_(self.text_summary[2].weight)  # starts as a no-op
-            nn.init.zeros_(self.text_summary[2].bias)
+        # the whole text latent and its timestep, added to every image token (starts as a no-op)
+        self.text_summary = _summary(cfg.text_len * cfg.text_dim + w, w) if cfg.text_summary else None
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
         init_transformer_(self.transformer, w, cfg.depth)
         self.norm = nn.LayerNorm(w)
-        self.image_out, self.text_out = nn.Linear(w, p), nn.Linear(w, cfg.text_dim)
-        for head in (self.image_out, self.text_out):  # start at eps = 0 (DiT's zero-initialised output)
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        if self.encoder is not None:
+            self.decoder = ConvDecoder(self.encoder.chs, w, w)
+        else:
+            self.image_out = nn.Linear(w, p)
+            _zero_(self.image_out)  # start at 0 (DiT's zero-initialised output)
+        self.text_out = nn.Linear(w, cfg.text_dim)
+        _zero_(self.text_out)
+        # the mean image token and the image timestep, added to every text token (starts as a no-op)
+        self.image_summary = _summary(2 * w, w) if cfg.image_summary else None
 
     def forward(
         self, x_image: torch.Tensor, x_text: torch.Tensor, t_image: torch.Tensor, t_text: torch.Tensor
     ) -> DenoiserOutput:
         """x_image (B, N_img, 3 p^2), x_text (B, text_len, text_dim), t_image / t_text (B,) long in [-1, T)."""
         n = x_image.shape[1]
-        temb_text = self.time_text(t_text)
-        hi = self.image_in(x_image) + self.image_pos + self.time_image(t_image)[:, None]
+        temb_image, temb_text = self.time_image(t_image), self.time_text(t_text)
+        cond = temb_image  # what every image token (and, with image_net unet, every conv level) is told
         if self.text_summary is not None:
-            hi = hi + self.text_summary(torch.cat([x_text.flatten(1), temb_text], dim=1))[:, None]
+            cond = cond + self.text_summary(torch.cat([x_text.flatten(1), temb_text], dim=1))
+        if self.encoder is not None:
+            tokens, skips = self.encoder(unpatchify(x_image, self.cfg.patch), cond)
+        else:
+            tokens = self.image_in(x_image)
+        hi = tokens + self.image_pos + cond[:, None]
         ht = self.text_in(x_text) + self.text_pos + temb_text[:, None]
+        if self.image_summary is not None:
+            ht = ht + self.image_summary(torch.cat([tokens.mean(dim=1), temb_image], dim=1))[:, None]
         h = self.norm(self.transformer(torch.cat([hi, ht], dim=1)))
-        image, text = self.image_out(h[:, :n]), self.text_out(h[:, n:])
+        if self.decoder is not None:
+            image = patchify(self.decoder(h[:, :n], skips, cond), self.cfg.patch)
+        else:
+            image = self.image_out(h[:, :n])
+        text = self.text_out(h[:, n:])
         x0_image = x0_text = None
         if self.cfg.image_target == "x0":
             x0_image, image = image, self._eps_from_x0(x_image, t_image, image)
