@@ -30,9 +30,8 @@ def attention(
     if q.device.type != "cpu" or m > MATMUL_ATTENTION_MAX_TOKENS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if (
-        attn_mask is None
-    ):  # the encoders' hot path: one batched GEMM with the scale (and causal bias) folded in
+    if attn_mask is None:
+        # the encoders' hot path: one batched GEMM with the scale (and causal bias) folded in
         lead = q.shape[:-2]
         q3, k3, v3 = (
             q.reshape(-1, n, q.shape[-1]),
