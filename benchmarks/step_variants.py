@@ -48,7 +48,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from train_throughput import EOT_ID, PAD_ID, UNK_ID, make_inputs, matmul_peak, param_groups
+from mmfusion.train.optim import param_groups
+from train_throughput import EOT_ID, PAD_ID, UNK_ID, make_inputs, matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("bf16", "sdpa_attention", "sdpa_math", "fused_adamw", "compile")

@@ -247,14 +247,6 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """CLIP's rule, shared by both sides (= mmfusion.train.trainer.param_groups): decay matrices only."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 # ---- one training step per side ----------------------------------------------------------------------
 @dataclass
 class Side:
@@ -293,7 +285,7 @@ def make_sides(args: argparse.Namespace, images: torch.Tensor, ids: torch.Tensor
     from open_clip.loss import ClipLoss
 
     from mmfusion.batch import Batch
-    from mmfusion.train.optim import adamw
+    from mmfusion.train.optim import adamw, param_groups  # CLIP's decay rule, for both sides
 
     torch.manual_seed(args.seed)
     mm = build_mmfusion(args).train()

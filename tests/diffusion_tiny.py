@@ -21,3 +21,13 @@ def randomised(model: JointDiffusion, seed: int = 0) -> JointDiffusion:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         model.ema_net.load_state_dict(model.net.state_dict())
     return model.eval()
+
+
+def transformer_inputs(nets: dict[str, torch.nn.Module], *args) -> dict[str, torch.Tensor]:
+    """name -> the token sequence each denoiser's transformer receives on net(*args) (a forward pre-hook)."""
+    seen = {}
+    for name, net in nets.items():
+        hook = net.transformer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0]))
+        net(*args)
+        hook.remove()
+    return seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_tiny import tiny_config
+from diffusion_tiny import tiny_config, transformer_inputs
 from mmfusion.batch import Batch
 from mmfusion.diffusion.model import JointDiffusion, draw_timesteps, reverse_gradient
 
@@ -147,11 +147,7 @@ def test_text_summary_starts_as_a_no_op_and_carries_the_text_to_every_image_toke
     assert "text_summary.0.weight" not in plain.state_dict()
     # once trained (non-zero), every image token's transformer input gains MLP([flat text, text time])
     with_summary.text_summary[2].weight.data.normal_()
-    seen = {}
-    for name, net in (("summary", with_summary), ("plain", plain)):
-        hook = net.transformer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0]))
-        net(xi, xt, t, t)
-        hook.remove()
+    seen = transformer_inputs({"summary": with_summary, "plain": plain}, xi, xt, t, t)
     extra = with_summary.text_summary(torch.cat([xt.flatten(1), with_summary.time_text(t)], dim=1))
     torch.testing.assert_close(seen["summary"][:, :4] - seen["plain"][:, :4], extra[:, None].expand(2, 4, 16))
     torch.testing.assert_close(seen["summary"][:, 4:], seen["plain"][:, 4:])  # text tokens unchanged

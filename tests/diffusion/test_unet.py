@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from diffusion_tiny import randomised, tiny_config
+from diffusion_tiny import randomised, tiny_config, transformer_inputs
 from mmfusion.diffusion.model import JointDiffusion
 from mmfusion.diffusion.recipe import load_diffusion, save_diffusion
 from mmfusion.diffusion.sampling import sample
@@ -95,11 +95,7 @@ def test_image_summary_starts_as_a_no_op_and_reaches_every_text_token():
     t = torch.tensor([10, 20])
     torch.testing.assert_close(with_summary(xi, xt, t, t).eps_text, plain(xi, xt, t, t).eps_text)
     with_summary.image_summary[2].weight.data.normal_()
-    seen = {}
-    for name, net in (("summary", with_summary), ("plain", plain)):
-        hook = net.transformer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0]))
-        net(xi, xt, t, t)
-        hook.remove()
+    seen = transformer_inputs({"summary": with_summary, "plain": plain}, xi, xt, t, t)
     pooled = with_summary.image_in(xi).mean(dim=1)
     extra = with_summary.image_summary(torch.cat([pooled, with_summary.time_image(t)], dim=1))
     torch.testing.assert_close(seen["summary"][:, 4:] - seen["plain"][:, 4:], extra[:, None].expand(2, 8, 16))
